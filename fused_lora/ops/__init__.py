@@ -1,0 +1,146 @@
+"""The op boundary: torch.library custom ops `fused_lora::*`, their fake (meta) impls and autograd formulas.
+
+Each op forwards to the backend module chosen by fused_lora.ops.backends for the tensors' device; the
+semantics every backend implements are in CONTRACT.md beside this file. Inputs are validated by
+fused_lora.functional before they get here.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fused_lora.ops.backends import backend_for, backend_info  # noqa: F401
+
+
+def _max_rank(rank_ptr: List[int]) -> int:
+    return max([1] + [rank_ptr[i + 1] - rank_ptr[i] for i in range(len(rank_ptr) - 1)])
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.dim() == 1 and t.numel() == 0 else t
+
+
+# ---- forward: all active adapters on every row (one adapter is the n = 1 case) ----
+@torch.library.custom_op("fused_lora::lora_fwd", mutates_args=())
+def lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
+             rank_ptr: List[int], dropout_p: List[float], seed: Tensor) -> Tuple[Tensor, Tensor]:
+    return backend_for(x.device).lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32))
+
+
+@torch.library.custom_op("fused_lora::lora_bwd", mutates_args=())
+def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, t: Tensor,
+             rank_ptr: List[int], dropout_p: List[float], seed: Tensor, need_dx: bool
+             ) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, da, db = backend_for(x.device).lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p,
+                                                seed, need_dx)
+    # custom ops cannot return None: an empty 1-D tensor stands for "dx not requested"
+    return (dx if dx is not None else x.new_empty(0)), da, db
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+# ---- forward with one adapter (or none) per row: mixed batches ----
+@torch.library.custom_op("fused_lora::lora_rows_fwd", mutates_args=())
+def lora_rows_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                  scale: Tensor, rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor
+                  ) -> Tuple[Tensor, Tensor]:
+    return backend_for(x.device).lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids,
+                                               dropout_p, seed)
+
+
+@lora_rows_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(x.shape[0], _max_rank(rank_ptr), dtype=torch.float32))
+
+
+@torch.library.custom_op("fused_lora::lora_rows_bwd", mutates_args=())
+def lora_rows_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
+                  t: Tensor, rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor,
+                  need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, da, db = backend_for(x.device).lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids,
+                                                     dropout_p, seed, need_dx)
+    return (dx if dx is not None else x.new_empty(0)), da, db
+
+
+@lora_rows_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+
+# ---- in-place merge / unmerge ----
+@torch.library.custom_op("fused_lora::lora_merge_", mutates_args=("weight",))
+def lora_merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, sign: float,
+                fan_in_fan_out: bool, safe: bool) -> Tensor:
+    return backend_for(weight.device).lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe)
+
+
+@lora_merge_.register_fake
+def _(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):
+    return weight.new_empty((), dtype=torch.bool)
+
+
+# ---- the dropout mask, materialised (tests and debugging only: the ops never store it) ----
+@torch.library.custom_op("fused_lora::dropout_keep", mutates_args=())
+def dropout_keep(seed: Tensor, M: int, K: int, p: float, salt: int) -> Tensor:
+    return backend_for(seed.device).dropout_keep(seed, M, K, p, salt)
+
+
+@dropout_keep.register_fake
+def _(seed, M, K, p, salt):
+    return seed.new_empty(M, K, dtype=torch.bool)
+
+
+# ---- autograd: W is normally frozen; its gradient (and the bias's) take a plain torch path ----
+def _setup_fwd(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, output[1], seed)
+    ctx.rank_ptr, ctx.dropout_p = rank_ptr, dropout_p
+    ctx.has_bias = bias is not None
+
+
+def _bwd_fwd(ctx, dy, _dt):
+    x, weight, lora_a, lora_b, scale, t, seed = ctx.saved_tensors
+    need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dy = dy.contiguous()
+    dx, da, db = lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, ctx.rank_ptr, ctx.dropout_p, seed, need_dx)
+    dw = (dy.T @ x.to(dy.dtype)).to(weight.dtype) if need_w else None
+    dbias = dy.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
+    return _none_if_empty(dx), dw, dbias, da, db, None, None, None, None
+
+
+lora_fwd.register_autograd(_bwd_fwd, setup_context=_setup_fwd)
+
+
+def _setup_rows(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scale, output[1], row_ids, seed)
+    ctx.rank_ptr, ctx.dropout_p = rank_ptr, dropout_p
+    ctx.has_bias = bias is not None
+
+
+def _bwd_rows(ctx, dy, _dt):
+    x, weight, lora_a, lora_b, scale, t, row_ids, seed = ctx.saved_tensors
+    need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dy = dy.contiguous()
+    dx, da, db = lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, ctx.rank_ptr, row_ids, ctx.dropout_p,
+                               seed, need_dx)
+    dw = (dy.T @ x.to(dy.dtype)).to(weight.dtype) if need_w else None
+    dbias = dy.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
+    return _none_if_empty(dx), dw, dbias, da, db, None, None, None, None, None
+
+
+lora_rows_fwd.register_autograd(_bwd_rows, setup_context=_setup_rows)

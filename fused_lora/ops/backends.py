@@ -1,0 +1,106 @@
+"""Which implementation runs an op: decided here, once per call, from the tensors' device and FUSED_LORA_BACKEND.
+
+    FUSED_LORA_BACKEND unset/"auto": CUDA tensors -> Triton; CPU tensors -> the C++ backend (plain torch if it
+                                     was not built, said once by a warning and by fused_lora.backend_info()).
+    "triton":    Triton launchers, also for CPU tensors (then TRITON_INTERPRET=1 is required).
+    "cpp":       the C++ backend (CPU tensors only).
+    "reference": plain torch (fused_lora.reference), any device.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from functools import lru_cache
+from types import ModuleType
+
+_CHOICES = ("auto", "triton", "cpp", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says why and what to do."""
+
+
+def requested_backend() -> str:
+    name = os.environ.get("FUSED_LORA_BACKEND", "auto").strip().lower() or "auto"
+    if name not in _CHOICES:
+        raise ValueError(f"FUSED_LORA_BACKEND={name!r} is not one of {', '.join(_CHOICES)}")
+    return name
+
+
+@lru_cache(maxsize=None)
+def _import_cpp() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("fused_lora.ops.cpp_backend"), ""
+    except Exception as exc:  # not built, or built against another torch
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+@lru_cache(maxsize=None)
+def _import_triton() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("fused_lora.ops.triton_backend"), ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_warned_fallback = False
+
+
+def _cpp_or_fallback() -> ModuleType:
+    global _warned_fallback
+    module, why = _import_cpp()
+    if module is not None:
+        return module
+    if not _warned_fallback:
+        warnings.warn(f"fused_lora: C++ CPU backend unavailable ({why}); CPU ops use plain torch (reference).",
+                      RuntimeWarning, stacklevel=3)
+        _warned_fallback = True
+    return importlib.import_module("fused_lora.reference")
+
+
+def _triton_for(device_type: str) -> ModuleType:
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailable(
+            "FUSED_LORA_BACKEND=triton on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before Python starts (it must be set before triton is imported)")
+    module, why = _import_triton()
+    if module is None:
+        raise BackendUnavailable(f"Triton backend unavailable ({why}); install triton or use "
+                                 "FUSED_LORA_BACKEND=reference")
+    return module
+
+
+def backend_for(device: "torch.device") -> ModuleType:  # noqa: F821
+    """The module implementing the op contract for tensors on `device`."""
+    name = requested_backend()
+    if name == "reference":
+        return importlib.import_module("fused_lora.reference")
+    if name == "triton":
+        return _triton_for(device.type)
+    if name == "cpp":
+        if device.type != "cpu":
+            raise BackendUnavailable(f"FUSED_LORA_BACKEND=cpp runs CPU tensors only, got {device}")
+        module, why = _import_cpp()
+        if module is None:
+            raise BackendUnavailable(f"FUSED_LORA_BACKEND=cpp but the C++ backend is unavailable ({why}); "
+                                     "reinstall with a C++ compiler (pip install --no-build-isolation -e .)")
+        return module
+    if device.type == "cpu":
+        return _cpp_or_fallback()
+    return _triton_for(device.type)
+
+
+def backend_info() -> str:
+    """One line per device kind saying which implementation runs there and why."""
+    name = requested_backend()
+    cpp, cpp_why = _import_cpp()
+    cpu = {"reference": "reference (plain torch, forced)",
+           "triton": "triton (interpreter)" if os.environ.get("TRITON_INTERPRET") == "1"
+           else "triton requested but TRITON_INTERPRET is not 1 (ops will raise)"}.get(name)
+    if cpu is None:
+        cpu = "cpp (fused_lora._C)" if cpp is not None else f"reference (C++ backend unavailable: {cpp_why})"
+    tri, tri_why = _import_triton()
+    cuda = "reference (plain torch, forced)" if name == "reference" else (
+        "triton" if tri is not None else f"unavailable: {tri_why}")
+    return f"cpu: {cpu}\ncuda: {cuda}"
