@@ -70,10 +70,15 @@ def _autocast(x, weight, bias, lora_a, lora_b):
     return tuple(cast)
 
 
+def draw_dropout_seed(device: torch.device) -> torch.Tensor:
+    """The Philox seed of one call: from torch's generator, so deterministic under torch.manual_seed and fresh
+    at every call; it stays on the device (no host sync) and is all autograd keeps of the dropout mask."""
+    return torch.randint(-(2 ** 63), 2 ** 63 - 1, (1,), dtype=torch.int64, device=device)
+
+
 def _seed(x: torch.Tensor, training: bool, ps: list[float]) -> torch.Tensor:
     if training and any(p > 0 for p in ps):
-        # drawn from torch's generator: deterministic under torch.manual_seed, fresh every call
-        return torch.randint(-(2 ** 63), 2 ** 63 - 1, (1,), dtype=torch.int64, device=x.device)
+        return draw_dropout_seed(x.device)
     return torch.zeros(1, dtype=torch.int64, device=x.device)
 
 
