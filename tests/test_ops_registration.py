@@ -1,0 +1,79 @@
+"""The op boundary: torch.library registration (opcheck), backend choice and its error messages."""
+import pytest
+import torch
+
+import fused_lora
+from fused_lora import ops
+from fused_lora.ops import backends
+
+CPU_BACKENDS = ["cpp", "reference"]
+
+
+def _fwd_args(M=7, K=20, N=11, ranks=(3, 5), bias=True, dtype=torch.float32):
+    R = sum(ranks)
+    ptr = [0]
+    for r in ranks:
+        ptr.append(ptr[-1] + r)
+    return (torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype),
+            torch.randn(N, dtype=dtype) if bias else None, torch.randn(R, K, dtype=dtype),
+            torch.randn(N, R, dtype=dtype), torch.rand(R), ptr, [0.25, 0.0], torch.tensor([123456789]))
+
+
+@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_forward_and_backward(cpu_backend, bias):
+    args = _fwd_args(bias=bias)
+    torch.library.opcheck(ops.lora_fwd, args)
+    x, w, b, a, bb, scale, ptr, ps, seed = args
+    x.requires_grad_()
+    a.requires_grad_()
+    bb.requires_grad_()
+    torch.library.opcheck(ops.lora_fwd, (x, w, b, a, bb, scale, ptr, ps, seed))
+    y, t = ops.lora_fwd(*args)
+    dy = torch.randn_like(y)
+    for need_dx in (True, False):
+        torch.library.opcheck(ops.lora_bwd, (dy, x.detach(), w, a.detach(), bb.detach(), scale, t.detach(), ptr,
+                                             ps, seed, need_dx))
+
+
+@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+def test_opcheck_rows_merge_and_mask(cpu_backend):
+    x, w, b, a, bb, scale, ptr, ps, seed = _fwd_args()
+    ids = torch.tensor([0, -1, 1, 1, 0, -1, 1])
+    torch.library.opcheck(ops.lora_rows_fwd, (x, w, b, a, bb, scale, ptr, ids, ps, seed))
+    y, t = ops.lora_rows_fwd(x, w, b, a, bb, scale, ptr, ids, ps, seed)
+    torch.library.opcheck(ops.lora_rows_bwd, (torch.randn_like(y), x, w, a, bb, scale, t, ptr, ids, ps, seed, True))
+    torch.library.opcheck(ops.lora_merge_, (w.clone(), a, bb, scale, 1.0, False, True))
+    torch.library.opcheck(ops.dropout_keep, (seed, 5, 9, 0.5, 1))
+
+
+def test_backend_names_are_checked(monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match=r"FUSED_LORA_BACKEND='cuda-magic' is not one of auto, triton, cpp"):
+        fused_lora.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backends.BackendUnavailable, match=r"TRITON_INTERPRET=1"):
+        fused_lora.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
+
+
+def test_missing_cpp_backend_falls_back_and_says_so(monkeypatch):
+    monkeypatch.delenv("FUSED_LORA_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_import_cpp", lambda: (None, "ImportError: no compiler"))
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match=r"C\+\+ CPU backend unavailable \(ImportError: no compiler\)"):
+        assert backends.backend_for(torch.device("cpu")).__name__ == "fused_lora.reference"
+    assert "reference (C++ backend unavailable: ImportError: no compiler)" in backends.backend_info()
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "cpp")
+    with pytest.raises(backends.BackendUnavailable, match=r"C\+\+ backend is unavailable"):
+        backends.backend_for(torch.device("cpu"))
+
+
+def test_backend_info_names_the_cpu_backend(monkeypatch):
+    monkeypatch.delenv("FUSED_LORA_BACKEND", raising=False)
+    line = backends.backend_info().splitlines()[0]
+    assert line.startswith("cpu: ")
+    assert ("cpu: cpp (fused_lora._C)" == line) == (backends._import_cpp()[0] is not None)
