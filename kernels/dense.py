@@ -1,0 +1,113 @@
+"""Launchers of the dense ops of fused_lora/ops/CONTRACT.md on Triton: lora_fwd, lora_bwd, dropout_keep.
+
+Inputs arrive validated and 2-D (see the contract). Every launcher also takes optional preallocated outputs
+(tests pass NaN-filled ones to prove each element is written). Paths:
+    forward, M <= 64 (decode):  small_m_kernel, one launch (shrink recomputed per program)
+    forward, M > 64:            shrink_kernel then fused_gemm_kernel (rank term inside the GEMM accumulator)
+    backward:                   ds_db_kernel (+ reduce) -> da_partial_kernel (+ reduce) -> fused_gemm_kernel (dX)
+No host synchronisation anywhere: the seed stays on the device, descriptors are cached device tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from fused_lora.kernels.fused_gemm import launch_fused_gemm
+from fused_lora.kernels.lora_backward import launch_da, launch_ds_db
+from fused_lora.kernels.philox import DROPOUT_KEEP_BLOCK, _dropout_keep_kernel, dropout_params, segment_runs, \
+    segment_table
+from fused_lora.kernels.shrink import launch_shrink
+from fused_lora.kernels.small_m import SMALL_M_MAX, launch_small_m
+
+
+def _precision() -> str:
+    # fp32 dots follow the same switch as torch's fp32 matmuls
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _block_r(rank_ptr, dropout_p) -> int:
+    """Rank tile: 16 covers the usual r <= 16 with no padding waste; wider runs use 64 (and split beyond it)."""
+    widest = max([hi - lo for lo, hi, _, _ in segment_runs(rank_ptr, dropout_p)], default=0)
+    return 16 if widest <= 16 else 64
+
+
+def _out(given, shape, dtype, device):
+    if given is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(given.shape) != tuple(shape) or given.dtype != dtype or not given.is_contiguous():
+        raise ValueError(f"preallocated output must be contiguous {tuple(shape)} {dtype}, "
+                         f"got {tuple(given.shape)} {given.dtype}")
+    return given
+
+
+def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, *, path=None, y_out=None,
+             t_out=None):
+    """(y [M, N], t [M, R] fp32). path: None (by M), "small_m" or "large_m" to force one."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    y = _out(y_out, (M, N), x.dtype, x.device)
+    t = _out(t_out, (M, R), torch.float32, x.device)
+    if M == 0:
+        return y, t
+    block_r = _block_r(rank_ptr, dropout_p)
+    seg_table, n_segs = segment_table(rank_ptr, dropout_p, block_r, x.device)
+    has_dropout = any(float(p) > 0.0 for p in dropout_p)
+    precision = _precision()
+    if path is None:
+        path = "small_m" if M <= SMALL_M_MAX else "large_m"
+    if path not in ("small_m", "large_m"):
+        raise ValueError(f"path must be None, 'small_m' or 'large_m', got {path!r}")
+    if path == "small_m" and N > 0:
+        launch_small_m(x, weight, bias, lora_a, lora_b, scale, seg_table, n_segs, seed, y, t, block_r,
+                       has_dropout, precision)
+        return y, t
+    if n_segs > 0:
+        launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
+    if N > 0:
+        launch_fused_gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, t if R > 0 else None,
+                          lora_b, (lora_b.stride(0), lora_b.stride(1)), seg_table, n_segs, seed, y,
+                          block_r, lora_dropout=False, precision=precision)
+    return y, t
+
+
+def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx, *, dx_out=None,
+             da_out=None, db_out=None):
+    """(dx [M, K] or None, dA [R, K], dB [N, R])."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_a.shape[0]
+    dx = _out(dx_out, (M, K), x.dtype, x.device) if need_dx else None
+    da = _out(da_out, (R, K), lora_a.dtype, x.device)
+    db = _out(db_out, (N, R), lora_b.dtype, x.device)
+    if M == 0:
+        da.zero_()
+        db.zero_()
+        return dx, da, db
+    block_r = _block_r(rank_ptr, dropout_p)
+    seg_table, n_segs = segment_table(rank_ptr, dropout_p, block_r, x.device)
+    has_dropout = any(float(p) > 0.0 for p in dropout_p)
+    precision = _precision()
+    ds = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    if R > 0:
+        launch_ds_db(dy, lora_b, t, scale, ds, db, block_r, precision)
+        if K > 0 and n_segs > 0:
+            launch_da(ds, x, lora_a, seg_table, n_segs, seed, da, block_r, has_dropout, precision)
+        elif K > 0:  # every adapter has rank 0: nothing to reduce
+            da.zero_()
+    if need_dx and K > 0:
+        launch_fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), None, ds if R > 0 else None,
+                          lora_a, (lora_a.stride(1), lora_a.stride(0)), seg_table, n_segs, seed, dx,
+                          block_r, lora_dropout=has_dropout, precision=precision)
+    return dx, da, db
+
+
+def dropout_keep(seed, M, K, p, salt, *, out=None):
+    """The keep mask [M, K] (bool) on seed's device, bit-identical to fused_lora.reference.dropout_keep."""
+    if float(p) <= 0.0:
+        return torch.ones((M, K), dtype=torch.bool, device=seed.device)
+    mask = _out(out, (M, K), torch.uint8, seed.device)
+    numel = M * K
+    if numel > 0:
+        threshold, _ = dropout_params(p)
+        _dropout_keep_kernel[(triton.cdiv(numel, DROPOUT_KEEP_BLOCK),)](
+            seed, mask, numel, int(salt), threshold, BLOCK=DROPOUT_KEEP_BLOCK, num_warps=4)
+    return mask.view(torch.bool)
