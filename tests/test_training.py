@@ -9,7 +9,7 @@ import fused_lora
 from fused_lora import ops
 from fused_lora.functional import draw_dropout_seed
 
-CPU_BACKENDS = ["cpp", "reference"]
+CPU_BACKENDS = ["cpp", "reference", "triton"]  # triton: the kernels under the interpreter
 
 
 @pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
