@@ -1,0 +1,114 @@
+// The big product (x @ W^T forward, dy @ W backward) always comes from a vendor GEMM; this file decides how
+// it meets the LoRA term already written into the output, so that the output is rounded as few times as
+// the available GEMMs allow (see LoraOutput in common.h).
+#include "common.h"
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fused_lora_cpu {
+
+namespace {
+
+// MKL's mixed-precision GEMMs (16-bit inputs, fp32 C with beta), exported by libtorch_cpu when torch is
+// built with MKL. Looked up at run time so that a torch without them still loads this extension.
+using MixedGemmFn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+MixedGemmFn lookup(const char* name) {
+  void* sym = dlsym(RTLD_DEFAULT, name);
+  if (sym == nullptr) {
+    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    if (lib != nullptr) sym = dlsym(lib, name);
+  }
+  return reinterpret_cast<MixedGemmFn>(sym);
+}
+
+MixedGemmFn mixed_gemm_for(at::ScalarType dtype) {
+  static const MixedGemmFn f16 = lookup("cblas_gemm_f16f16f32");
+  static const MixedGemmFn bf16 = lookup("cblas_gemm_bf16bf16f32");
+  if (dtype == at::kHalf) return f16;
+  if (dtype == at::kBFloat16) return bf16;
+  return nullptr;
+}
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// Where fp32 accumulation of the whole output is worth its cost:
+//  fp16: torch's own fp16 CPU GEMM is a slow fallback on CPUs without AVX512-FP16, and MKL's f16f16f32 is
+//        several times faster than it, so the exact path is also the fast one.
+//  bf16: oneDNN's bf16 GEMM (avx512_bf16/AMX) is ~4x faster than MKL's bf16bf16f32 on the CPUs measured, so
+//        the exact path is opt-in: FUSED_LORA_CPU_BF16_EXACT=1.
+bool use_exact_lowp(at::ScalarType dtype) {
+  if (mixed_gemm_for(dtype) == nullptr) return false;
+  if (dtype == at::kHalf) return !env_flag("FUSED_LORA_CPU_FP16_FAST");
+  return env_flag("FUSED_LORA_CPU_BF16_EXACT");
+}
+
+bool fits_int(int64_t v) { return v >= 0 && v <= static_cast<int64_t>(INT32_MAX); }
+
+}  // namespace
+
+at::Tensor LoraOutput::finish() {
+  if (acc.data_ptr() != out.data_ptr() || acc.scalar_type() != out.scalar_type()) {
+    if (out.numel() > 0) out.copy_(acc);
+    acc = at::Tensor();
+  }
+  return out;
+}
+
+LoraOutput make_lora_output(int64_t M, int64_t N, at::ScalarType dtype) {
+  LoraOutput o;
+  o.out = at::empty({M, N}, at::TensorOptions().dtype(dtype));
+  if (dtype == at::kFloat) {
+    o.acc = o.out;
+    o.exact = true;
+  } else if (use_exact_lowp(dtype) && fits_int(M) && fits_int(N)) {
+    o.acc = at::empty({M, N}, at::TensorOptions().dtype(at::kFloat));
+    o.exact = true;
+  } else {
+    o.acc = o.out;
+    o.exact = false;
+  }
+  return o;
+}
+
+void add_base_gemm(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
+  const int64_t M = a.size(0), Kc = a.size(1);
+  const int64_t N = b_transposed ? b.size(0) : b.size(1);
+  if (M == 0 || N == 0 || Kc == 0) return;
+  const at::Tensor bmat = b_transposed ? b.t() : b;
+  if (o.acc.scalar_type() == a.scalar_type()) {
+    // fp32, or 16-bit "fast": the vendor GEMM reads the LoRA term as C with beta = 1.
+    o.acc.addmm_(a, bmat);
+    return;
+  }
+  // 16-bit inputs accumulated into the fp32 buffer: MKL mixed GEMM, C (fp32) += A @ op(B).
+  const MixedGemmFn gemm = mixed_gemm_for(a.scalar_type());
+  TORCH_CHECK(gemm != nullptr, "fused_lora_cpu: internal: no mixed-precision GEMM for ", a.scalar_type());
+  at::Tensor ac = (a.stride(1) == 1 && a.stride(0) >= Kc) ? a : a.contiguous();
+  const at::Tensor bc = b.contiguous();
+  const int64_t lda = ac.stride(0);
+  const int64_t ldb = bc.size(1);
+  TORCH_CHECK(fits_int(Kc) && fits_int(lda) && fits_int(ldb), "fused_lora_cpu: GEMM dimension exceeds int32");
+  gemm(kRowMajor, kNoTrans, b_transposed ? kTrans : kNoTrans, static_cast<int>(M), static_cast<int>(N),
+       static_cast<int>(Kc), 1.0f, static_cast<const uint16_t*>(ac.const_data_ptr()), static_cast<int>(lda),
+       static_cast<const uint16_t*>(bc.const_data_ptr()), static_cast<int>(ldb), 1.0f,
+       o.acc.data_ptr<float>(), static_cast<int>(N));
+}
+
+std::vector<float> bias_fp32(const c10::optional<at::Tensor>& bias, int64_t N) {
+  std::vector<float> out;
+  if (!bias.has_value() || !bias->defined()) return out;
+  const at::Tensor b = bias->to(at::kFloat).contiguous();
+  out.assign(b.const_data_ptr<float>(), b.const_data_ptr<float>() + N);
+  return out;
+}
+
+}  // namespace fused_lora_cpu

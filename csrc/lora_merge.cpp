@@ -1,0 +1,92 @@
+// lora_merge_ (CONTRACT.md): weight <- round(weight + sign * B diag(scale) A), in place, tile by tile.
+//
+// Panels of 64 weight rows (in the weight's stored layout) run in parallel: each computes its panel of the
+// delta in fp32 with one small GEMM, adds the panel of weight upcast to fp32 and rounds once on the write.
+// Extra memory is a panel per thread. safe=True runs the same computation once without writing, to learn
+// whether every merged value is finite, and writes only then.
+#include "common.h"
+#include "lora_ops.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+namespace fused_lora_cpu {
+
+namespace {
+
+constexpr int64_t kPanelRows = 64;
+
+// row += delta; returns whether every result is finite.
+FUSED_LORA_CLONES
+bool add_check_finite(float* row, const float* delta, int64_t n) {
+  uint32_t all_exp_ones = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = row[i] + delta[i];
+    row[i] = v;
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof u);
+    all_exp_ones |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return all_exp_ones == 0;
+}
+
+}  // namespace
+
+at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                       const at::Tensor& scale, double sign, bool fan_in_fan_out, bool safe) {
+  TORCH_CHECK(weight.is_contiguous(), "fused_lora_cpu: internal: weight must be contiguous");
+  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();                                     // [R, K]
+  const at::Tensor bs = (lora_b.to(at::kFloat) * scale.to(at::kFloat)).mul_(static_cast<float>(sign));  // [N, R]
+  // delta (in weight's layout) = left @ right, panel rows of weight = rows of left.
+  const at::Tensor left = fan_in_fan_out ? a32.t().contiguous() : bs.contiguous();
+  const at::Tensor right = fan_in_fan_out ? bs.t().contiguous() : a32;
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  const auto dtype = weight.scalar_type();
+  const int64_t item = weight.element_size();
+  auto* base = static_cast<char*>(weight.data_ptr());
+  const int64_t npanels = (rows + kPanelRows - 1) / kPanelRows;
+
+  auto run = [&](bool write) {
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
+      std::vector<float> delta_buf, row_buf(cols);
+      for (int64_t p = p0; p < p1; ++p) {
+        if (!write && !finite.load(std::memory_order_relaxed)) return;
+        const int64_t r0 = p * kPanelRows, nr = std::min(kPanelRows, rows - r0);
+        delta_buf.resize(nr * cols);
+        at::Tensor delta = fp32_view(delta_buf.data(), nr, cols);
+        at::mm_out(delta, left.narrow(0, r0, nr), right);
+        for (int64_t r = 0; r < nr; ++r) {
+          char* wrow = base + (r0 + r) * cols * item;
+          row_to_fp32(wrow, dtype, 1, cols, row_buf.data());
+          const bool ok = add_check_finite(row_buf.data(), delta_buf.data() + r * cols, cols);
+          if (write) {
+            row_from_fp32(row_buf.data(), cols, dtype, wrow);
+          } else if (!ok) {
+            finite.store(false, std::memory_order_relaxed);
+            return;
+          }
+        }
+      }
+    });
+    return finite.load();
+  };
+
+  if (safe && !run(/*write=*/false)) return at::scalar_tensor(false, at::kBool);
+  run(/*write=*/true);
+  return at::scalar_tensor(true, at::kBool);
+}
+
+at::Tensor dropout_keep(const at::Tensor& seed, int64_t M, int64_t K, double p, int64_t salt) {
+  at::Tensor keep = at::empty({M, K}, at::TensorOptions().dtype(at::kBool));
+  const DropoutPlan plan = make_dropout_plan(seed, p, salt);
+  if (!plan.active) return keep.fill_(true);
+  bool* out = keep.data_ptr<bool>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    dropout_keep_flat(plan, m0 * K, (m1 - m0) * K, out + m0 * K);
+  });
+  return keep;
+}
+
+}  // namespace fused_lora_cpu

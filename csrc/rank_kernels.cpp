@@ -1,0 +1,272 @@
+// The two skinny products of the rank term, written here because a vendor GEMM spends more time on their
+// shapes (inner or outer dimension = rank, 1..64) than on the arithmetic:
+//   expand: out[row] = round(bias + t[row] @ B^T)  -- rounded straight into the output dtype, no fp32 pass
+//   shrink: t[row] = x[row] @ A^T for bf16 x and bf16 A, with AVX512-BF16 dot products (exact products,
+//           fp32 accumulation), when the CPU has them.
+#include "common.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+
+namespace fused_lora_cpu {
+
+namespace {
+
+constexpr int64_t kExpandRows = 4;
+constexpr int64_t kExpandCols = 64;
+
+// acc[i][n] = bias[n] + sum_j t[i, j] * bt[j, n0 + n] for i < nrows (<= 4), n < ncols (<= 64).
+FUSED_LORA_CLONES
+void expand_tile(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
+                 const float* bias, int64_t n0, int64_t ncols, float (*acc)[kExpandCols]) {
+  for (int64_t i = 0; i < nrows; ++i) {
+    for (int64_t n = 0; n < ncols; ++n) acc[i][n] = bias ? bias[n0 + n] : 0.0f;
+  }
+  for (int64_t j = 0; j < R; ++j) {
+    const float* b = bt + j * N + n0;
+    for (int64_t i = 0; i < nrows; ++i) {
+      const float tij = t[i * ldt + j];
+      for (int64_t n = 0; n < ncols; ++n) acc[i][n] = __builtin_fmaf(tij, b[n], acc[i][n]);
+    }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 10) && defined(__x86_64__)
+#define FUSED_LORA_HAVE_BF16_SHRINK 1
+#define FUSED_LORA_HAVE_AVX512_EXPAND 1
+#endif
+
+#ifdef FUSED_LORA_HAVE_AVX512_EXPAND
+// Stores 16 fp32 lanes into `dst` as fp32 / bf16 / fp16, rounding to nearest even, `m` masking the lanes.
+template <int OUT>  // 0: fp32, 1: bf16, 2: fp16
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store16(void* dst, __m512 v, __mmask16 m) {
+  if constexpr (OUT == 0) {
+    _mm512_mask_storeu_ps(dst, m, v);
+  } else if constexpr (OUT == 1) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// RM output rows (<= 4) of out = bias + t @ bt, 64 columns per step with the accumulators in registers.
+template <int RM, int OUT>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void expand_rows_avx512(const float* t, int64_t ldt, int64_t R, const float* bt, int64_t N, const float* bias,
+                        char* const* out_rows) {
+  constexpr int64_t item = OUT == 0 ? 4 : 2;
+  int64_t n0 = 0;
+  for (; n0 + 64 <= N; n0 += 64) {
+    __m512 acc[RM][4];
+    for (int v = 0; v < 4; ++v) {
+      const __m512 b0 = bias ? _mm512_loadu_ps(bias + n0 + 16 * v) : _mm512_setzero_ps();
+      for (int i = 0; i < RM; ++i) acc[i][v] = b0;
+    }
+    for (int64_t j = 0; j < R; ++j) {
+      __m512 bv[4];
+      for (int v = 0; v < 4; ++v) bv[v] = _mm512_loadu_ps(bt + j * N + n0 + 16 * v);
+      for (int i = 0; i < RM; ++i) {
+        const __m512 ti = _mm512_set1_ps(t[i * ldt + j]);
+        for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(ti, bv[v], acc[i][v]);
+      }
+    }
+    for (int i = 0; i < RM; ++i)
+      for (int v = 0; v < 4; ++v) store16<OUT>(out_rows[i] + (n0 + 16 * v) * item, acc[i][v], 0xffff);
+  }
+  for (; n0 < N; n0 += 16) {
+    const int64_t left = N - n0;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+    __m512 acc[RM];
+    const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m, bias + n0) : _mm512_setzero_ps();
+    for (int i = 0; i < RM; ++i) acc[i] = b0;
+    for (int64_t j = 0; j < R; ++j) {
+      const __m512 bv = _mm512_maskz_loadu_ps(m, bt + j * N + n0);
+      for (int i = 0; i < RM; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i * ldt + j]), bv, acc[i]);
+    }
+    for (int i = 0; i < RM; ++i) store16<OUT>(out_rows[i] + n0 * item, acc[i], m);
+  }
+}
+
+// acc[j, w] += sum_i coef[i, j] * src[i, w] for NJ ranks j, 16 columns w per step, the NJ accumulators
+// in registers across all rows i. SRC: 0 fp32, 1 bf16.
+template <int NJ, int SRC>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void outer_acc_avx512(const void* src, int64_t ld_src, int64_t nrows, const float* coef, int64_t ldc, int64_t W,
+                      float* acc) {
+  for (int64_t w0 = 0; w0 < W; w0 += 16) {
+    const int64_t left = W - w0;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+    __m512 a[NJ];
+    for (int j = 0; j < NJ; ++j) a[j] = _mm512_maskz_loadu_ps(m, acc + j * W + w0);
+    for (int64_t i = 0; i < nrows; ++i) {
+      __m512 sv;
+      if constexpr (SRC == 0) {
+        sv = _mm512_maskz_loadu_ps(m, static_cast<const float*>(src) + i * ld_src + w0);
+      } else {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(src) + i * ld_src + w0);
+        sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
+      const float* c = coef + i * ldc;
+      for (int j = 0; j < NJ; ++j) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(c[j]), sv, a[j]);
+    }
+    for (int j = 0; j < NJ; ++j) _mm512_mask_storeu_ps(acc + j * W + w0, m, a[j]);
+  }
+}
+
+template <int SRC>
+void outer_acc_any(const void* src, int64_t ld_src, int64_t nrows, const float* coef, int64_t ldc, int64_t R,
+                   int64_t W, float* acc) {
+  int64_t j = 0;
+  for (; j + 16 <= R; j += 16) outer_acc_avx512<16, SRC>(src, ld_src, nrows, coef + j, ldc, W, acc + j * W);
+  for (; j + 8 <= R; j += 8) outer_acc_avx512<8, SRC>(src, ld_src, nrows, coef + j, ldc, W, acc + j * W);
+  for (; j + 4 <= R; j += 4) outer_acc_avx512<4, SRC>(src, ld_src, nrows, coef + j, ldc, W, acc + j * W);
+  for (; j + 2 <= R; j += 2) outer_acc_avx512<2, SRC>(src, ld_src, nrows, coef + j, ldc, W, acc + j * W);
+  for (; j < R; ++j) outer_acc_avx512<1, SRC>(src, ld_src, nrows, coef + j, ldc, W, acc + j * W);
+}
+
+template <int OUT>
+void expand_rows_avx512_any(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
+                            const float* bias, char* base, const int64_t* rows, int64_t row0) {
+  constexpr int64_t item = OUT == 0 ? 4 : 2;
+  char* out_rows[4];
+  for (int64_t i0 = 0; i0 < nrows; i0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, nrows - i0);
+    for (int64_t i = 0; i < nr; ++i) out_rows[i] = base + (rows ? rows[i0 + i] : row0 + i0 + i) * N * item;
+    const float* ti = t ? t + i0 * ldt : nullptr;
+    switch (nr) {
+      case 4: expand_rows_avx512<4, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
+      case 3: expand_rows_avx512<3, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
+      case 2: expand_rows_avx512<2, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
+      default: expand_rows_avx512<1, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
+    }
+  }
+}
+#endif
+
+#ifdef FUSED_LORA_HAVE_BF16_SHRINK
+// t[i, j] = sum_k x[i, k] * a[j, k], RM rows x RJ ranks at a time, 32 k per dot-product instruction.
+template <int RM, int RJ>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+void shrink_tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* a, int64_t K, float* t, int64_t ldt) {
+  __m512 acc[RM][RJ];
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RJ; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh av[RJ];
+    for (int j = 0; j < RJ; ++j) av[j] = (__m512bh)_mm512_loadu_si512(a + j * K + k);
+    for (int i = 0; i < RM; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * ldx + k);
+      for (int j = 0; j < RJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, av[j]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 m = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh av[RJ];
+    for (int j = 0; j < RJ; ++j) av[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, a + j * K + k);
+    for (int i = 0; i < RM; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + i * ldx + k);
+      for (int j = 0; j < RJ; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, av[j]);
+    }
+  }
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RJ; ++j) t[i * ldt + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int RM>
+void shrink_rows_rm(const uint16_t* x, int64_t ldx, const uint16_t* a, int64_t R, int64_t K, float* t, int64_t ldt) {
+  int64_t j = 0;
+  for (; j + 4 <= R; j += 4) shrink_tile_bf16<RM, 4>(x, ldx, a + j * K, K, t + j, ldt);
+  switch (R - j) {
+    case 3: shrink_tile_bf16<RM, 3>(x, ldx, a + j * K, K, t + j, ldt); break;
+    case 2: shrink_tile_bf16<RM, 2>(x, ldx, a + j * K, K, t + j, ldt); break;
+    case 1: shrink_tile_bf16<RM, 1>(x, ldx, a + j * K, K, t + j, ldt); break;
+    default: break;
+  }
+}
+#endif
+
+}  // namespace
+
+void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
+                 const float* bias, at::Tensor& out, const int64_t* rows, int64_t row0) {
+  TORCH_CHECK(out.is_contiguous(), "fused_lora_cpu: internal: expand output must be contiguous");
+  const auto dtype = out.scalar_type();
+  const int64_t item = out.element_size();
+  auto* base = static_cast<char*>(out.data_ptr());
+#ifdef FUSED_LORA_HAVE_AVX512_EXPAND
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  if (avx512) {
+    switch (dtype) {
+      case at::kFloat: return expand_rows_avx512_any<0>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
+      case at::kBFloat16: return expand_rows_avx512_any<1>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
+      case at::kHalf: return expand_rows_avx512_any<2>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
+      default: break;
+    }
+  }
+#endif
+  alignas(64) float acc[kExpandRows][kExpandCols];
+  for (int64_t i0 = 0; i0 < nrows; i0 += kExpandRows) {
+    const int64_t nr = std::min(kExpandRows, nrows - i0);
+    for (int64_t n0 = 0; n0 < N; n0 += kExpandCols) {
+      const int64_t nc = std::min(kExpandCols, N - n0);
+      expand_tile(t + i0 * ldt, ldt, nr, R, bt, N, bias, n0, nc, acc);
+      for (int64_t i = 0; i < nr; ++i) {
+        const int64_t row = rows ? rows[i0 + i] : row0 + i0 + i;
+        row_from_fp32(acc[i], nc, dtype, base + (row * N + n0) * item);
+      }
+    }
+  }
+}
+
+bool outer_acc_direct(const at::Tensor& src, const float* coef, int64_t ldc, int64_t R, float* acc) {
+#ifdef FUSED_LORA_HAVE_AVX512_EXPAND
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  const auto dtype = src.scalar_type();
+  if (!avx512 || src.stride(1) != 1 || (dtype != at::kFloat && dtype != at::kBFloat16)) return false;
+  const int64_t nrows = src.size(0), W = src.size(1), ld = src.stride(0);
+  if (dtype == at::kFloat) {
+    outer_acc_any<0>(src.const_data_ptr(), ld, nrows, coef, ldc, R, W, acc);
+  } else {
+    outer_acc_any<1>(src.const_data_ptr(), ld, nrows, coef, ldc, R, W, acc);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool bf16_shrink_available() {
+#ifdef FUSED_LORA_HAVE_BF16_SHRINK
+  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void shrink_rows_bf16(const at::BFloat16* x, int64_t ldx, int64_t nrows, const at::BFloat16* a, int64_t R,
+                      int64_t K, float* t, int64_t ldt) {
+#ifdef FUSED_LORA_HAVE_BF16_SHRINK
+  const auto* xs = reinterpret_cast<const uint16_t*>(x);
+  const auto* as = reinterpret_cast<const uint16_t*>(a);
+  int64_t i = 0;
+  for (; i + 4 <= nrows; i += 4) shrink_rows_rm<4>(xs + i * ldx, ldx, as, R, K, t + i * ldt, ldt);
+  for (; i < nrows; ++i) shrink_rows_rm<1>(xs + i * ldx, ldx, as, R, K, t + i * ldt, ldt);
+#else
+  TORCH_CHECK(false, "fused_lora_cpu: internal: bf16 shrink kernel not compiled in");
+#endif
+}
+
+}  // namespace fused_lora_cpu
