@@ -38,7 +38,7 @@ def _cpp_extension():
     ext = CppExtension(
         name="fused_lora._C",
         sources=sources,
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+        extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
