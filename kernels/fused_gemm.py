@@ -104,7 +104,10 @@ def gemm_config(M: int, dtype_bytes: int, lora_dropout: bool, packed: bool = Tru
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if M > 256:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    # 8 warps, not 4: dX reads W along its rows (a transposed B operand) and with 4 warps the 64 x 128
+    # accumulator plus the rank-term operands spilled on sm_80; at M <= 256 there are few programs per SM,
+    # so the extra warps also hide more load latency
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def launch_fused_gemm(a, b, b_strides, bias, lt, lr, lr_strides, seg_table, n_segs, seed, out,

@@ -69,7 +69,8 @@ def da_partial_kernel(ds_ptr, x_ptr, a_ptr, seg_ptr, seed_ptr, dap_ptr, M, K, R,
         threshold = tl.load(seg + SEG_THRESHOLD)
     first = split * rows_per_split
     last = tl.minimum(first + rows_per_split, M)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    # dA^T = drop(x)^T dS: BLOCK_K (>= 64) is the MMA's M dimension, so sm_90 runs wgmma even at rank 16
+    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
     for m0 in range(first, last, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < last
@@ -81,11 +82,11 @@ def da_partial_kernel(ds_ptr, x_ptr, a_ptr, seg_ptr, seed_ptr, dap_ptr, M, K, R,
             if threshold > 0:
                 keep = keep_mask_tile(seed, rows * K, tl.program_id(0) * BLOCK_K, salt, threshold, BLOCK_K, PACKED)
                 xt = tl.where(keep, xt, 0.0)
-        acc = tl.dot(tl.trans(ds.to(compute_ty)), xt.to(compute_ty), acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(xt.to(compute_ty)), ds.to(compute_ty), acc, input_precision=PRECISION)
     if HAS_DROPOUT:
         acc = acc * tl.load(seg + SEG_INV_KEEP).to(tl.float32, bitcast=True)
-    out = dap_ptr + split.to(tl.int64) * R * K + (lo + offs_r).to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+    out = dap_ptr + split.to(tl.int64) * R * K + (lo + offs_r).to(tl.int64)[None, :] * K + cols[:, None]
+    tl.store(out, acc, mask=k_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -106,8 +107,11 @@ def ds_db_config(dtype_bytes: int) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def da_config(dtype_bytes: int) -> dict:
-    return dict(BLOCK_M=64, BLOCK_K=64 if dtype_bytes == 2 else 32, num_warps=4, num_stages=3)
+def da_config(dtype_bytes: int, has_dropout: bool, packed: bool) -> dict:
+    # one Philox call per element (K % 4 != 0) next to a 64 x 64 accumulator spills with 4 warps on sm_90
+    per_element_mask = has_dropout and not packed
+    return dict(BLOCK_M=64, BLOCK_K=64 if dtype_bytes == 2 else 32, num_warps=8 if per_element_mask else 4,
+                num_stages=3)
 
 
 DROPOUT_VARIANTS = ((False, False), (True, True), (True, False))  # (HAS_DROPOUT, PACKED)
@@ -137,7 +141,8 @@ def launch_da(ds, x, lora_a, seg_table, n_segs, seed, da, block_r, has_dropout, 
     """da ([R, K], adapter dtype) = sum over segments of dS_seg^T drop_seg(x); M > 0 and R > 0."""
     M, K = x.shape
     R = lora_a.shape[0]
-    cfg = da_config(lora_a.element_size())
+    packed = has_dropout and K % 4 == 0
+    cfg = da_config(lora_a.element_size(), has_dropout, packed)
     tiles_k = triton.cdiv(K, cfg["BLOCK_K"])
     tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
     splits = max(1, min(tiles_m, TARGET_PROGRAMS // max(1, tiles_k * n_segs)))
@@ -147,7 +152,7 @@ def launch_da(ds, x, lora_a, seg_table, n_segs, seed, da, block_r, has_dropout, 
     da_partial_kernel[(tiles_k, n_segs, splits)](
         ds, x, lora_a, seg_table, seed, partials, M, K, R, rows_per_split, ds.stride(0), x.stride(0), x.stride(1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, HAS_DROPOUT=has_dropout,
-        PACKED=has_dropout and K % 4 == 0, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PACKED=packed, PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _sum_partials(partials, da)
 
 
@@ -165,8 +170,8 @@ def codegen_specs() -> list[KernelSpec]:
             specs.append(KernelSpec(name=f"ds_db[BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BR={block_r},{dt}]",
                                     fn=ds_db_kernel, signature=sig, constexprs=const,
                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-            cfg = da_config(2)
             for dropout, packed in DROPOUT_VARIANTS:
+                cfg = da_config(2, dropout, packed)
                 sig = {"ds_ptr": "*fp32", "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "seg_ptr": "*i32", "seed_ptr": "*i64",
                        "dap_ptr": "*fp32", "M": "i32", "K": "i32", "R": "i32", "rows_per_split": "i32",
                        "stride_dsm": "i32", "stride_xm": "i32", "stride_xk": "constexpr", "BLOCK_M": "constexpr",

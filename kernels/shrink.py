@@ -61,18 +61,22 @@ def shrink_kernel(x_ptr, a_ptr, scale_ptr, seg_ptr, seed_ptr, t_ptr,
     tl.store(t_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-def shrink_config(M: int, x_dtype_bytes: int, has_dropout: bool) -> dict:
-    """Tile sizes by shape. Few on purpose: codegen compiles every one of them."""
-    block_m = 64 if M > 64 else 16
+def shrink_config(x_dtype_bytes: int, has_dropout: bool) -> dict:
+    """Tile sizes. Few on purpose: codegen compiles every one of them.
+
+    One row tile height for every M: 64 rows feed wgmma on sm_90 (16 would fall back to mma.sync). The
+    shrink only sees M <= 64 when a caller forces the large-M path (decode takes kernels/small_m.py); there
+    the grid is one row tile per segment whatever the height, and rows past M are masked, never fetched.
+    """
     # the dropout mask of a 64 x 128 tile keeps too many Philox states live (spills): halve K then
-    block_k = 64 if (x_dtype_bytes == 4 or (has_dropout and block_m == 64)) else 128
-    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    block_k = 64 if (x_dtype_bytes == 4 or has_dropout) else 128
+    return dict(BLOCK_M=64, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
 
 def launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision):
     """t (fp32 [M, R], preallocated) <- the scaled shrink of every segment. Callers skip M == 0."""
     M, K = x.shape
-    cfg = shrink_config(M, x.element_size(), has_dropout)
+    cfg = shrink_config(x.element_size(), has_dropout)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), n_segs)
     shrink_kernel[grid](x, lora_a, scale, seg_table, seed, t, M, K, x.stride(0), x.stride(1), t.stride(0),
                         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
@@ -87,19 +91,18 @@ DROPOUT_VARIANTS = ((False, False), (True, True), (True, False))
 def codegen_specs() -> list[KernelSpec]:
     specs = []
     for dt in ("fp16", "bf16"):
-        for M in (16, 4096):
-            for block_r in (16, 64):
-                for dropout, packed in DROPOUT_VARIANTS:
-                    cfg = shrink_config(M, 2, dropout)
-                    sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "scale_ptr": "*fp32", "seg_ptr": "*i32",
-                           "seed_ptr": "*i64", "t_ptr": "*fp32", "M": "i32", "K": "i32", "stride_xm": "i32",
-                           "stride_xk": "constexpr", "stride_tm": "i32"}
-                    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
-                                 HAS_DROPOUT=dropout, PACKED=packed, PRECISION="ieee")
-                    sig.update({n: "constexpr" for n in const if n != "stride_xk"})
-                    specs.append(KernelSpec(
-                        name=(f"shrink[BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},BR={block_r},dropout={dropout},"
-                              f"packed={packed},{dt}]"),
-                        fn=shrink_kernel, signature=sig, constexprs=const,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        for block_r in (16, 64):
+            for dropout, packed in DROPOUT_VARIANTS:
+                cfg = shrink_config(2, dropout)
+                sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "scale_ptr": "*fp32", "seg_ptr": "*i32",
+                       "seed_ptr": "*i64", "t_ptr": "*fp32", "M": "i32", "K": "i32", "stride_xm": "i32",
+                       "stride_xk": "constexpr", "stride_tm": "i32"}
+                const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
+                             HAS_DROPOUT=dropout, PACKED=packed, PRECISION="ieee")
+                sig.update({n: "constexpr" for n in const if n != "stride_xk"})
+                specs.append(KernelSpec(
+                    name=(f"shrink[BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},BR={block_r},dropout={dropout},"
+                          f"packed={packed},{dt}]"),
+                    fn=shrink_kernel, signature=sig, constexprs=const,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     return specs

@@ -23,6 +23,9 @@ def small_m_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, seg_ptr, see
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr,
                    PRECISION: tl.constexpr):
+    # Swap-AB: every product is computed transposed, y^T = W x^T + B t^T, so W's BLOCK_N rows are the MMA's
+    # M dimension and the few tokens its N. wgmma (sm_90) needs 64 rows per warpgroup; a 16-token tile in
+    # the M slot would fall back to mma.sync, while in the N slot it costs nothing (wgmma N goes down to 8).
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -32,14 +35,14 @@ def small_m_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, seg_ptr, see
     offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, BLOCK_R)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     x_ptrs = x_ptr + rows_in[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + cols_in[None, :] * K + offs_k[:, None]
+    w_ptrs = w_ptr + cols_in[:, None] * K + offs_k[None, :]
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        wt = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K
 
@@ -53,47 +56,47 @@ def small_m_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, seg_ptr, see
         if HAS_DROPOUT:
             salt = tl.load(seg + SEG_SALT)
             threshold = tl.load(seg + SEG_THRESHOLD)
-        t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        t_acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)  # t^T of this segment
         x_ptrs = x_ptr + rows_in[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        a_ptrs = a_ptr + (lo + offs_r).to(tl.int64)[None, :] * K + offs_k[:, None]
+        a_ptrs = a_ptr + (lo + offs_r).to(tl.int64)[:, None] * K + offs_k[None, :]
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k < K - k0
             xt = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
             if HAS_DROPOUT:
                 if threshold > 0:
                     keep = keep_mask_tile(seed, row_elem, k0, salt, threshold, BLOCK_K, PACKED)
                     xt = tl.where(keep, xt, 0.0)
-            t_acc = tl.dot(xt.to(at.dtype), at, t_acc, input_precision=PRECISION)
+            # adapters are x's dtype or fp32, so casting x to the adapter dtype never loses bits
+            t_acc = tl.dot(at, tl.trans(xt.to(at.dtype)), t_acc, input_precision=PRECISION)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K
         factor = tl.load(scale_ptr + lo + offs_r, mask=r_ok, other=0.0)
         if HAS_DROPOUT:
             factor = factor * tl.load(seg + SEG_INV_KEEP).to(tl.float32, bitcast=True)
-        t_acc = t_acc * factor[None, :]
+        t_acc = t_acc * factor[:, None]
         if pid_n == 0:
-            tl.store(t_ptr + rows.to(tl.int64)[:, None] * stride_tm + (lo + offs_r)[None, :], t_acc,
-                     mask=(rows < M)[:, None] & r_ok[None, :])
-        bt = tl.load(b_ptr + cols_in[None, :] * R + (lo + offs_r)[:, None], mask=r_ok[:, None], other=0.0)
-        acc = tl.dot(t_acc.to(bt.dtype), bt, acc, input_precision=PRECISION)
+            tl.store(t_ptr + rows.to(tl.int64)[None, :] * stride_tm + (lo + offs_r)[:, None], t_acc,
+                     mask=r_ok[:, None] & (rows < M)[None, :])
+        bt = tl.load(b_ptr + cols_in[:, None] * R + (lo + offs_r)[None, :], mask=r_ok[None, :], other=0.0)
+        acc = tl.dot(bt, t_acc.to(bt.dtype), acc, input_precision=PRECISION)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+        acc += tl.load(bias_ptr + cols_in).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + cols[:, None]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(cols < N)[:, None] & (rows < M)[None, :])
 
 
 def small_m_config(M: int, dtype_bytes: int, has_dropout: bool) -> dict:
-    # narrow column slices: at decode sizes (N ~ 4096) BLOCK_N = 32 still gives >= 128 programs to pull W;
-    # BLOCK_K shrinks where the 64-row tiles (and their dropout masks) would otherwise spill
+    # BLOCK_N = 64: the MMA's M dimension after the swap, the smallest wgmma tile. At N = 4096 that is 64
+    # programs pulling W, fewer than an H100 has SMs; a split over K would fill them (to measure on a GPU).
+    # BLOCK_K shrinks where a dropout mask or 4-byte operands would otherwise spill.
     block_m = 16 if M <= 16 else 64
-    if dtype_bytes == 4:
-        block_k = 32 if block_m == 64 else 64
-    elif has_dropout:
-        block_k = 32 if block_m == 64 else 64
-    else:
-        block_k = 64 if block_m == 64 else 128
-    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=block_k, num_warps=8 if block_m == 64 else 4,
+    if block_m == 16:
+        block_k = 64 if (dtype_bytes == 4 or has_dropout) else 128
+    else:  # 64 token rows: with 4 warps, the dropout mask beside two accumulators spilled on sm_80 and sm_90
+        block_k = 32 if (dtype_bytes == 4 or has_dropout) else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, num_warps=4 if block_m == 16 else 8,
                 num_stages=4 if dtype_bytes == 2 else 3)
 
 

@@ -98,6 +98,11 @@ CASES = [
     (33, 64, 48, [20], [0.1], torch.float16, torch.float32, True, "large_m", "row_stride"),
     (9, 24, 17, [8, 0, 8, 8], [0.0, 0.0, 0.0, 0.0], torch.float16, torch.float16, False, None, "contiguous"),
     (3, 16, 20, [4, 2], [0.6, 0.0], torch.float32, torch.float32, False, "large_m", "col_stride"),
+    # the swapped (y^T = W x^T) small-M kernel: several column slices of W, a K loop with a ragged last step,
+    # both row-tile heights (M <= 16 and 16 < M <= 64), packed and per-element dropout masks, mixed dtypes
+    (3, 300, 131, [5, 9], [0.0, 0.2], torch.float16, torch.float16, True, "small_m", "row_stride"),
+    (23, 203, 70, [20], [0.15], torch.float32, torch.float32, False, "small_m", "col_stride"),
+    (40, 130, 65, [16], [0.0], torch.float16, torch.float32, True, "small_m", "contiguous"),
 ]
 
 
