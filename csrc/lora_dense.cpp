@@ -8,6 +8,7 @@
 // Backward reads each row block of dy and x once for dB, dS, dA and dx's rank term; dx's base term is dy W
 // added by the vendor GEMM the same way.
 #include "common.h"
+#include "lora_float64.h"
 #include "lora_ops.h"
 
 #include <algorithm>
@@ -64,6 +65,9 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& lora_b, const at::Tensor& scale,
                                             at::IntArrayRef rank_ptr, at::ArrayRef<double> dropout_p,
                                             const at::Tensor& seed) {
+  if (computes_in_float64({&x, &weight, &lora_a})) {
+    return lora_fwd_float64(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed);
+  }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const auto plans = make_dropout_plans(seed, dropout_p);
   const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
@@ -115,6 +119,9 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& scale, const at::Tensor& t, at::IntArrayRef rank_ptr,
     at::ArrayRef<double> dropout_p, const at::Tensor& seed, bool need_dx) {
+  if (computes_in_float64({&dy, &x, &weight, &lora_a})) {
+    return lora_bwd_float64(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx);
+  }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const auto plans = make_dropout_plans(seed, dropout_p);
   const AdapterRanks ar = adapter_ranks(rank_ptr, plans);

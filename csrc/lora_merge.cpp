@@ -5,11 +5,14 @@
 // Extra memory is a panel per thread. safe=True runs the same computation once without writing, to learn
 // whether every merged value is finite, and writes only then.
 #include "common.h"
+#include "lora_float64.h"
 #include "lora_ops.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace fused_lora_cpu {
 
@@ -17,24 +20,40 @@ namespace {
 
 constexpr int64_t kPanelRows = 64;
 
-// row += delta; returns whether every result is finite.
+// The smallest fp32 magnitude that rounds (to nearest even) to infinity in `dtype`: the merged value must be
+// finite after its one rounding, so an fp32 sum past the fp16/bf16 range counts as non-finite.
+float overflow_threshold(at::ScalarType dtype) {
+  uint32_t bits;
+  switch (dtype) {
+    case at::kHalf: return 65520.0f;        // 65504 (max half) + half an ulp; 65504 is odd, so ties go up
+    case at::kBFloat16: bits = 0x7f7f8000u;  // max bf16 + half an ulp, likewise rounding up
+      break;
+    default: return std::numeric_limits<float>::infinity();
+  }
+  float t;
+  std::memcpy(&t, &bits, sizeof t);
+  return t;
+}
+
+// row += delta; returns whether every result stays finite once rounded (|v| < threshold; NaN fails too).
 FUSED_LORA_CLONES
-bool add_check_finite(float* row, const float* delta, int64_t n) {
-  uint32_t all_exp_ones = 0;
+bool add_check_finite(float* row, const float* delta, int64_t n, float threshold) {
+  bool ok = true;
   for (int64_t i = 0; i < n; ++i) {
     const float v = row[i] + delta[i];
     row[i] = v;
-    uint32_t u;
-    std::memcpy(&u, &v, sizeof u);
-    all_exp_ones |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+    ok &= std::fabs(v) < threshold;
   }
-  return all_exp_ones == 0;
+  return ok;
 }
 
 }  // namespace
 
 at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                        const at::Tensor& scale, double sign, bool fan_in_fan_out, bool safe) {
+  if (computes_in_float64({&weight, &lora_a})) {
+    return lora_merge_float64_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe);
+  }
   TORCH_CHECK(weight.is_contiguous(), "fused_lora_cpu: internal: weight must be contiguous");
   const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();                                     // [R, K]
   const at::Tensor bs = (lora_b.to(at::kFloat) * scale.to(at::kFloat)).mul_(static_cast<float>(sign));  // [N, R]
@@ -47,6 +66,7 @@ at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const
   auto* base = static_cast<char*>(weight.data_ptr());
   const int64_t npanels = (rows + kPanelRows - 1) / kPanelRows;
 
+  const float threshold = overflow_threshold(dtype);
   auto run = [&](bool write) {
     std::atomic<bool> finite{true};
     at::parallel_for(0, npanels, 1, [&](int64_t p0, int64_t p1) {
@@ -60,7 +80,7 @@ at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const
         for (int64_t r = 0; r < nr; ++r) {
           char* wrow = base + (r0 + r) * cols * item;
           row_to_fp32(wrow, dtype, 1, cols, row_buf.data());
-          const bool ok = add_check_finite(row_buf.data(), delta_buf.data() + r * cols, cols);
+          const bool ok = add_check_finite(row_buf.data(), delta_buf.data() + r * cols, cols, threshold);
           if (write) {
             row_from_fp32(row_buf.data(), cols, dtype, wrow);
           } else if (!ok) {

@@ -5,6 +5,7 @@
 // gathers its rows in fp32, runs its adapter's small GEMMs and scatters the rank term into the output rows;
 // then one vendor GEMM adds x W^T for all rows at once.
 #include "common.h"
+#include "lora_float64.h"
 #include "lora_ops.h"
 
 #include <algorithm>
@@ -69,6 +70,9 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd(const at::Tensor& x, const at::
                                                  const at::Tensor& lora_b, const at::Tensor& scale,
                                                  at::IntArrayRef rank_ptr, const at::Tensor& row_ids,
                                                  at::ArrayRef<double> dropout_p, const at::Tensor& seed) {
+  if (computes_in_float64({&x, &weight, &lora_a})) {
+    return lora_rows_fwd_float64(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed);
+  }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const int64_t n = static_cast<int64_t>(rank_ptr.size()) - 1;
   int64_t r_max = 1;
@@ -113,6 +117,10 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& scale, const at::Tensor& t, at::IntArrayRef rank_ptr,
     const at::Tensor& row_ids, at::ArrayRef<double> dropout_p, const at::Tensor& seed, bool need_dx) {
+  if (computes_in_float64({&dy, &x, &weight, &lora_a})) {
+    return lora_rows_bwd_float64(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed,
+                                 need_dx);
+  }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const int64_t n = static_cast<int64_t>(rank_ptr.size()) - 1;
   const auto plans = make_dropout_plans(seed, dropout_p);

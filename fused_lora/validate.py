@@ -19,7 +19,7 @@ def require_tensor(name: str, t) -> None:
 
 def require_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{describe(name, t)}: unsupported dtype; expected float32, float16 or bfloat16")
+        raise TypeError(f"{describe(name, t)}: unsupported dtype; expected float32, float16, bfloat16 (or float64)")
 
 
 def require_same_device(named: Sequence[tuple[str, Optional[torch.Tensor]]]) -> None:

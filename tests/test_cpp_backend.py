@@ -336,3 +336,149 @@ def test_fp16_rounds_once():
     y, _ = cb.lora_fwd(x, w, b, a, bb, scale, rp, dps, seed)
     y64, _ = ref.lora_fwd(_d64(x), _d64(w), _d64(b), _d64(a), _d64(bb), scale, rp, dps, seed)
     assert (y == y64.to(torch.float16)).double().mean().item() >= 0.99
+
+
+# ---- float64: every op computes in float64 when any input is float64 (as the reference does), for gradcheck ----
+F64 = torch.float64
+
+
+def _atol64(ref64: torch.Tensor) -> float:
+    return 1e-12 * (1.0 + (ref64.abs().max().item() if ref64.numel() else 0.0))
+
+
+def _assert_f64_close(ours, ref64, torch_same, name):
+    assert_close_vs_reference(ours, ref64, torch_same, atol=_atol64(ref64), name=name)
+
+
+@pytest.mark.parametrize("config", list(DENSE_CONFIGS), ids=str)
+@pytest.mark.parametrize("M", [0, 67])
+def test_float64_fwd_bwd_vs_reference(config, M):
+    cfg = DENSE_CONFIGS[config]
+    K, N = 45, 29
+    x, w, b, a, bb, scale = _case(M, K, N, cfg["ranks"], F64, bias=cfg["bias"])
+    x = _noncontig_rows(x, cfg["layout"])
+    rp, dps, seed = _rank_ptr(cfg["ranks"]), cfg["dps"], _seed()
+
+    y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, dps, seed)
+    y64, t64 = ref.lora_fwd(x, w, b, a, bb, scale, rp, dps, seed)
+    assert y.dtype == F64 and t.dtype == F64  # t follows the reference: float64 for float64 inputs
+    _assert_f64_close(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed), "y")
+    _assert_f64_close(t, t64, t64, "t")
+
+    dy = torch.randn(M, N, dtype=F64)
+    dx, da, db = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, True)
+    ref_g = ref.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, True)
+    torch_g = _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed)
+    for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g, torch_g):
+        assert ours.dtype == F64, name
+        _assert_f64_close(ours, r64, same, name)
+    none_dx, da2, db2 = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, False)
+    assert none_dx is None
+    assert torch.equal(da2, da) and torch.equal(db2, db)
+
+
+def test_float64_dropout_mask_is_the_contract_mask():
+    # identity x exposes the mask element by element: t = drop(I) A^T row by row, exactly
+    M = K = 24
+    x, a = torch.eye(M, dtype=F64), torch.randn(3, K, dtype=F64)
+    w, bb, scale = torch.zeros(5, K, dtype=F64), torch.zeros(5, 3, dtype=F64), torch.ones(3)
+    seed = _seed(99)
+    _, t = cb.lora_fwd(x, w, None, a, bb, scale, [0, 3], [0.5], seed)
+    keep = ref.dropout_keep(seed, M, K, 0.5, 0)
+    torch.testing.assert_close(t, (x * keep.to(F64) * 2.0) @ a.T, rtol=1e-14, atol=1e-14)
+    assert 0 < keep.sum() < M * K
+
+
+def test_float64_rows_fwd_bwd_vs_reference():
+    M, K, N, ranks, dps = 71, 45, 29, [1, 7, 4, 2], [0.0, 0.4, 0.1, 0.3]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, F64)
+    x = _noncontig_rows(x, "step")
+    rp, seed = _rank_ptr(ranks), _seed(-5)
+    row_ids = torch.randint(-1, 3, (M,))  # adapter 3 owns no row
+    row_ids[:3] = torch.tensor([-1, 1, 2])
+
+    y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    y64, t64 = ref.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    assert y.dtype == F64 and t.dtype == F64 and t.shape == (M, 7)
+    _assert_f64_close(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), "y")
+    _assert_f64_close(t, t64, t64, "t")
+    assert (t[row_ids == -1] == 0).all() and (t[row_ids == 0, 1:] == 0).all()
+
+    dy = torch.randn(M, N, dtype=F64)
+    dx, da, db = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
+    ref_g = ref.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
+    torch_g = _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)
+    for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g, torch_g):
+        assert ours.dtype == F64, name
+        _assert_f64_close(ours, r64, same, name)
+    assert (da[12:] == 0).all() and (db[:, 12:] == 0).all()
+    assert cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, False)[0] is None
+
+
+def test_float64_empty_batch():
+    x, w, b, a, bb, scale = _case(0, 13, 11, [2, 3], F64)
+    rp, dps, seed = [0, 2, 5], [0.0, 0.5], _seed()
+    row_ids = torch.empty(0, dtype=torch.int64)
+    y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    assert y.shape == (0, 11) and t.shape == (0, 3) and t.dtype == F64
+    dx, da, db = cb.lora_rows_bwd(torch.randn(0, 11, dtype=F64), x, w, a, bb, scale, t, rp, row_ids, dps, seed,
+                                  True)
+    assert dx.shape == (0, 13) and (da == 0).all() and (db == 0).all()
+
+
+def test_float32_adapters_with_float64_x_compute_in_float64():
+    """The combination the checks let through: computed in float64 like the reference; dA/dB in float32."""
+    M, K, N, ranks = 33, 70, 21, [7]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, F64, adapter_dtype=torch.float32)
+    rp, dps, seed = _rank_ptr(ranks), [0.2], _seed(7)
+    y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, dps, seed)
+    y64, t64 = ref.lora_fwd(x, w, b, _d64(a), _d64(bb), scale, rp, dps, seed)
+    assert y.dtype == F64 and t.dtype == F64
+    _assert_f64_close(y, y64, y64, "y")
+    _assert_f64_close(t, t64, t64, "t")
+    dy = torch.randn(M, N, dtype=F64)
+    dx, da, db = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, True)
+    ref_g = ref.lora_bwd(dy, x, w, _d64(a), _d64(bb), scale, t, rp, dps, seed, True)
+    assert dx.dtype == F64 and da.dtype == torch.float32 and db.dtype == torch.float32
+    _assert_f64_close(dx, ref_g[0], ref_g[0], "dx")
+    for name, ours, r64 in (("dA", da, ref_g[1]), ("dB", db, ref_g[2])):  # float64 values rounded once
+        assert_close_vs_reference(ours, r64, r64.to(torch.float32), atol=_atol64(r64), name=name)
+    row_ids = torch.randint(-1, 1, (M,))
+    y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    y64, _ = ref.lora_rows_fwd(x, w, b, _d64(a), _d64(bb), scale, rp, row_ids, dps, seed)
+    _assert_f64_close(y, y64, y64, "rows y")
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_float64_merge_vs_reference(fan_in_fan_out, sign):
+    w, a, bb, scale = _merge_case(F64, fan_in_fan_out, N=150)  # several panels
+    expected = w.clone()
+    ref.lora_merge_(expected, a, bb, scale, sign, fan_in_fan_out, False)
+    ours = w.clone()
+    assert bool(cb.lora_merge_(ours, a, bb, scale, sign, fan_in_fan_out, True))
+    _assert_f64_close(ours, expected, expected, "merged")
+    assert bool(cb.lora_merge_(ours, a, bb, scale, -sign, fan_in_fan_out, False))
+    torch.testing.assert_close(ours, w, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_float64_safe_merge_with_inf_leaves_weight_untouched(fan_in_fan_out):
+    w, a, bb, scale = _merge_case(F64, fan_in_fan_out, N=150)
+    bb[140, 3] = float("inf")
+    before = w.clone()
+    assert not bool(cb.lora_merge_(w, a, bb, scale, 1.0, fan_in_fan_out, True))
+    assert torch.equal(w, before)
+    assert bool(cb.lora_merge_(w, a, bb, scale, 1.0, fan_in_fan_out, False))
+    assert not torch.isfinite(w).all()
+
+
+def test_float64_adapters_merge_into_float32_weight_rounded_once():
+    w, a, bb, scale = _merge_case(torch.float32, False)
+    a, bb = _d64(a), _d64(bb)
+    expected = w.clone()
+    ref.lora_merge_(expected, a, bb, scale, 1.0, False, False)
+    ours = w.clone()
+    assert bool(cb.lora_merge_(ours, a, bb, scale, 1.0, False, True))
+    assert (ours == expected).double().mean().item() >= 0.99
+    torch.testing.assert_close(ours, expected, rtol=2e-7, atol=1e-7)

@@ -205,3 +205,26 @@ def test_bad_splits_dropout_and_ids():
         fused_lora.lora_linear_rows(x, w, b, a, bb, 1.0, [4], torch.tensor([0, 0]))
     with pytest.raises(TypeError, match=r"adapter_ids .*integer"):
         fused_lora.lora_linear_rows(x, w, b, a, bb, 1.0, [4], torch.tensor([0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_many_row_blocks_with_grad(cpu_backend, dropout_p):
+    """Enough rows for the C++ backend to split the batch over worker threads while inputs require grad."""
+    x, w, b, a, bb = _inputs((300, 40), 24, 6, torch.float32)
+    for t in (x, a, bb):
+        t.requires_grad_()
+    torch.manual_seed(5)
+    y = fused_lora.lora_linear(x, w, b, a, bb, 0.5, dropout_p=dropout_p, training=True)
+    y.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, a, bb)]
+    torch.manual_seed(5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSED_LORA_BACKEND", "reference")
+        leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
+        y64 = fused_lora.lora_linear(leaves[0], w.double(), b.double(), leaves[1], leaves[2], 0.5,
+                                     dropout_p=dropout_p, training=True)
+        y64.square().sum().backward()
+    assert_close_vs_reference(y, y64, y64.float(), atol=1e-4)
+    for g, ref in zip(grads, leaves):
+        assert_close_vs_reference(g, ref.grad, ref.grad.float(), atol=1e-3)

@@ -20,9 +20,9 @@ def _fwd_args(M=7, K=20, N=11, ranks=(3, 5), bias=True, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
-@pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_forward_and_backward(cpu_backend, bias):
-    args = _fwd_args(bias=bias)
+@pytest.mark.parametrize("bias,dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float64)])
+def test_opcheck_forward_and_backward(cpu_backend, bias, dtype):
+    args = _fwd_args(bias=bias, dtype=dtype)
     torch.library.opcheck(ops.lora_fwd, args)
     x, w, b, a, bb, scale, ptr, ps, seed = args
     x.requires_grad_()

@@ -18,6 +18,11 @@ def _max_rank(rank_ptr: List[int]) -> int:
     return max([1] + [rank_ptr[i + 1] - rank_ptr[i] for i in range(len(rank_ptr) - 1)])
 
 
+def _t_dtype(*tensors: Tensor) -> torch.dtype:
+    """The shrink t is float32, or float64 when the op computes in float64 (CONTRACT.md)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _none_if_empty(t: Tensor) -> Optional[Tensor]:
     return None if t.dim() == 1 and t.numel() == 0 else t
 
@@ -32,7 +37,7 @@ def lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, 
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
     return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32))
+            x.new_empty(x.shape[0], lora_a.shape[0], dtype=_t_dtype(x, weight, lora_a)))
 
 
 @torch.library.custom_op("fused_lora::lora_bwd", mutates_args=())
@@ -63,7 +68,7 @@ def lora_rows_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Ten
 @lora_rows_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
     return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], _max_rank(rank_ptr), dtype=torch.float32))
+            x.new_empty(x.shape[0], _max_rank(rank_ptr), dtype=_t_dtype(x, weight, lora_a)))
 
 
 @torch.library.custom_op("fused_lora::lora_rows_bwd", mutates_args=())
