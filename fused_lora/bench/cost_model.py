@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 LAUNCH_S = 4e-6
-# mirror kernels/small_m.py: the one-kernel path serves M <= 64 with 32-column tiles
+# mirror kernels/small_m.py (small_m_config): the one-kernel path serves M <= 64 with 64-column tiles
 SMALL_M_MAX = 64
-SMALL_M_BLOCK_N = 32
+SMALL_M_BLOCK_N = 64
 MIB = 2 ** 20
 
 
