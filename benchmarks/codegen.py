@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel config for sm_80 / sm_90, without a GPU.
 
-    python benchmarks/codegen.py --arch 80 90 [--json PATH] [--jobs 2] [--only SUBSTRING]
+    python benchmarks/codegen.py --arch 80 90 [--json PATH] [--jobs 2] [--only SUBSTRING] [--summary]
 
 Every module of fused_lora.kernels that defines `codegen_specs()` is found with pkgutil. Each spec is compiled
 with triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)); Triton itself picks "sm_90a" for
@@ -179,12 +179,32 @@ def _fmt_row(r: dict) -> str:
             f"smem {str(r.get('shared', '?')):>6}  {mma:<22} {status}")
 
 
+def summary_table(rows: list[dict]) -> str:
+    """One Markdown row per kernel and arch: how many configs, the worst registers/shared memory, and the MMA
+    opcodes seen (the README's codegen summary)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["name"].split("[")[0], r["arch"]), []).append(r)
+    lines = ["| kernel | arch | configs | registers (max) | spill bytes | shared KiB (max) | matrix instructions | gate |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (kernel, arch), mine in sorted(groups.items()):
+        regs = max((r.get("registers") or 0) for r in mine)
+        spills = sum((r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) for r in mine)
+        smem = max((r.get("shared") or 0) for r in mine) / 1024
+        mma = sorted({k for r in mine for k, v in r.get("mma", {}).items() if v})
+        status = "pass" if not any(r["failures"] for r in mine) else "FAIL"
+        lines.append(f"| {kernel} | sm_{arch} | {len(mine)} | {regs} | {spills} | {smem:.0f} | "
+                     f"{', '.join(mma) or '-'} | {status} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--json", help="write every result row to this file")
     parser.add_argument("--jobs", type=int, default=2, help="compile processes")
     parser.add_argument("--only", default="", help="compile only specs whose name contains this")
+    parser.add_argument("--summary", action="store_true", help="end with a per-kernel Markdown summary table")
     args = parser.parse_args(argv)
 
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
@@ -224,6 +244,8 @@ def main(argv=None) -> int:
     ok = not failed and not errors
     print(f"\n{len(rows)} compiled in {time.time() - start:.0f}s; {len(failed)} failed the gate"
           f"{'; ' + str(len(errors)) + ' modules failed to import' if errors else ''}: {'PASS' if ok else 'FAIL'}")
+    if args.summary:
+        print("\n" + summary_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ok": ok, "arches": args.arch, "modules": found, "import_errors": errors, "results": rows},
