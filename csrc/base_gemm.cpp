@@ -1,6 +1,6 @@
 // The big product (x @ W^T forward, dy @ W backward) always comes from a vendor GEMM; this file decides how
-// it meets the LoRA term already written into the output, so that the output is rounded as few times as
-// the available GEMMs allow (see LoraOutput in common.h).
+// it meets the LoRA term, so that the output is rounded as few times as the available GEMMs allow at full
+// speed (see LoraOutput in common.h).
 #include "common.h"
 
 #include <dlfcn.h>
@@ -79,13 +79,20 @@ LoraOutput make_lora_output(int64_t M, int64_t N, at::ScalarType dtype) {
   return o;
 }
 
-void add_base_gemm(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
+void base_gemm_before_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
+  if (!o.base_first() || o.out.numel() == 0) return;
+  // beta = 0: no read of the output (Kc = 0 gives zeros, the empty sum).
+  at::mm_out(o.out, a, b_transposed ? b.t() : b);
+}
+
+void base_gemm_after_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
+  if (o.base_first()) return;
   const int64_t M = a.size(0), Kc = a.size(1);
   const int64_t N = b_transposed ? b.size(0) : b.size(1);
   if (M == 0 || N == 0 || Kc == 0) return;
   const at::Tensor bmat = b_transposed ? b.t() : b;
   if (o.acc.scalar_type() == a.scalar_type()) {
-    // fp32, or 16-bit "fast": the vendor GEMM reads the LoRA term as C with beta = 1.
+    // fp32: the vendor GEMM reads the LoRA term as C with beta = 1.
     o.acc.addmm_(a, bmat);
     return;
   }

@@ -1,5 +1,5 @@
-// Shared pieces of the C++ CPU backend: dropout plans, fp32 staging of row blocks, and the base GEMM
-// that adds x @ W^T (or dy @ W) onto an output already holding the LoRA term.
+// Shared pieces of the C++ CPU backend: dropout plans, fp32 staging of row blocks, and how the base GEMM
+// (x @ W^T, or dy @ W) and the LoRA term meet in one output.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -56,38 +56,61 @@ void rows_fp32(const at::Tensor& src, int64_t row0, int64_t nrows, float* dst);
 // Writes fp32 rows [nrows, cols] into rows of `dst` (fp32/fp16/bf16, contiguous), rounding once.
 // rows == nullptr means the contiguous range [row0, row0 + nrows).
 void scatter_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, const int64_t* rows, int64_t row0);
+// Same rows, dst[row] = round(dst[row] + src[i]): the sum taken in fp32, rounded once.
+void add_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, const int64_t* rows, int64_t row0);
 
 // fp32 view of a contiguous buffer as a tensor (no copy).
 at::Tensor fp32_view(float* data, int64_t rows, int64_t cols);
 
-// An output being assembled in fp32-accumulate semantics. `acc` holds the LoRA term (+ bias) and then
-// receives the base GEMM; `finish()` returns the result in `dtype`.
-//   fp32:                acc is the output itself.
-//   fp16/bf16 "exact":   acc is an fp32 buffer; the base GEMM accumulates into it in fp32 and finish() rounds once.
-//   fp16/bf16 "fast":    acc is the low-precision output itself, holding the LoRA term rounded once; the
-//                        GEMM (oneDNN/MKL, fp32 accumulation) adds onto it with one more rounding at the end.
+// An output being assembled in fp32-accumulate semantics from the base GEMM and the LoRA term (+ bias).
+//   fp32:                acc is the output itself: the LoRA term is written first, then the GEMM adds onto it
+//                        (beta = 1), one rounding.
+//   fp16/bf16 "exact":   acc is an fp32 buffer: the LoRA term first, then the GEMM accumulates into it in fp32
+//                        (MKL mixed precision); finish() rounds once.
+//   fp16/bf16 "fast":    acc is the low-precision output itself and the base goes FIRST: the vendor GEMM writes
+//                        x W^T rounded once (beta = 0: oneDNN's bf16 GEMM with a C read costs ~5% more than
+//                        without), then the rank kernels load each row back as fp32, add bias + rank term and
+//                        round once more. Two roundings, as CONTRACT.md documents.
 struct LoraOutput {
   at::Tensor out;   // [M, N] in the output dtype
-  at::Tensor acc;   // where the LoRA term is written (fp32 buffer or `out`)
+  at::Tensor acc;   // where the LoRA term goes (fp32 buffer or `out`)
   bool exact = true;
+  // The base GEMM runs before the LoRA term, which is then added to it (16-bit "fast" mode).
+  bool base_first() const { return !exact; }
   at::Tensor finish();
 };
 
 // Chooses the accumulation strategy for an [M, N] output of `dtype` (see LoraOutput).
 LoraOutput make_lora_output(int64_t M, int64_t N, at::ScalarType dtype);
 
-// acc += a @ b^T (b_transposed = true: b is [N, Kc]) or a @ b (b is [Kc, N]); a and b share one dtype.
-void add_base_gemm(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed);
+// The base GEMM, a @ b^T (b_transposed = true: b is [N, Kc]) or a @ b (b is [Kc, N]); a and b share one dtype.
+// Call both around the LoRA-term loop: the one that matches the output's mode runs, the other does nothing.
+//   before: base_first() outputs: out = a @ op(b), rounded once.
+//   after:  the others: acc += a @ op(b).
+void base_gemm_before_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed);
+void base_gemm_after_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed);
 
-// Fills rows of o.acc (given by index list or contiguous range) from fp32 values, rounding if acc is low precision.
+// Puts fp32 LoRA-term rows into o (given by index list or contiguous range): written into acc (rounded if acc is
+// low precision), or, for base_first() outputs, added onto the base already there.
 inline void write_lora_rows(LoraOutput& o, const float* vals, int64_t nrows, const int64_t* rows, int64_t row0) {
-  scatter_rows_from_fp32(vals, nrows, o.acc, rows, row0);
+  if (o.base_first()) {
+    add_rows_from_fp32(vals, nrows, o.acc, rows, row0);
+  } else {
+    scatter_rows_from_fp32(vals, nrows, o.acc, rows, row0);
+  }
 }
 
 // out[row] = round(bias + t[i] @ bt) for the rows given by index (or row0 + i), bt = B^T as [R, N] fp32 with
-// row stride N; bias may be null. Rounds once into out's dtype.
+// row stride N; bias and t may be null (R = 0). With `accumulate`, out[row] = round(out[row] + bias + t[i] @ bt),
+// out's row read as fp32 in the same pass. Rounds once into out's dtype.
 void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
-                 const float* bias, at::Tensor& out, const int64_t* rows, int64_t row0);
+                 const float* bias, at::Tensor& out, const int64_t* rows, int64_t row0, bool accumulate);
+
+// expand_rows into o: written into acc, or added onto the base for base_first() outputs.
+inline void expand_lora_rows(LoraOutput& o, const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt,
+                             const float* bias, const int64_t* rows, int64_t row0) {
+  expand_rows(t, ldt, nrows, R, bt, o.acc.size(1), bias, o.acc, rows, row0, o.base_first());
+}
 
 // t[i, :R] = x[i] @ a^T for bf16 x (row stride ldx, unit column stride) and bf16 a [R, K], fp32 accumulation.
 bool bf16_shrink_available();

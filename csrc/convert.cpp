@@ -4,6 +4,7 @@
 #include "common.h"
 
 #include <cstring>
+#include <vector>
 
 namespace fused_lora_cpu {
 
@@ -77,6 +78,11 @@ void f32_to_f16(const float* src, int64_t n, uint16_t* dst) {
 }
 #endif
 
+FUSED_LORA_CLONES
+void add_inplace(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
 }  // namespace
 
 void row_to_fp32(const void* src, at::ScalarType dtype, int64_t stride, int64_t n, float* dst) {
@@ -128,6 +134,21 @@ void scatter_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, co
   for (int64_t r = 0; r < nrows; ++r) {
     const int64_t row = rows ? rows[r] : row0 + r;
     row_from_fp32(src + r * cols, cols, dtype, base + row * cols * item);
+  }
+}
+
+void add_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, const int64_t* rows, int64_t row0) {
+  TORCH_CHECK(dst.is_contiguous(), "fused_lora_cpu: internal: destination must be contiguous");
+  const int64_t cols = dst.size(1);
+  const auto dtype = dst.scalar_type();
+  auto* base = static_cast<char*>(dst.data_ptr());
+  const int64_t item = dst.element_size();
+  std::vector<float> sum(cols);
+  for (int64_t r = 0; r < nrows; ++r) {
+    char* row = base + (rows ? rows[r] : row0 + r) * cols * item;
+    row_to_fp32(row, dtype, 1, cols, sum.data());
+    add_inplace(sum.data(), src + r * cols, cols);
+    row_from_fp32(sum.data(), cols, dtype, row);
   }
 }
 

@@ -2,11 +2,14 @@
 //
 // Forward, per block of 64 rows (parallel over blocks): t = x A^T (bf16 x and A without dropout: AVX512-BF16
 // dot products straight from x; otherwise x staged in fp32, one GEMM for the adapters without dropout and one
-// per dropout adapter on a masked copy of the block), scaled; then t B^T + bias is rounded once into the
-// output (rank_kernels.cpp). One vendor GEMM then adds x W^T onto it with beta = 1, so the [M, N] output is
-// written by the rank term and read+written once by the GEMM, as a bias would be.
-// Backward reads each row block of dy and x once for dB, dS, dA and dx's rank term; dx's base term is dy W
-// added by the vendor GEMM the same way.
+// per dropout adapter on a masked copy of the block), scaled; then t B^T + bias goes into the output
+// (rank_kernels.cpp). The base x W^T is one vendor GEMM over all rows, so the [M, N] output is written by
+// one side and read+written once by the other, as a bias would be:
+//   fp32 and 16-bit "exact": the rank term first, then the GEMM adds onto it (beta = 1);
+//   16-bit "fast": the GEMM first (beta = 0), then the expand adds the rank term onto the rounded base
+//   (see LoraOutput in common.h).
+// Backward reads each row block of dy and x once for dB, dS, dA and dx's rank term; dx's base term dy W
+// meets it the same way.
 #include "common.h"
 #include "lora_float64.h"
 #include "lora_ops.h"
@@ -85,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   LoraOutput o = make_lora_output(M, N, x.scalar_type());
   const int64_t nblocks = (M + kRowBlock - 1) / kRowBlock;
 
+  base_gemm_before_lora(o, x, weight, /*b_transposed=*/true);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xbuf, mult, xdrop;
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -106,12 +110,12 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
         }
       }
       tb.mul_(scale32);
-      // The rank term (+ bias), rounded once into the accumulator's dtype.
-      expand_rows(tb.const_data_ptr<float>(), R, rows, R, bt32.const_data_ptr<float>(), N, bias_ptr, o.acc,
-                  nullptr, row0);
+      // The rank term (+ bias), rounded once into the accumulator's dtype (with the base when it came first).
+      expand_lora_rows(o, tb.const_data_ptr<float>(), R, rows, R, bt32.const_data_ptr<float>(), bias_ptr, nullptr,
+                       row0);
     }
   });
-  add_base_gemm(o, x, weight, /*b_transposed=*/true);
+  base_gemm_after_lora(o, x, weight, /*b_transposed=*/true);
   return {o.finish(), t};
 }
 
@@ -150,6 +154,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
   const at::Tensor bt_c = direct_ds ? lora_b.t().contiguous() : at::Tensor();  // [R, N]
   const int64_t nblocks = (M + kRowBlock - 1) / kRowBlock;
 
+  if (need_dx) base_gemm_before_lora(ox, dy, weight, /*b_transposed=*/false);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> dybuf, xbuf, mult, xdrop, dxbuf;
     at::Tensor da = da_part.mine(), dbt = dbt_part.mine();
@@ -182,9 +187,9 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
         da.addmm_(ds_plain.t(), x_fp32());
       }
       if (need_dx && !ar.any_dropout) {
-        // dx's rank term rounded once straight into the accumulator
-        expand_rows(ds.const_data_ptr<float>(), R, rows, R, a32.const_data_ptr<float>(), K, nullptr, ox.acc,
-                    nullptr, row0);
+        // dx's rank term rounded once straight into the accumulator (with the base when it came first)
+        expand_lora_rows(ox, ds.const_data_ptr<float>(), R, rows, R, a32.const_data_ptr<float>(), nullptr, nullptr,
+                         row0);
       }
       if (!ar.any_dropout) continue;
       at::Tensor dxb;
@@ -225,7 +230,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
 
   c10::optional<at::Tensor> dx;
   if (need_dx) {
-    add_base_gemm(ox, dy, weight, /*b_transposed=*/false);
+    base_gemm_after_lora(ox, dy, weight, /*b_transposed=*/false);
     dx = ox.finish();
   }
   return {dx, da_part.sum().to(lora_a.scalar_type()), dbt_part.sum().t().contiguous().to(lora_b.scalar_type())};

@@ -2,8 +2,9 @@
 //
 // Rows are grouped by adapter with a counting sort; each group is cut into blocks of up to 64 rows, and the
 // blocks of all adapters form one parallel loop (the loop over adapters lives here, not in Python). A block
-// gathers its rows in fp32, runs its adapter's small GEMMs and scatters the rank term into the output rows;
-// then one vendor GEMM adds x W^T for all rows at once.
+// gathers its rows in fp32, runs its adapter's small GEMMs and scatters the rank term into the output rows.
+// One vendor GEMM makes x W^T for all rows at once, after the rank term (fp32, 16-bit "exact": beta = 1) or
+// before it (16-bit "fast": beta = 0, the rank term then added onto the rounded base; see LoraOutput).
 #include "common.h"
 #include "lora_float64.h"
 #include "lora_ops.h"
@@ -89,13 +90,17 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd(const at::Tensor& x, const at::
   LoraOutput o = make_lora_output(M, N, x.scalar_type());
   const int64_t nblocks = static_cast<int64_t>(g.blocks.size());
 
+  base_gemm_before_lora(o, x, weight, /*b_transposed=*/true);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> xg, mult;
     for (int64_t bi = b0; bi < b1; ++bi) {
       const RowBlock& blk = g.blocks[bi];
       const int64_t* rows = g.order.data() + blk.begin;
       if (blk.adapter < 0) {
-        expand_rows(nullptr, 0, blk.count, 0, nullptr, N, bias_ptr, o.acc, rows, 0);
+        // Only the bias; a base already in place needs nothing more when there is none.
+        if (bias_ptr != nullptr || !o.base_first()) {
+          expand_lora_rows(o, nullptr, 0, blk.count, 0, nullptr, bias_ptr, rows, 0);
+        }
         continue;
       }
       const int64_t lo = rank_ptr[blk.adapter], r = rank_ptr[blk.adapter + 1] - lo;
@@ -105,11 +110,11 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd(const at::Tensor& x, const at::
       for (int64_t i = 0; i < blk.count; ++i) {
         std::copy_n(tg.const_data_ptr<float>() + i * r, r, t.data_ptr<float>() + rows[i] * r_max);
       }
-      expand_rows(tg.const_data_ptr<float>(), r, blk.count, r, bt32.const_data_ptr<float>() + lo * N, N, bias_ptr,
-                  o.acc, rows, 0);
+      expand_lora_rows(o, tg.const_data_ptr<float>(), r, blk.count, r, bt32.const_data_ptr<float>() + lo * N,
+                       bias_ptr, rows, 0);
     }
   });
-  add_base_gemm(o, x, weight, /*b_transposed=*/true);
+  base_gemm_after_lora(o, x, weight, /*b_transposed=*/true);
   return {o.finish(), t};
 }
 
@@ -135,6 +140,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
   if (need_dx) ox = make_lora_output(M, K, x.scalar_type());
   const int64_t nblocks = static_cast<int64_t>(g.blocks.size());
 
+  if (need_dx) base_gemm_before_lora(ox, dy, weight, /*b_transposed=*/false);
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> dyg, xg, mult, tg, dxbuf;
     at::Tensor da = da_part.mine(), dbt = dbt_part.mine();
@@ -143,8 +149,9 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
       const int64_t* rows = g.order.data() + blk.begin;
       const int64_t cnt = blk.count;
       if (blk.adapter < 0) {
-        // Rows without an adapter: no LoRA gradient, and dx gets only the base term.
-        if (need_dx) {
+        // Rows without an adapter: no LoRA gradient, and dx gets only the base term (already there when it came
+        // first).
+        if (need_dx && !ox.base_first()) {
           dxbuf.assign(cnt * K, 0.0f);
           write_lora_rows(ox, dxbuf.data(), cnt, rows, 0);
         }
@@ -168,8 +175,8 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
         da.narrow(0, lo, r).addmm_(ds.t(), xgv);
       }
       if (need_dx && !plans[blk.adapter].active) {
-        expand_rows(ds.const_data_ptr<float>(), r, cnt, r, a32.const_data_ptr<float>() + lo * K, K, nullptr,
-                    ox.acc, rows, 0);
+        expand_lora_rows(ox, ds.const_data_ptr<float>(), r, cnt, r, a32.const_data_ptr<float>() + lo * K, nullptr,
+                         rows, 0);
       } else if (need_dx) {
         at::Tensor dxb = at::mm(ds, a32.narrow(0, lo, r));
         multiply_inplace(dxb.data_ptr<float>(), mult.data(), cnt * K);
@@ -180,7 +187,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
 
   c10::optional<at::Tensor> dx;
   if (need_dx) {
-    add_base_gemm(ox, dy, weight, /*b_transposed=*/false);
+    base_gemm_after_lora(ox, dy, weight, /*b_transposed=*/false);
     dx = ox.finish();
   }
   return {dx, da_part.sum().to(lora_a.scalar_type()), dbt_part.sum().t().contiguous().to(lora_b.scalar_type())};

@@ -1,6 +1,7 @@
 // The two skinny products of the rank term, written here because a vendor GEMM spends more time on their
 // shapes (inner or outer dimension = rank, 1..64) than on the arithmetic:
-//   expand: out[row] = round(bias + t[row] @ B^T)  -- rounded straight into the output dtype, no fp32 pass
+//   expand: out[row] = round(bias + t[row] @ B^T), or round(out[row] + bias + t[row] @ B^T) onto a base
+//           already in the output -- rounded straight into the output dtype, one pass over the output
 //   shrink: t[row] = x[row] @ A^T for bf16 x and bf16 A, with AVX512-BF16 dot products (exact products,
 //           fp32 accumulation), when the CPU has them.
 #include "common.h"
@@ -34,35 +35,72 @@ void expand_tile(const float* t, int64_t ldt, int64_t nrows, int64_t R, const fl
   }
 }
 
+// acc[n] += prev[n] for n < ncols.
+FUSED_LORA_CLONES
+void add_tile_row(float* acc, const float* prev, int64_t ncols) {
+  for (int64_t n = 0; n < ncols; ++n) acc[n] += prev[n];
+}
+
 #if defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 10) && defined(__x86_64__)
 #define FUSED_LORA_HAVE_BF16_SHRINK 1
 #define FUSED_LORA_HAVE_AVX512_EXPAND 1
 #endif
 
 #ifdef FUSED_LORA_HAVE_AVX512_EXPAND
-// Stores 16 fp32 lanes into `dst` as fp32 / bf16 / fp16, rounding to nearest even, `m` masking the lanes.
-template <int OUT>  // 0: fp32, 1: bf16, 2: fp16
+// Loads 16 lanes of fp32 / bf16 / fp16 from `src` as fp32; FULL: all 16 lanes (a plain load, no mask to
+// apply), else lanes outside `m` read as 0.
+template <int OUT, bool FULL>  // OUT 0: fp32, 1: bf16, 2: fp16
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 load16(const void* src, __mmask16 m) {
+  if constexpr (OUT == 0) {
+    return FULL ? _mm512_loadu_ps(src) : _mm512_maskz_loadu_ps(m, src);
+  } else {
+    const __m256i h = FULL ? _mm256_loadu_si256(static_cast<const __m256i*>(src)) : _mm256_maskz_loadu_epi16(m, src);
+    if constexpr (OUT == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+  }
+}
+
+template <bool FULL>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_halves(void* dst, __m256i h, __mmask16 m) {
+  if constexpr (FULL) {
+    _mm256_storeu_si256(static_cast<__m256i*>(dst), h);
+  } else {
+    _mm256_mask_storeu_epi16(dst, m, h);
+  }
+}
+
+// Stores 16 fp32 lanes into `dst` as fp32 / bf16 / fp16, rounding to nearest even; FULL: all 16 lanes (a plain
+// store: masked stores cost more than plain ones on some CPUs), else `m` masks the lanes.
+template <int OUT, bool FULL = false>  // OUT 0: fp32, 1: bf16, 2: fp16
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store16(void* dst, __m512 v, __mmask16 m) {
   if constexpr (OUT == 0) {
-    _mm512_mask_storeu_ps(dst, m, v);
+    if constexpr (FULL) {
+      _mm512_storeu_ps(dst, v);
+    } else {
+      _mm512_mask_storeu_ps(dst, m, v);
+    }
   } else if constexpr (OUT == 1) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
+    store_halves<FULL>(dst, _mm512_cvtepi32_epi16(r), m);
   } else {
-    _mm256_mask_storeu_epi16(dst, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    store_halves<FULL>(dst, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m);
   }
 }
 
-// RM output rows (<= 4) of out = bias + t @ bt, 64 columns per step with the accumulators in registers.
-template <int RM, int OUT>
+// RM output rows (<= 4) of out = bias + t @ bt (ACC: out += bias + t @ bt, the small term summed first so that
+// its fp32 accuracy does not depend on the base's magnitude), 64 columns per step with the accumulators in
+// registers. The output row is read right before it is written: one pass, the line already in L1 for the store.
+template <int RM, int OUT, bool ACC>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void expand_rows_avx512(const float* t, int64_t ldt, int64_t R, const float* bt, int64_t N, const float* bias,
                         char* const* out_rows) {
   constexpr int64_t item = OUT == 0 ? 4 : 2;
+  char* row[RM];  // local copies: stores through char* could otherwise alias out_rows and force reloads
+  for (int i = 0; i < RM; ++i) row[i] = out_rows[i];
   int64_t n0 = 0;
   for (; n0 + 64 <= N; n0 += 64) {
     __m512 acc[RM][4];
@@ -78,8 +116,13 @@ void expand_rows_avx512(const float* t, int64_t ldt, int64_t R, const float* bt,
         for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(ti, bv[v], acc[i][v]);
       }
     }
-    for (int i = 0; i < RM; ++i)
-      for (int v = 0; v < 4; ++v) store16<OUT>(out_rows[i] + (n0 + 16 * v) * item, acc[i][v], 0xffff);
+    for (int i = 0; i < RM; ++i) {
+      for (int v = 0; v < 4; ++v) {
+        char* dst = row[i] + (n0 + 16 * v) * item;
+        if constexpr (ACC) acc[i][v] = _mm512_add_ps(acc[i][v], load16<OUT, true>(dst, 0xffff));
+        store16<OUT, true>(dst, acc[i][v], 0xffff);
+      }
+    }
   }
   for (; n0 < N; n0 += 16) {
     const int64_t left = N - n0;
@@ -91,7 +134,11 @@ void expand_rows_avx512(const float* t, int64_t ldt, int64_t R, const float* bt,
       const __m512 bv = _mm512_maskz_loadu_ps(m, bt + j * N + n0);
       for (int i = 0; i < RM; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(t[i * ldt + j]), bv, acc[i]);
     }
-    for (int i = 0; i < RM; ++i) store16<OUT>(out_rows[i] + n0 * item, acc[i], m);
+    for (int i = 0; i < RM; ++i) {
+      char* dst = row[i] + n0 * item;
+      if constexpr (ACC) acc[i] = _mm512_add_ps(acc[i], load16<OUT, false>(dst, m));
+      store16<OUT>(dst, acc[i], m);
+    }
   }
 }
 
@@ -132,7 +179,7 @@ void outer_acc_any(const void* src, int64_t ld_src, int64_t nrows, const float* 
   for (; j < R; ++j) outer_acc_avx512<1, SRC>(src, ld_src, nrows, coef + j, ldc, W, acc + j * W);
 }
 
-template <int OUT>
+template <int OUT, bool ACC>
 void expand_rows_avx512_any(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
                             const float* bias, char* base, const int64_t* rows, int64_t row0) {
   constexpr int64_t item = OUT == 0 ? 4 : 2;
@@ -142,11 +189,21 @@ void expand_rows_avx512_any(const float* t, int64_t ldt, int64_t nrows, int64_t 
     for (int64_t i = 0; i < nr; ++i) out_rows[i] = base + (rows ? rows[i0 + i] : row0 + i0 + i) * N * item;
     const float* ti = t ? t + i0 * ldt : nullptr;
     switch (nr) {
-      case 4: expand_rows_avx512<4, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
-      case 3: expand_rows_avx512<3, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
-      case 2: expand_rows_avx512<2, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
-      default: expand_rows_avx512<1, OUT>(ti, ldt, R, bt, N, bias, out_rows); break;
+      case 4: expand_rows_avx512<4, OUT, ACC>(ti, ldt, R, bt, N, bias, out_rows); break;
+      case 3: expand_rows_avx512<3, OUT, ACC>(ti, ldt, R, bt, N, bias, out_rows); break;
+      case 2: expand_rows_avx512<2, OUT, ACC>(ti, ldt, R, bt, N, bias, out_rows); break;
+      default: expand_rows_avx512<1, OUT, ACC>(ti, ldt, R, bt, N, bias, out_rows); break;
     }
+  }
+}
+
+template <int OUT>
+void expand_rows_avx512_mode(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
+                             const float* bias, char* base, const int64_t* rows, int64_t row0, bool accumulate) {
+  if (accumulate) {
+    expand_rows_avx512_any<OUT, true>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
+  } else {
+    expand_rows_avx512_any<OUT, false>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
   }
 }
 #endif
@@ -197,7 +254,7 @@ void shrink_rows_rm(const uint16_t* x, int64_t ldx, const uint16_t* a, int64_t R
 }  // namespace
 
 void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
-                 const float* bias, at::Tensor& out, const int64_t* rows, int64_t row0) {
+                 const float* bias, at::Tensor& out, const int64_t* rows, int64_t row0, bool accumulate) {
   TORCH_CHECK(out.is_contiguous(), "fused_lora_cpu: internal: expand output must be contiguous");
   const auto dtype = out.scalar_type();
   const int64_t item = out.element_size();
@@ -207,22 +264,31 @@ void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const fl
                              __builtin_cpu_supports("avx512vl");
   if (avx512) {
     switch (dtype) {
-      case at::kFloat: return expand_rows_avx512_any<0>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
-      case at::kBFloat16: return expand_rows_avx512_any<1>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
-      case at::kHalf: return expand_rows_avx512_any<2>(t, ldt, nrows, R, bt, N, bias, base, rows, row0);
+      case at::kFloat:
+        return expand_rows_avx512_mode<0>(t, ldt, nrows, R, bt, N, bias, base, rows, row0, accumulate);
+      case at::kBFloat16:
+        return expand_rows_avx512_mode<1>(t, ldt, nrows, R, bt, N, bias, base, rows, row0, accumulate);
+      case at::kHalf:
+        return expand_rows_avx512_mode<2>(t, ldt, nrows, R, bt, N, bias, base, rows, row0, accumulate);
       default: break;
     }
   }
 #endif
   alignas(64) float acc[kExpandRows][kExpandCols];
+  alignas(64) float prev[kExpandCols];
   for (int64_t i0 = 0; i0 < nrows; i0 += kExpandRows) {
     const int64_t nr = std::min(kExpandRows, nrows - i0);
     for (int64_t n0 = 0; n0 < N; n0 += kExpandCols) {
       const int64_t nc = std::min(kExpandCols, N - n0);
-      expand_tile(t + i0 * ldt, ldt, nr, R, bt, N, bias, n0, nc, acc);
+      expand_tile(t ? t + i0 * ldt : nullptr, ldt, nr, R, bt, N, bias, n0, nc, acc);
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = rows ? rows[i0 + i] : row0 + i0 + i;
-        row_from_fp32(acc[i], nc, dtype, base + (row * N + n0) * item);
+        char* dst = base + (row * N + n0) * item;
+        if (accumulate) {
+          row_to_fp32(dst, dtype, 1, nc, prev);
+          add_tile_row(acc[i], prev, nc);
+        }
+        row_from_fp32(acc[i], nc, dtype, dst);
       }
     }
   }

@@ -338,6 +338,86 @@ def test_fp16_rounds_once():
     assert (y == y64.to(torch.float16)).double().mean().item() >= 0.99
 
 
+# ---- 16-bit "fast" mode (bf16 by default, fp16 with FUSED_LORA_CPU_FP16_FAST=1): the base GEMM first, rounded,
+# then bias + rank term added onto it in fp32 and rounded once more. N and K above 64 reach the kernels' full
+# 64-column steps as well as their tails.
+FAST_MODES = {"bf16": (torch.bfloat16, {}), "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"})}
+
+
+def _fast_mode(monkeypatch, mode):
+    dtype, env = FAST_MODES[mode]
+    monkeypatch.delenv("FUSED_LORA_CPU_BF16_EXACT", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return dtype
+
+
+def _base_then_term(base64, term64, dtype):
+    """round(round(base) + term): the value the fast mode documents (term = bias + rank term, exact)."""
+    return (base64.to(dtype).to(torch.float64) + term64).to(dtype)
+
+
+@pytest.mark.parametrize("mode", list(FAST_MODES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_mode_adds_rank_term_onto_rounded_base(monkeypatch, mode, bias):
+    dtype = _fast_mode(monkeypatch, mode)
+    M, K, N, ranks = 37, 150, 141, [5]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, dtype, bias=bias)
+    bb = bb * 0.05  # rank term of the order of the base's last bits: where the two roundings show
+    rp, dps, seed = [0, 5], [0.0], _seed()
+    y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, dps, seed)
+    x64, w64, b64, a64, bb64 = _d64(x), _d64(w), _d64(b), _d64(a), _d64(bb)
+    t64 = ref.lora_fwd(x64, w64, None, a64, bb64, scale, rp, dps, seed)[1]
+    term64 = t64 @ bb64.T + (b64 if bias else 0.0)
+    expected = _base_then_term(x64 @ w64.T, term64, dtype)
+    # fp32 accumulation order may move a value that sits on a rounding boundary; nearly all are exact
+    assert (y == expected).double().mean().item() >= 0.99
+    # the documented order, not the older one (rank term rounded first, then added to the fp32 base)
+    older = (x64 @ w64.T + term64.to(dtype).to(torch.float64)).to(dtype)
+    assert (older != expected).double().mean().item() > 0.02
+
+    dy = torch.randn(M, N).to(dtype)
+    dx, _, _ = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, True)
+    ds64 = (_d64(dy) @ bb64) * scale.double()
+    assert (dx == _base_then_term(_d64(dy) @ w64, ds64 @ a64, dtype)).double().mean().item() >= 0.99
+
+
+@pytest.mark.parametrize("mode", list(FAST_MODES))
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_mode_dense_and_rows_vs_reference(monkeypatch, mode, bias):
+    dtype = _fast_mode(monkeypatch, mode)
+    M, K, N, ranks, dps = 70, 131, 150, [1, 7, 4], [0.0, 0.3, 0.0]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, dtype, bias=bias)
+    x = _noncontig_rows(x, "pad")
+    rp, seed = _rank_ptr(ranks), _seed(11)
+    x64, w64, b64, a64, bb64 = _d64(x), _d64(w), _d64(b), _d64(a), _d64(bb)
+    dy = torch.randn(M, N).to(dtype)
+    for drop in ([0.0, 0.0, 0.0], dps):  # the expand-only path, and the dropout path's fp32 rows
+        y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, drop, seed)
+        y64, _ = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rp, drop, seed)
+        assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64),
+                                  name=f"y {drop}")
+        dx, _, _ = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed, True)
+        dx64 = ref.lora_bwd(_d64(dy), x64, w64, a64, bb64, scale, _d64(t), rp, drop, seed, True)[0]
+        dx_torch = _torch_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed)[0]
+        assert_close_vs_reference(dx, dx64, dx_torch, atol=_atol(dx64), name=f"dx {drop}")
+
+    row_ids = torch.randint(-1, len(ranks), (M,))
+    row_ids[:4] = torch.tensor([-1, 0, 1, 2])
+    y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    y64, _ = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rp, row_ids, dps, seed)
+    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64),
+                              name="rows y")
+    none = row_ids == -1  # rows without an adapter: the rounded base, plus the bias when there is one
+    base_only = _base_then_term(x64 @ w64.T, b64 if bias else torch.zeros(N, dtype=torch.float64), dtype)
+    assert (y[none] == base_only[none]).double().mean().item() >= 0.99
+    dx, _, _ = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
+    dx64 = ref.lora_rows_bwd(_d64(dy), x64, w64, a64, bb64, scale, _d64(t), rp, row_ids, dps, seed, True)[0]
+    dx_torch = _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)[0]
+    assert_close_vs_reference(dx, dx64, dx_torch, atol=_atol(dx64), name="rows dx")
+    assert torch.equal(dx[none], (dy @ w)[none])
+
+
 # ---- float64: every op computes in float64 when any input is float64 (as the reference does), for gradcheck ----
 F64 = torch.float64
 
