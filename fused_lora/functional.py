@@ -112,13 +112,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, n_adapters: int) -> torch.Tensor:
+def _row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """One int64 id per row of the flattened x (`rows` of them), from ids per row or per sample."""
     require_tensor("adapter_ids", row_ids)
     if row_ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"{describe('adapter_ids', row_ids)} must be an integer tensor")
     if row_ids.device != x.device:
         raise ValueError(f"{describe('adapter_ids', row_ids)} is not on x's device ({x.device})")
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else x.reshape(-1, 0).shape[0]
     ids = row_ids.reshape(-1).to(torch.int64)
     if ids.numel() != rows:
         if x.dim() >= 2 and ids.numel() == x.shape[0]:
@@ -139,7 +139,7 @@ def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     x2, weight, bias, lora_a, lora_b, scale, rank_ptr, ps = _prepare(
         x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training)
-    ids = _row_ids_for(row_ids, x, len(rank_ptr) - 1)
+    ids = _row_ids_for(row_ids, x, x2.shape[0])
     y, _t = ops.lora_rows_fwd(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ids, ps,
                               _seed(x2, training, ps))
     return y.reshape(*x.shape[:-1], weight.shape[0])
