@@ -4,14 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from typing import Optional
 
+from fused_lora.merge_cli import signals
 from fused_lora.merge_cli.adapters import AdapterSpec
-from fused_lora.merge_cli.errors import MergeError, one_line
+from fused_lora.merge_cli.errors import MergeError, OutputError, one_line
+from fused_lora.merge_cli.workspace import Workspace, sweep
 
 DESCRIPTION = """\
 Merge one or more PEFT adapters into a Hugging Face safetensors checkpoint (single file or shards with
@@ -31,8 +31,21 @@ adapters:
                            ORIGINAL --base as one rank-2r adapter ([A; A0], [B, -B0], same scaling).
                            Adapters already converted by PEFT (path_initial_model_for_weight_conversion)
                            need no --initial-adapter.
-exit status: 0 merged and verified; 2 bad input or failed verification (one line on stderr, nothing
-written); 130 interrupted.
+exit status:
+  0       merged, verified and moved into place
+  1       internal error (a bug; please report it with the line on stderr)
+  2       bad input or failed verification: one line on stderr names the file and the key
+  3       I/O error: disk full, read-only file system, permission denied, a failed rename; one line on
+          stderr names the path and the cause (e.g. "No space left on device (ENOSPC)")
+  128+N   stopped by signal N: 130 SIGINT (Ctrl-C), 143 SIGTERM (kill, timeout, docker stop, systemd),
+          129 SIGHUP (ignored if it was ignored at start, as under nohup)
+output and cleanup:
+  The result is written into a hidden folder .OUT.tmp-PID-XXXXXXXX beside --out (with a lock file
+  .OUT.tmp-PID-XXXXXXXX.lock held while the merge runs) and renamed to --out only when complete and
+  verified. On any error or stop signal the hidden folder is removed and --out is left as it was (with
+  --force, the old --out is replaced only by that final rename). Inputs are never modified. What a merge
+  killed outright (kill -9, power loss) leaves behind is removed by the next merge to the same --out,
+  which names what it removed; folders whose merge is still running are left alone.
 """
 
 
@@ -91,11 +104,13 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
 
 
-def _check_output(out: str, inputs: list[str], force: bool) -> str:
+def _check_output(out: str, inputs: list[str], force: bool, log) -> str:
     out = os.path.abspath(out)
     for folder in inputs:
         if _overlaps(out, folder):
             raise MergeError(out, None, f"--out overlaps the input {folder}; inputs are never modified")
+    # before the existence check: a merge killed while replacing --out may have left it moved aside
+    sweep(out, lambda path: any(_overlaps(path, folder) for folder in inputs), log)
     if os.path.lexists(out) and not force:
         raise MergeError(out, None, "already exists (pass --force to replace it)")
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -106,24 +121,12 @@ def _check_output(out: str, inputs: list[str], force: bool) -> str:
     return out
 
 
-def _install(tmp: str, out: str) -> None:
-    """Rename the finished folder into place; an old --out is moved aside first and deleted last."""
-    old = None
-    if os.path.lexists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.rename(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+class _RunState:
+    """What main() needs to know to describe an interrupted or failed run truthfully."""
+    workspace: Optional[Workspace] = None
 
 
-def run(args, out: str, log) -> int:
+def run(args, out: str, log, state: _RunState) -> int:
     from tqdm import tqdm
 
     from fused_lora import __version__
@@ -132,9 +135,10 @@ def run(args, out: str, log) -> int:
     from fused_lora.merge_cli.execute import write_checkpoint
     from fused_lora.merge_cli.plan import build_plan
 
-    adapters = [load_adapter(spec) for spec in args.adapters]
-    checkpoint = open_checkpoint(args.base)
-    plans = build_plan(adapters, checkpoint)
+    with signals.interruptible():
+        adapters = [load_adapter(spec) for spec in args.adapters]
+        checkpoint = open_checkpoint(args.base)
+        plans = build_plan(adapters, checkpoint)
     if not plans:
         raise MergeError(args.adapters[0].folder, None, "the adapters hold no tensors to merge")
     records = [a.record() for a in adapters]
@@ -153,18 +157,21 @@ def run(args, out: str, log) -> int:
         return meta
 
     total = sum(len(s.entries) for s in checkpoint.shards)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    # Outside the interruptible regions a stop signal only waits: creating, renaming into place and
+    # removing the temporary folder are never cut short by it.
+    workspace = state.workspace = Workspace.create(out)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
-        with tqdm(total=total, unit="tensor", desc="merge", disable=True if args.quiet else None,
-                  file=sys.stderr, leave=False) as progress:
-            results = write_checkpoint(checkpoint, plans, tmp, shard_metadata, args.verify, progress)
-        _install(tmp, out)
+        with signals.interruptible():
+            with tqdm(total=total, unit="tensor", desc="merge", disable=True if args.quiet else None,
+                      file=sys.stderr, leave=False) as progress:
+                results = write_checkpoint(checkpoint, plans, workspace.folder, shard_metadata, args.verify,
+                                           progress)
+        workspace.install()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        workspace.discard()
         raise
+    for leftover in workspace.leftovers:
+        log(f"note: could not remove {leftover}; the next merge to {out} removes it")
     merged = sum(1 for p in plans.values() if p.lora_a)
     if checkpoint.skipped_files:
         log(f"note: not copied (weights in another format, they would be unmerged): "
@@ -182,6 +189,16 @@ def run(args, out: str, log) -> int:
     return 0
 
 
+def _aftermath(out: str, state: _RunState) -> str:
+    """How the output stands after a failure or a stop signal, for the one line on stderr."""
+    ws = state.workspace
+    if ws is not None and ws.installed:
+        return f"{out} is complete and verified"
+    if ws is not None and ws.leftovers:
+        return f"could not remove {'; '.join(ws.leftovers)} (the next merge to {out} removes it)"
+    return f"nothing written, {out} unchanged" if ws is None else f"temporary files removed, {out} unchanged"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -193,27 +210,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     log = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    try:
-        out = _check_output(args.out, [args.base] + [s.folder for s in args.adapters] +
-                            [s.initial for s in args.adapters if s.initial], args.force)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            code = run(args, out, log)
-        for w in caught:
-            log(f"note: {one_line(w.message)}")
-        return code
-    except MergeError as exc:
-        print(f"fused-lora merge: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fused-lora merge: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except OSError as exc:  # disk full, permissions: the environment, not the inputs
-        print(f"fused-lora merge: error: {exc.filename or ''}: {one_line(exc)}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # noqa: BLE001 - a bug: still one line, but a different status
-        print(f"fused-lora merge: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
-        return 1
+    out = os.path.abspath(args.out)
+    state = _RunState()
+    with signals.handled():
+        try:
+            _check_output(args.out, [args.base] + [s.folder for s in args.adapters] +
+                          [s.initial for s in args.adapters if s.initial], args.force, log)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                code = run(args, out, log, state)
+            for w in caught:
+                log(f"note: {one_line(w.message)}")
+            signum = signals.pending()  # one that came during the final rename, which it did not cut short
+            if signum is not None:
+                raise signals.Stopped(signum)
+            return code
+        except signals.Stopped as exc:
+            print(f"fused-lora merge: stopped by {exc.name}; {_aftermath(out, state)}", file=sys.stderr)
+            return exc.exit_status
+        except MergeError as exc:
+            after = "" if state.workspace is None else f"; {_aftermath(out, state)}"  # bad input: nothing began
+            print(f"fused-lora merge: error: {one_line(exc)}{after}", file=sys.stderr)
+            return 2
+        except OutputError as exc:
+            print(f"fused-lora merge: error: {one_line(exc)}; {_aftermath(out, state)}", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt:  # SIGINT where no handler could be installed (main() off the main thread)
+            print(f"fused-lora merge: interrupted; {_aftermath(out, state)}", file=sys.stderr)
+            return 130
+        except OSError as exc:  # an I/O failure no layer attributed; still the environment's, not the inputs'
+            print(f"fused-lora merge: error: {exc.filename or ''}: {one_line(exc)}; {_aftermath(out, state)}",
+                  file=sys.stderr)
+            return 3
+        except Exception as exc:  # noqa: BLE001 - a bug: still one line, but a different status
+            print(f"fused-lora merge: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ import torch
 from fused_lora.functional import merge_
 from fused_lora.merge_cli import verify
 from fused_lora.merge_cli.checkpoint import INDEX, Checkpoint
-from fused_lora.merge_cli.errors import MergeError, one_line
+from fused_lora.merge_cli.errors import MergeError, one_line, writing
 from fused_lora.merge_cli.plan import TensorPlan
-from fused_lora.merge_cli.safetensors_io import Entry, Header, read_header, read_tensor, write_shard
+from fused_lora.merge_cli.safetensors_io import (COPY_CHUNK, Entry, Header, read_header, read_tensor,
+                                                  write_shard)
 
 MERGE_CHUNK_ELEMENTS = 1 << 20  # merge_ row blocks: bounds any backend's temporaries, still one rounding each
 
@@ -109,9 +110,7 @@ class ShardWriter:
 def write_checkpoint(checkpoint: Checkpoint, plans: dict[str, TensorPlan], out_dir: str,
                      shard_metadata, verify_on: bool, progress=None) -> list[Checked]:
     for rel in checkpoint.other_files:
-        target = os.path.join(out_dir, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copy2(os.path.join(checkpoint.folder, rel), target)
+        copy_file(os.path.join(checkpoint.folder, rel), os.path.join(out_dir, rel))
     writer = ShardWriter(plans, verify_on)
     for shard in checkpoint.shards:
         out_path = os.path.join(out_dir, os.path.basename(shard.path))
@@ -121,7 +120,36 @@ def write_checkpoint(checkpoint: Checkpoint, plans: dict[str, TensorPlan], out_d
         if verify_on:
             writer.verify_written(out_path, shard)
     if checkpoint.index is not None:
-        with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
-            json.dump(checkpoint.index, f, indent=2, sort_keys=False)
-            f.write("\n")
+        index_path = os.path.join(out_dir, INDEX)
+        with writing(index_path):
+            with open(index_path, "w", encoding="utf-8") as f:
+                json.dump(checkpoint.index, f, indent=2, sort_keys=False)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
     return writer.results
+
+
+def copy_file(src_path: str, dst_path: str) -> None:
+    """Copy a non-weight file (config, tokenizer, ...) with its mode and times, as shutil.copy2 does, but with a
+    read failure blamed on the input (MergeError) and a write failure on the output (OutputError). copy2 cannot
+    tell the two apart, and its sendfile fast path writes behind the file object's back."""
+    with writing(os.path.dirname(dst_path), "create"):
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+    try:
+        src = open(src_path, "rb")
+    except OSError as exc:
+        raise MergeError(src_path, None, f"cannot read: {exc.strerror or exc}") from exc
+    with src, writing(dst_path):
+        with open(dst_path, "wb") as dst:
+            while True:
+                try:
+                    chunk = src.read(COPY_CHUNK)
+                except OSError as exc:
+                    raise MergeError(src_path, None, f"cannot read: {exc.strerror or exc}") from exc
+                if not chunk:
+                    break
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        shutil.copystat(src_path, dst_path)

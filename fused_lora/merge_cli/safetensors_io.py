@@ -9,11 +9,12 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import BinaryIO, Callable, Mapping, Optional
 
 import torch
 
-from fused_lora.merge_cli.errors import MergeError
+from fused_lora.merge_cli import hooks
+from fused_lora.merge_cli.errors import MergeError, writing
 
 # bytes per element of each safetensors dtype, and the torch dtype where we may need to compute on it
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
@@ -141,26 +142,43 @@ def write_shard(out_path: str, source: Header, metadata: Mapping[str, str],
     """Write `source`'s tensors in its data order, same names/dtypes/shapes/offsets, with new metadata.
     `replacement(entry)` returns the in-memory tensor to write for a touched entry (it is called just before
     that entry is written, so at most one touched tensor needs to live at a time), or None to copy the input's
-    bytes."""
-    with open(source.path, "rb") as src, open(out_path, "wb") as dst:
-        dst.write(_header_bytes(source.entries, metadata))
-        for e in source.entries:
-            tensor = replacement(e)
-            if tensor is None:
-                src.seek(source.data_start + e.begin)
-                left = e.nbytes
-                while left:
-                    chunk = src.read(min(left, COPY_CHUNK))
-                    if not chunk:
-                        raise MergeError(source.path, e.name, "truncated while copying")
-                    dst.write(chunk)
-                    left -= len(chunk)
-            else:
-                if SAFETENSORS_DTYPE.get(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape:
-                    raise MergeError(source.path, e.name, "internal error: merged tensor changed dtype or shape")
-                data = tensor.contiguous().reshape(-1).view(torch.uint8)
-                dst.write(memoryview(data.numpy()))
-            if progress is not None:
-                progress.update(1)
-        dst.flush()
-        os.fsync(dst.fileno())
+    bytes. Failing reads of the input raise MergeError; failing writes (disk full, read-only) OutputError."""
+    try:
+        src = open(source.path, "rb")
+    except OSError as exc:
+        raise MergeError(source.path, None, f"cannot read: {exc.strerror or exc}") from exc
+    with src, writing(out_path):
+        with open(out_path, "wb") as dst:
+            dst.write(_header_bytes(source.entries, metadata))
+            for i, e in enumerate(source.entries):
+                tensor = replacement(e)
+                if tensor is None:
+                    _copy_bytes(src, source, e, dst)
+                else:
+                    if SAFETENSORS_DTYPE.get(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape:
+                        raise MergeError(source.path, e.name, "internal error: merged tensor changed dtype or shape")
+                    data = tensor.contiguous().reshape(-1).view(torch.uint8)
+                    dst.write(memoryview(data.numpy()))
+                if progress is not None:
+                    progress.update(1)
+                if i == 0:
+                    hooks.pause_after_first_tensor(dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+
+
+def _copy_bytes(src: BinaryIO, source: Header, e: Entry, dst: BinaryIO) -> None:
+    left = e.nbytes
+    try:
+        src.seek(source.data_start + e.begin)
+    except OSError as exc:
+        raise MergeError(source.path, e.name, f"cannot read: {exc.strerror or exc}") from exc
+    while left:
+        try:
+            chunk = src.read(min(left, COPY_CHUNK))
+        except OSError as exc:  # the input's failure, not the output's
+            raise MergeError(source.path, e.name, f"cannot read: {exc.strerror or exc}") from exc
+        if not chunk:
+            raise MergeError(source.path, e.name, "truncated while copying")
+        dst.write(chunk)
+        left -= len(chunk)
