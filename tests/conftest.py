@@ -28,3 +28,16 @@ def cpu_backend(monkeypatch, request):
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(1234)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The contract suite's cases and outcomes per backend (tests/test_contract.py), for the run's report."""
+    try:
+        from contract_cases import summary_lines
+    except ImportError:  # tests/ not on sys.path (another import mode): no tally
+        return
+    lines = summary_lines(terminalreporter.stats, config.getoption("--device", default="cpu"))
+    if lines:
+        terminalreporter.write_sep("-", "contract suite: cases per backend")
+        for line in lines:
+            terminalreporter.write_line(line)
