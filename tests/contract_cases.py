@@ -190,6 +190,7 @@ CASES += [
     _case("merge/fp32/rank1_strided_adapters", ad_layout="row_pad", **{**_MERGE, "ranks": (1,)}),
     _case("merge/fp16/per_rank_scale", dtype=F16, per_rank_scale=True, **{**_MERGE, "ranks": (2, 5)}),
     _case("merge/fp16/k0", K=0, dtype=F16, **_MERGE),
+    _case("merge/fp32/n0", N=0, **_MERGE),
     _case("merge/bf16/safe_no_overflow_writes", dtype=BF16, safe=True, **_MERGE),
     _case("unmerge/fp16/rounded_once", api="unmerge", dtype=F16),
     _case("unmerge/bf16/fan_in_fan_out", api="unmerge", dtype=BF16, fan_in_fan_out=True),
@@ -225,6 +226,11 @@ class Backend:
     isa: Optional[str] = None       # cpp: the ISA path forced for the case (cpp_backend.use_isa)
     interpreter: bool = False       # Triton kernels run by TRITON_INTERPRET=1
     unavailable: Optional[str] = None   # why it cannot run here (its cases skip, or fail on CI)
+    env_extra: tuple[tuple[str, str], ...] = ()   # further environment switches while the case runs
+    only_16bit: bool = False        # a variant that changes only float16/bfloat16 paths: runs only those cases
+
+    def runs(self, case: Case) -> bool:
+        return not self.only_16bit or bool(case.dtypes_in_kernels() & {F16, BF16})
 
     def skip_reason(self, case: Case) -> Optional[str]:
         """Only what this backend cannot run on this machine: bf16 through the Triton interpreter."""
@@ -240,7 +246,13 @@ def _cpp_backends() -> list[Backend]:
         return [Backend("cpp", "cpp", unavailable=f"C++ backend not built ({why})")]
     if not hasattr(module, "isa_paths"):  # before ISA switching exists: the one path the machine picks
         return [Backend("cpp", "cpp")]
-    return [Backend(f"cpp[{isa}]", "cpp", isa=isa) for isa in module.isa_paths()]
+    out = []
+    for isa in module.isa_paths():
+        out.append(Backend(f"cpp[{isa}]", "cpp", isa=isa))
+        # the other 16-bit base GEMM of each dtype (CONTRACT.md): fp16 with two roundings, bf16 with one
+        out.append(Backend(f"cpp[{isa},alt_16bit_gemm]", "cpp", isa=isa, only_16bit=True,
+                           env_extra=(("FUSED_LORA_CPU_FP16_FAST", "1"), ("FUSED_LORA_CPU_BF16_EXACT", "1"))))
+    return out
 
 
 def available_backends(device_option: str = "cpu") -> list[Backend]:

@@ -1,6 +1,8 @@
 """One contract suite for every backend: each case of tests/contract_cases.py through the public API
 (fused_lora.lora_linear, lora_linear_rows, merge_, unmerge_, backward through autograd) on every backend this
-machine runs: reference, cpp[<isa>] per ISA path, triton under the interpreter (CPU tensors), cuda when present.
+machine runs: reference, cpp[<isa>] per ISA path (and, for the 16-bit cases, cpp[<isa>,alt_16bit_gemm]: the other
+base GEMM of float16 and bfloat16, see CONTRACT.md), triton under the interpreter (CPU tensors), and cuda (compiled
+Triton on CUDA tensors, bfloat16 included) with `pytest --device cuda`. The tally per backend is printed at the end.
 
 Judgement (tests/checks.py): outputs and gradients against a float64 evaluation of the same formula, within twice
 plain torch's own error at the same dtype (PEFT's order of operations, under the same autocast) plus one unit of
@@ -32,9 +34,12 @@ from contract_cases import BACKEND_PROPERTY, CASES, Backend, Case, available_bac
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames:
+    """Every case on every backend (a variant backend takes only the cases whose code path it changes)."""
+    if "backend" in metafunc.fixturenames and "case" in metafunc.fixturenames:
         backends = available_backends(metafunc.config.getoption("--device", default="cpu"))
-        metafunc.parametrize("backend", backends, ids=[b.name for b in backends], indirect=True)
+        pairs = [(b, c) for b in backends for c in CASES if b.runs(c)]
+        metafunc.parametrize(("backend", "case"), pairs, ids=[f"{b.name}-{c.name}" for b, c in pairs],
+                             indirect=["backend"])
 
 
 @pytest.fixture
@@ -46,6 +51,8 @@ def backend(request, monkeypatch):
             pytest.fail(f"{b.name}: {b.unavailable}; the install step must build fused_lora._C")
         pytest.skip(f"{b.name}: {b.unavailable}")
     monkeypatch.setenv("FUSED_LORA_BACKEND", b.env)
+    for name, value in b.env_extra:
+        monkeypatch.setenv(name, value)
     if b.isa is None:
         yield b
         return
@@ -55,7 +62,6 @@ def backend(request, monkeypatch):
         yield b
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_contract(case: Case, backend: Backend):
     reason = backend.skip_reason(case)
     if reason:
