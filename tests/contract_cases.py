@@ -59,8 +59,9 @@ class Case:
         return list(self.ranks) if len(self.ranks) > 1 or self.api == "rows" else None
 
     def dtypes_in_kernels(self) -> set:
-        """Every dtype a kernel would load (the autocast dtype replaces the others under autocast)."""
-        if self.error is not None:
+        """Every dtype a kernel would load (the autocast dtype replaces the others under autocast); none for inputs
+        refused before any kernel runs (a safe merge that overflows is refused by the kernel's own check)."""
+        if self.error is not None and not self.overflow:
             return set()
         if self.autocast is not None:
             return {self.autocast}
@@ -227,10 +228,12 @@ class Backend:
     interpreter: bool = False       # Triton kernels run by TRITON_INTERPRET=1
     unavailable: Optional[str] = None   # why it cannot run here (its cases skip, or fail on CI)
     env_extra: tuple[tuple[str, str], ...] = ()   # further environment switches while the case runs
-    only_16bit: bool = False        # a variant that changes only float16/bfloat16 paths: runs only those cases
+    only_16bit: bool = False        # a variant of the 16-bit base GEMM of lora_linear(_rows): runs only those cases
 
     def runs(self, case: Case) -> bool:
-        return not self.only_16bit or bool(case.dtypes_in_kernels() & {F16, BF16})
+        if not self.only_16bit:
+            return True
+        return case.api in ("linear", "rows") and bool(case.dtypes_in_kernels() & {F16, BF16})
 
     def skip_reason(self, case: Case) -> Optional[str]:
         """Only what this backend cannot run on this machine: bf16 through the Triton interpreter."""
