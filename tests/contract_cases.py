@@ -7,6 +7,7 @@ and a pattern the message must match (it names the argument). Names read as `<ap
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from math import prod
 from typing import Optional
@@ -236,10 +237,21 @@ class Backend:
         return case.api in ("linear", "rows") and bool(case.dtypes_in_kernels() & {F16, BF16})
 
     def skip_reason(self, case: Case) -> Optional[str]:
-        """Only what this backend cannot run on this machine: bf16 through the Triton interpreter."""
+        """Only what this backend cannot run on this machine: bf16 through the Triton interpreter, an autocast dtype
+        this torch does not autocast to on the device."""
         if self.interpreter and BF16 in case.dtypes_in_kernels():
             return INTERPRETER_BF16
+        if case.autocast is not None and not autocast_supported(self.device, case.autocast):
+            return f"torch {torch.__version__} has no {self.device} autocast to {case.autocast}"
         return None
+
+
+def autocast_supported(device: str, dtype: torch.dtype) -> bool:
+    """Whether torch.autocast(device, dtype) really autocasts (torch disables it, with a warning, otherwise)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device, dtype=dtype):
+            return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == dtype
 
 
 def _cpp_backends() -> list[Backend]:
