@@ -1,4 +1,8 @@
-"""Training behaviour of lora_linear: fused dropout (statistics, determinism), saved memory, a loss curve vs PEFT."""
+"""Training behaviour of lora_linear: fused dropout (statistics, determinism), saved memory, a loss curve vs PEFT.
+
+On --device cpu every CPU backend runs (triton: the kernels under the interpreter); on --device cuda the Triton
+backend runs compiled (the `cpu_backend` fixture then only pins FUSED_LORA_BACKEND=triton).
+"""
 import math
 
 import pytest
@@ -12,42 +16,45 @@ from fused_lora.functional import draw_dropout_seed
 CPU_BACKENDS = ["cpp", "reference", "triton"]  # triton: the kernels under the interpreter
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
+def pytest_generate_tests(metafunc):
+    if "cpu_backend" in metafunc.fixturenames:
+        on_cuda = metafunc.config.getoption("--device") == "cuda"
+        metafunc.parametrize("cpu_backend", ["triton"] if on_cuda else CPU_BACKENDS, indirect=True)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_within_binomial_bound(cpu_backend, p):
+def test_keep_rate_within_binomial_bound(cpu_backend, p, device):
     M, K = 173, 301
-    keep = ops.dropout_keep(draw_dropout_seed(torch.device("cpu")), M, K, p, 0)
+    keep = ops.dropout_keep(draw_dropout_seed(device), M, K, p, 0)
+    assert keep.device.type == device.type
     n = M * K
     kept = keep.sum().item()
     sigma = math.sqrt(n * p * (1 - p))
     assert abs(kept - n * (1 - p)) <= 5 * sigma, f"kept {kept} of {n} at p={p}"
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
-def test_masks_differ_across_seeds_and_adapters(cpu_backend):
-    s1, s2 = draw_dropout_seed(torch.device("cpu")), draw_dropout_seed(torch.device("cpu"))
+def test_masks_differ_across_seeds_and_adapters(cpu_backend, device):
+    s1, s2 = draw_dropout_seed(device), draw_dropout_seed(device)
     m11 = ops.dropout_keep(s1, 32, 40, 0.5, 0)
     assert torch.equal(m11, ops.dropout_keep(s1, 32, 40, 0.5, 0))
     assert (m11 != ops.dropout_keep(s2, 32, 40, 0.5, 0)).float().mean() > 0.3
     assert (m11 != ops.dropout_keep(s1, 32, 40, 0.5, 1)).float().mean() > 0.3
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
-def test_dropout_scales_kept_values_by_inverse_keep_rate(cpu_backend):
+def test_dropout_scales_kept_values_by_inverse_keep_rate(cpu_backend, device):
     M, K, N, p = 9, 50, 3, 0.3
-    x, w = torch.ones(M, K), torch.zeros(N, K)
-    a, b = torch.ones(1, K), torch.ones(N, 1)
+    x, w = torch.ones(M, K, device=device), torch.zeros(N, K, device=device)
+    a, b = torch.ones(1, K, device=device), torch.ones(N, 1, device=device)
     torch.manual_seed(11)
     y = fused_lora.lora_linear(x, w, None, a, b, 1.0, dropout_p=p, training=True)
     torch.manual_seed(11)
-    keep = ops.dropout_keep(draw_dropout_seed(torch.device("cpu")), M, K, p, 0)
+    keep = ops.dropout_keep(draw_dropout_seed(device), M, K, p, 0)
     expected = keep.sum(1, keepdim=True).double() / (1 - p)
     torch.testing.assert_close(y.double(), expected.expand(M, N), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
-def test_dropout_fresh_per_call_deterministic_per_seed_and_off_in_eval(cpu_backend):
-    x, w, a, b = torch.randn(6, 20), torch.randn(5, 20), torch.randn(4, 20), torch.randn(5, 4)
+def test_dropout_fresh_per_call_deterministic_per_seed_and_off_in_eval(cpu_backend, device):
+    x, w, a, b = (torch.randn(*shape).to(device) for shape in ((6, 20), (5, 20), (4, 20), (5, 4)))
 
     def run(training, p=0.5):
         return fused_lora.lora_linear(x, w, None, a, b, 1.0, dropout_p=p, training=training)
@@ -84,12 +91,12 @@ def _peft_linear(base, r, alpha, dropout):
     return PeftLinear(base, "default", cfg, r=r, lora_alpha=alpha, lora_dropout=dropout)
 
 
-def test_saved_bytes_fewer_than_peft(capsys):
+def test_saved_bytes_fewer_than_peft(capsys, device):
     M, K, N, r, p = 256, 512, 384, 16, 0.1
     base = nn.Linear(K, N).requires_grad_(False)
-    peft_layer = _peft_linear(base, r, 2 * r, p).train()
+    peft_layer = _peft_linear(base, r, 2 * r, p).train().to(device)
     a, b = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
-    x = torch.randn(M, K, requires_grad=True)
+    x = torch.randn(M, K).to(device).requires_grad_(True)
 
     ours, theirs = _SavedBytes(), _SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(ours.pack, lambda t: t):
@@ -141,15 +148,15 @@ class _FusedTinyMLP(nn.Module):
         return x
 
 
-def test_tiny_mlp_follows_peft_loss_curve():
+def test_tiny_mlp_follows_peft_loss_curve(device):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
     peft_model = get_peft_model(_TinyMLP(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"],
-                                                        init_lora_weights=False))
+                                                        init_lora_weights=False)).to(device)
     fused = _FusedTinyMLP(peft_model)
     opt_p = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     opt_f = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
-    x, target = torch.randn(64, 12), torch.randn(64, 3)
+    x, target = torch.randn(64, 12).to(device), torch.randn(64, 3).to(device)
     losses_p, losses_f = [], []
     for _ in range(20):
         for model, opt, losses in ((peft_model, opt_p, losses_p), (fused, opt_f, losses_f)):

@@ -1,20 +1,19 @@
-"""Per-row (mixed-batch) Triton kernels under the interpreter, against the float64 reference.
+"""Per-row (mixed-batch) Triton kernels against the float64 reference, on --device (tests/devices.py).
 
-Judged relative to PyTorch's own error at the same dtype (tests/checks.py). bf16 is skipped: the interpreter
-corrupts it silently; the codegen test compiles the bf16 variants.
+Judged relative to PyTorch's own error at the same dtype (tests/checks.py), computed on the CPU. CPU: the
+interpreter, bf16 skipped (it corrupts it silently; the codegen test compiles the bf16 variants). CUDA: compiled
+kernels, bf16 included, on the GPU-marked cases.
 """
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+from fused_lora import reference as ref
+from fused_lora.kernels import rows
+from tests.checks import assert_close_vs_reference
+from tests.devices import cpu, device_params, move
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from fused_lora import reference as ref  # noqa: E402
-from fused_lora.kernels import rows  # noqa: E402
-from tests.checks import assert_close_vs_reference  # noqa: E402
-
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3}
+# bf16: fp16's slack scaled by the ulp ratio (8 significant bits to 11)
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture
@@ -82,12 +81,17 @@ def _torch_same_dtype(x, w, b, a, bb, scale, rank_ptr, row_ids, dropout_p, seed,
     return y, t.float(), dx, da, db
 
 
-def _check(M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias=True, none_rows=True, need_dx=True):
+def _check(M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias=True, none_rows=True, need_dx=True,
+           device=torch.device("cpu")):
     x, w, b, a, bb, scale, row_ids, dy, seed = _inputs(M, K, N, ranks, dtype, adapter_dtype, bias, none_rows)
     rank_ptr = _rank_ptr(ranks)
     f64 = lambda v: None if v is None else v.to(torch.float64)  # noqa: E731
+    xd, wd, bd, ad, bbd, scaled, idsd, dyd, seedd = (move(v, device) for v in (x, w, b, a, bb, scale, row_ids, dy,
+                                                                               seed))
 
-    y, t = rows.lora_rows_fwd(x, w, b, a, bb, scale, rank_ptr, row_ids, dropout_p, seed)
+    y, t = rows.lora_rows_fwd(xd, wd, bd, ad, bbd, scaled, rank_ptr, idsd, dropout_p, seedd)
+    td = t
+    y, t = cpu(y), cpu(t)
     y64, t64 = ref.lora_rows_fwd(f64(x), f64(w), f64(b), f64(a), f64(bb), scale, rank_ptr, row_ids, dropout_p,
                                  seed)
     ty, tt, tdx, tda, tdb = _torch_same_dtype(x, w, b, a, bb, scale, rank_ptr, row_ids, dropout_p, seed, dy)
@@ -96,7 +100,8 @@ def _check(M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias=True, none_rows
     assert_close_vs_reference(y, y64, ty, atol=atol, name="y")
     assert_close_vs_reference(t, t64, tt, atol=atol, name="t")
 
-    dx, da, db = rows.lora_rows_bwd(dy, x, w, a, bb, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx)
+    dx, da, db = (cpu(g) for g in rows.lora_rows_bwd(dyd, xd, wd, ad, bbd, scaled, td, rank_ptr, idsd, dropout_p,
+                                                     seedd, need_dx))
     dx64, da64, db64 = ref.lora_rows_bwd(f64(dy), f64(x), f64(w), f64(a), f64(bb), scale, t64, rank_ptr, row_ids,
                                          dropout_p, seed, need_dx)
     assert da.dtype == adapter_dtype and db.dtype == adapter_dtype
@@ -117,55 +122,57 @@ CASES = [
     (53, 20, 24, [5, 1, 9, 2, 17, 3, 12, 64], torch.float32, torch.float32, [0.0] * 7 + [0.3], True),
     (100, 24, 17, [16], torch.float16, torch.float16, [0.0], True),   # 64-row tiles
     (300, 12, 20, [4], torch.float32, torch.float32, [0.4], False),   # 128-row tiles
+    # bf16 (GPU only): a decode-like batch over many adapters with dropout, 64-row tiles with fp32 adapters,
+    # and an aligned shape (multiples of 16, as real layers are)
+    (41, 48, 40, [1, 64, 8, 16, 33], torch.bfloat16, torch.bfloat16, [0.1, 0.0, 0.25, 0.0, 0.5], False),
+    (100, 24, 17, [16], torch.bfloat16, torch.float32, [0.0], True),
+    (16, 256, 128, [16, 16, 8, 16], torch.bfloat16, torch.bfloat16, [0.0, 0.0, 0.0, 0.1], False),
 ]
+GPU_CASES = {1, 3, 5} | set(range(6, len(CASES)))  # each tile height and dtype once on --device cuda
 
 
-@pytest.mark.parametrize("M,K,N,ranks,dtype,adapter_dtype,dropout_p,bias", CASES)
-def test_rows_matches_reference(poisoned_empty, M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias):
-    _check(M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias)
+def _case_id(case):
+    M, K, N, ranks, dt, adt, ps, bias = case
+    return (f"M{M}K{K}N{N}-r{'_'.join(map(str, ranks))}-{str(dt)[6:]}-{str(adt)[6:]}-"
+            f"p{'_'.join(str(p) for p in ps)}-{'bias' if bias else 'nobias'}")
 
 
-def test_rows_all_none_and_no_dx(poisoned_empty):
-    x, w, b, a, bb, scale, _, dy, seed = _inputs(19, 21, 13, [3, 5], torch.float32, torch.float32, True)
-    row_ids = torch.full((19,), -1, dtype=torch.int64)
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        metafunc.parametrize("case", device_params(metafunc.config, CASES, [_case_id(c) for c in CASES],
+                                                   [i in GPU_CASES for i in range(len(CASES))], lambda c: c[4]))
+
+
+def test_rows_matches_reference(poisoned_empty, case, device):
+    M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias = case
+    _check(M, K, N, ranks, dtype, adapter_dtype, dropout_p, bias, device=device)
+
+
+def test_rows_all_none_and_no_dx(poisoned_empty, device):
+    x, w, b, a, bb, scale, _, dy, seed = (move(v, device) for v in _inputs(19, 21, 13, [3, 5], torch.float32,
+                                                                            torch.float32, True))
+    row_ids = torch.full((19,), -1, dtype=torch.int64, device=device)
     y, t = rows.lora_rows_fwd(x, w, b, a, bb, scale, [0, 3, 8], row_ids, [0.5, 0.0], seed)
-    torch.testing.assert_close(y, x @ w.T + b, rtol=1e-5, atol=1e-5)
-    assert torch.equal(t, torch.zeros(19, 5))
+    torch.testing.assert_close(cpu(y), cpu(x) @ cpu(w).T + cpu(b), rtol=1e-5, atol=1e-5)
+    assert torch.equal(cpu(t), torch.zeros(19, 5))
     dx, da, db = rows.lora_rows_bwd(dy, x, w, a, bb, scale, t, [0, 3, 8], row_ids, [0.5, 0.0], seed, False)
-    assert dx is None and torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(bb))
+    assert dx is None
+    assert torch.equal(cpu(da), torch.zeros_like(cpu(a))) and torch.equal(cpu(db), torch.zeros_like(cpu(bb)))
 
 
-def test_rows_single_adapter_every_row(poisoned_empty):
-    _check(33, 17, 19, [6], torch.float16, torch.float16, [0.0], bias=True, none_rows=False, need_dx=False)
+def test_rows_single_adapter_every_row(poisoned_empty, device):
+    _check(33, 17, 19, [6], torch.float16, torch.float16, [0.0], bias=True, none_rows=False, need_dx=False,
+           device=device)
 
 
-def test_rows_m_zero(poisoned_empty):
-    x, w, b, a, bb, scale, _, _, seed = _inputs(4, 8, 6, [2, 3], torch.float32, torch.float32, True)
+def test_rows_m_zero(poisoned_empty, device):
+    x, w, b, a, bb, scale, _, _, seed = (move(v, device) for v in _inputs(4, 8, 6, [2, 3], torch.float32,
+                                                                          torch.float32, True))
     x0 = x[:0]
-    ids = torch.zeros(0, dtype=torch.int64)
+    ids = torch.zeros(0, dtype=torch.int64, device=device)
     y, t = rows.lora_rows_fwd(x0, w, b, a, bb, scale, [0, 2, 5], ids, [0.0, 0.1], seed)
     assert y.shape == (0, 6) and t.shape == (0, 3)
-    dx, da, db = rows.lora_rows_bwd(torch.zeros(0, 6), x0, w, a, bb, scale, t, [0, 2, 5], ids, [0.0, 0.1], seed,
-                                    True)
-    assert dx.shape == (0, 8) and torch.equal(da, torch.zeros_like(a)) and torch.equal(db, torch.zeros_like(bb))
-
-
-def test_group_rows_is_a_stable_sort_with_pure_tiles(poisoned_empty):
-    gen = torch.Generator().manual_seed(7)
-    M, n = 77, 5
-    row_ids = torch.randint(-1, n, (M,), generator=gen)
-    row_ids[3], row_ids[10] = 9, -4  # out of range: treated as "no adapter"
-    order, tiles_a, tiles_b = rows.group_rows(row_ids, n, 16, 64)
-    groups = torch.where((row_ids >= -1) & (row_ids < n), row_ids, -1)
-    expected = torch.sort(groups, stable=True).indices
-    assert torch.equal(order.long(), expected)
-    for tiles, block in ((tiles_a, 16), (tiles_b, 64)):
-        assert tiles.shape == (rows.n_tiles(M, n, block), 3)
-        covered = torch.zeros(M, dtype=torch.int64)
-        for adapter, start, end in tiles.tolist():
-            assert 0 <= end - start <= block
-            if end > start:
-                members = order[start:end].long()
-                assert torch.all(groups[members] == adapter), "a tile mixes adapters"
-                covered[members] += 1
-        assert torch.all(covered == 1), "every row in exactly one tile"
+    dx, da, db = rows.lora_rows_bwd(torch.zeros(0, 6, device=device), x0, w, a, bb, scale, t, [0, 2, 5], ids,
+                                    [0.0, 0.1], seed, True)
+    assert dx.shape == (0, 8)
+    assert torch.equal(cpu(da), torch.zeros_like(cpu(a))) and torch.equal(cpu(db), torch.zeros_like(cpu(bb)))
