@@ -1,136 +1,190 @@
-"""A MODEL, not a measurement: bytes moved, FLOPs and kernel launches per implementation and shape, and the time
-they imply on a GPU's published ceilings.
+"""A MODEL, not a measurement: the time each implementation's kernel plan implies on a GPU, and the dispatch test.
 
-Each implementation is a list of kernels; a kernel costs max(bytes / bandwidth, flops / peak) (its own
-roofline), the op costs the sum over its kernels plus LAUNCH_S per launch. Summing per-kernel rooflines (rather
-than one max over the totals) keeps PEFT's memory-bound elementwise kernels visible next to a compute-bound
-GEMM. Bytes count compulsory DRAM traffic of each kernel (every operand read once, every result written once):
-caches, tile re-reads and tensor-core efficiency are not modelled. Activations and weights have the dtype's
-size; the fused path's shrink result t is float32, as the op contract says.
+    plans.py      which launches an implementation makes for a shape (bytes, FLOPs, grids, occupancy)
+    gpu_model.py  what one launch costs on a GPU (roofline per launch, waves, Little's law), and the assumptions
+    this file     totals per implementation (GPU time, host time, eager time) and `compare`, the dispatch's rule
 
-Kernel plans (dropout 0, no bias):
-  merged  y = x W^T                                             1 launch
-  peft    base, lora_A, lora_B, *scaling, + (out of place)      5 launches (6 with a dropout module)
-  addmm   out = x W^T; S = x A^T; out.addmm_(S, B^T, alpha=s)   3 launches
-  fused   M <= SMALL_M_MAX: one kernel, shrink recomputed per N-tile of BLOCK_N columns  1 launch
-          larger M: shrink t = x A^T * s, then a GEMM whose accumulator takes t B^T       2 launches
+GPU time is what a captured CUDA graph (or a stream the host keeps ahead of) sees: the sum of the launches plus a
+gap per launch. Host time is the Python side of one eager call; an eager call costs max(GPU, host).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional
 
-LAUNCH_S = 4e-6
-# mirror kernels/small_m.py (small_m_config): the one-kernel path serves M <= 64 with 64-column tiles
-SMALL_M_MAX = 64
-SMALL_M_BLOCK_N = 64
-MIB = 2 ** 20
+from fused_lora.bench import plans
+from fused_lora.bench.gpu_model import AGAINST_TRITON, ASSUMPTIONS, GPUS, MIB, Gpu, Launch, describe_assumptions, \
+    launch_time, plan_seconds, scenario, value
+from fused_lora.bench.plans import DTYPE_BYTES, IMPLS, Shape
+
+__all__ = ["GPUS", "MIB", "DTYPE_BYTES", "IMPLS", "Shape", "Estimate", "estimate", "compare", "Comparison",
+           "chosen", "host_seconds", "merge_estimate", "merge_peak_extra_bytes", "model_records",
+           "describe_assumptions", "ASSUMPTIONS"]
+
+
+def _gpu(gpu) -> Gpu:
+    return gpu if isinstance(gpu, Gpu) else GPUS[gpu]
+
+
+def host_seconds(impl: str, launches: List[Launch]) -> float:
+    """Host time of one eager call (assumptions host_*; `bench --ops host` measures the real figures)."""
+    if impl == "merged":
+        return value("host_linear_call_s")
+    if impl == "peft":
+        return value("host_peft_call_s") + max(0, len(launches) - 5) * value("host_torch_op_s")
+    if impl in ("addmm", "vllm"):
+        return len(launches) * value("host_torch_op_s")
+    if impl == "cublas":
+        return value("host_fused_call_s") + len(launches) * value("host_torch_op_s")
+    if impl in ("fused", "fused_before"):
+        return value("host_fused_call_s") + len(launches) * value("host_triton_launch_s")
+    raise ValueError(f"no host model for {impl!r}")
 
 
 @dataclass(frozen=True)
-class Gpu:
-    name: str
-    bandwidth: float        # bytes/s
-    peak: Dict[str, float]  # FLOP/s per dtype
-    source: str
+class Estimate:
+    impl: str
+    shape: Shape
+    gpu: str
+    launches: List[Launch]
+    gpu_s: float
+    host_s: float
+
+    @property
+    def eager_s(self) -> float:
+        return max(self.gpu_s, self.host_s)
+
+    @property
+    def bytes(self) -> float:
+        return sum(k.bytes for k in self.launches)
+
+    @property
+    def flops(self) -> float:
+        return sum(k.flops for k in self.launches)
+
+    def record(self, merged: Optional["Estimate"] = None, peft: Optional["Estimate"] = None) -> Dict:
+        s = self.shape
+        return {"kind": "MODEL", "op": s.op, "impl": self.impl, "device": self.gpu, "dtype": s.dtype, "M": s.M,
+                "K": s.K, "N": s.N, "r": s.r, "n_adapters": s.n_adapters, "bytes": self.bytes, "flops": self.flops,
+                "launches": len(self.launches), "model_s": self.gpu_s, "host_s": self.host_s,
+                "ratio_vs_merged": round(self.gpu_s / merged.gpu_s, 4) if merged else None,
+                "ratio_vs_peft": round(self.gpu_s / peft.gpu_s, 4) if peft else None}
 
 
-# Published figures (SXM parts). H100: 3.35 TB/s HBM3 spec, ~3.0 TB/s reached by a copy kernel (DESIGN.md §3);
-# 989 TFLOP/s bf16 dense spec, ~800 reached by large cuBLAS GEMMs; fp32 67 TFLOP/s non-tensor (torch's default
-# for fp32 matmul is no TF32), taken as 60. A100 80GB SXM: 2.0 TB/s, 312 TFLOP/s bf16 dense, 19.5 TFLOP/s fp32.
-GPUS = {
-    "H100": Gpu("H100", 3.0e12, {"bfloat16": 800e12, "float16": 800e12, "float32": 60e12},
-                "H100 SXM: 3.0 TB/s (copy; spec 3.35), 800 TFLOP/s bf16 dense (spec 989), 60 TFLOP/s fp32 "
-                "non-tensor (spec 67)"),
-    "A100": Gpu("A100", 2.0e12, {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12},
-                "A100 SXM 80GB: 2.0 TB/s (spec 2.04), 312 TFLOP/s bf16 dense, 19.5 TFLOP/s fp32 non-tensor"),
-}
+def estimate(impl: str, shape: Shape, gpu="H100", core: str = "tutorial") -> Estimate:
+    g = _gpu(gpu)
+    launches = plans.launches(impl, shape, core)
+    return Estimate(impl, shape, g.name, launches, plan_seconds(launches, g, shape.dtype),
+                    host_seconds(impl, launches))
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+def explain_launches(est: Estimate) -> List[str]:
+    """One line per launch: name, engine, programs, CTAs/SM and waves, bound, modelled microseconds."""
+    g = GPUS[est.gpu]
+    lines = []
+    for k in est.launches:
+        t = launch_time(k, g, est.shape.dtype)
+        grid = ""
+        if k.engine == "triton":
+            occ = k.occupancy
+            grid = (f", {k.programs} programs, {t.ctas_per_sm} CTA/SM ({occ.registers} regs, "
+                    f"{occ.shared // 1024} KiB, {occ.source}), {t.waves:.2f} waves")
+        lines.append(f"{k.name}: {k.engine}{grid}, {k.bytes / MIB:.1f} MiB, {k.flops / 1e9:.2f} GFLOP, "
+                     f"{t.bound}-bound, {t.seconds * 1e6:.1f} us" + (f" ({k.note})" if k.note else ""))
+    return lines
 
 
 @dataclass(frozen=True)
-class Kernel:
-    name: str
-    bytes: float
-    flops: float
-
-    def seconds(self, gpu: Gpu, dtype: str) -> float:
-        return max(self.bytes / gpu.bandwidth, self.flops / gpu.peak[dtype])
-
-
-def _gemm(name: str, M: int, K: int, N: int, e: int, out_bytes: int = None, extra_read: float = 0.0) -> Kernel:
-    """[M,K] @ [K,N] -> [M,N]: reads both operands once, writes the result once."""
-    out = e if out_bytes is None else out_bytes
-    return Kernel(name, M * K * e + K * N * e + M * N * out + extra_read, 2.0 * M * N * K)
+class Comparison:
+    fused_s: float            # modelled GPU time of the Triton plan (central assumptions)
+    cublas_s: float           # of the cuBLAS composition
+    fused_worst_s: float      # both at the ends of the ranges that favour cuBLAS (AGAINST_TRITON)
+    cublas_worst_s: float
+    choice: str               # "fused" | "cublas"
+    why: str
 
 
-def _elementwise(name: str, reads: float, writes: float, elements: float) -> Kernel:
-    return Kernel(name, reads + writes, elements)
+def compare(shape: Shape, gpu="H100", core: str = "tutorial") -> Comparison:
+    """The dispatch rule: the Triton plan is chosen only if it is faster even with every uncertain assumption at
+    the end of its range that favours cuBLAS; a margin inside the model's own uncertainty goes to cuBLAS."""
+    fused = estimate("fused", shape, gpu, core).gpu_s
+    cub = estimate("cublas", shape, gpu).gpu_s
+    with scenario(AGAINST_TRITON):
+        fused_w = estimate("fused", shape, gpu, core).gpu_s
+        cub_w = estimate("cublas", shape, gpu).gpu_s
+    if fused_w < cub_w:
+        why = (f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us; still faster with every "
+               f"assumption at its cuBLAS-favouring end ({fused_w * 1e6:.1f} vs {cub_w * 1e6:.1f} us)")
+        return Comparison(fused, cub, fused_w, cub_w, "fused", why)
+    if fused < cub:
+        why = (f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us: a margin inside the model's "
+               f"uncertainty (at the cuBLAS-favouring ends: {fused_w * 1e6:.1f} vs {cub_w * 1e6:.1f} us)")
+    else:
+        why = f"cuBLAS composition {cub * 1e6:.1f} us vs Triton {fused * 1e6:.1f} us"
+    return Comparison(fused, cub, fused_w, cub_w, "cublas", why)
 
 
-def forward_kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str) -> List[Kernel]:
-    e = DTYPE_BYTES[dtype]
-    MN = M * N * e
-    if impl == "merged":
-        return [_gemm("x W^T", M, K, N, e)]
-    if impl == "peft":
-        return [_gemm("base x W^T", M, K, N, e), _gemm("lora_A x A^T", M, K, r, e),
-                _gemm("lora_B S B^T", M, r, N, e), _elementwise("* scaling", MN, MN, M * N),
-                _elementwise("result + lora", 2 * MN, MN, M * N)]
-    if impl == "addmm":
-        return [_gemm("x W^T", M, K, N, e), _gemm("S = x A^T", M, K, r, e),
-                # addmm_ reads out, S and B and writes out: a rank-r GEMM plus a read of the [M,N] output
-                _gemm("out.addmm_(S, B^T)", M, r, N, e, extra_read=MN)]
-    if impl == "fused":
-        if M <= SMALL_M_MAX:
-            tiles = math.ceil(N / SMALL_M_BLOCK_N)
-            shrink_flops = 2.0 * M * K * r * tiles  # recomputed by every column tile: free while bandwidth-bound
-            return [Kernel("one kernel: x W^T + (x A^T) B^T", M * K * e + N * K * e + r * K * e + N * r * e + MN
-                           + M * r * 4, 2.0 * M * N * K + shrink_flops + 2.0 * M * r * N)]
-        return [_gemm("shrink t = x A^T * s", M, K, r, e, out_bytes=4),
-                Kernel("GEMM, acc += t B^T", M * K * e + N * K * e + M * r * 4 + N * r * e + MN,
-                       2.0 * M * N * K + 2.0 * M * r * N)]
-    raise ValueError(f"no forward model for implementation {impl!r}")
+@dataclass(frozen=True)
+class Chosen:
+    label: str          # "fused", "cuBLAS", or "fused/cuBLAS" (forward / backward)
+    gpu_s: float
+    host_s: float
+    launches: int
 
 
-def backward_kernels(impl: str, M: int, K: int, N: int, r: int, dtype: str) -> List[Kernel]:
-    """Backward with W frozen: dx for x, dA and dB for the adapter (merged: dx only)."""
-    e = DTYPE_BYTES[dtype]
-    MK = M * K * e
-    dx_base = _gemm("dx = dy W", M, N, K, e)
-    accumulate_dx = _elementwise("dx += dx_lora", 2 * MK, MK, M * K)
-    if impl == "merged":
-        return [dx_base]
-    if impl == "peft":
-        MN = M * N * e
-        return [_elementwise("dT = dy * s", MN, MN, M * N), _gemm("dS = dT B", M, N, r, e),
-                _gemm("dB = dT^T S", N, M, r, e), _gemm("dA = dS^T x", r, M, K, e),
-                _gemm("dx_lora = dS A", M, r, K, e), dx_base, accumulate_dx]
-    if impl == "addmm":
-        return [_gemm("dS = s dy B", M, N, r, e), _gemm("dB = s dy^T S", N, M, r, e),
-                _gemm("dA = dS^T x", r, M, K, e), _gemm("dx_lora = dS A", M, r, K, e), dx_base, accumulate_dx]
-    if impl == "fused":
-        # DESIGN.md §1: dS and dB from one read of dy; dA from x; dx = dy W + dS A in one GEMM
-        return [Kernel("dS, dB from one read of dy", M * N * e + N * r * e + M * r * 4 + M * r * 4 + N * r * e,
-                       4.0 * M * N * r),
-                _gemm("dA = dS^T x", r, M, K, e),
-                Kernel("dx = dy W + dS A", M * N * e + N * K * e + M * r * 4 + r * K * e + M * K * e,
-                       2.0 * M * N * K + 2.0 * M * r * K)]
-    raise ValueError(f"no backward model for implementation {impl!r}")
+def _pick(shape: Shape, gpu, core: str) -> tuple:
+    cmp = compare(shape, gpu, core)
+    return cmp.choice, estimate(cmp.choice, shape, gpu, core)
 
 
-def merge_kernels(impl: str, N: int, K: int, r: int, dtype: str) -> List[Kernel]:
-    e = DTYPE_BYTES[dtype]
-    W = N * K * e
-    if impl == "fused":
-        return [Kernel("W += s B A, tile by tile", 2 * W + (N + K) * r * e, 2.0 * N * K * r)]
-    if impl == "peft":
-        # get_delta_weight: B @ A, * scaling (out of place); then weight += delta
-        return [_gemm("delta = B A", N, r, K, e), _elementwise("delta * scaling", W, W, N * K),
-                _elementwise("W += delta", 2 * W, W, N * K)]
-    raise ValueError(f"no merge model for implementation {impl!r}")
+def chosen(shape: Shape, gpu="H100", core: str = "tutorial") -> Chosen:
+    """What the CUDA dispatch runs for `shape` (forward and backward decided separately, as the ops are)."""
+    names = {"fused": "fused", "cublas": "cuBLAS"}
+    if shape.op != "forward_backward":
+        path, est = _pick(shape, gpu, core)
+        return Chosen(names[path], est.gpu_s, est.host_s, len(est.launches))
+    fwd_path, fwd = _pick(replace(shape, op="forward"), gpu, core)
+    bwd_path, bwd = _pick(replace(shape, op="backward"), gpu, core)
+    label = names[fwd_path] if fwd_path == bwd_path else f"{names[fwd_path]}/{names[bwd_path]}"
+    return Chosen(label, fwd.gpu_s + bwd.gpu_s, fwd.host_s + bwd.host_s, len(fwd.launches) + len(bwd.launches))
+
+
+def model_records(op: str, impls, M: int, K: int, N: int, r: int, dtype: str, n_adapters: int = 1) -> List[Dict]:
+    """MODEL rows beside measured records, for every GPU in GPUS: "fused" is what the CUDA dispatch would run."""
+    rows = []
+    for gpu in GPUS:
+        if op == "merge":
+            est = {i: merge_estimate(i, N, K, r, dtype, gpu) for i in impls if i in ("peft", "fused")}
+            for impl, e in est.items():
+                rows.append({"kind": "MODEL", "op": op, "impl": impl, "device": gpu, "dtype": dtype, "M": M, "K": K,
+                             "N": N, "r": r, "n_adapters": 1, "bytes": e.bytes, "launches": len(e.launches),
+                             "model_s": e.gpu_s, "host_s": e.host_s, "ratio_vs_merged": None,
+                             "ratio_vs_peft": round(e.gpu_s / est["peft"].gpu_s, 4) if "peft" in est else None})
+            continue
+        shape = Shape(op, M, K, N, r, dtype, n_adapters)
+        times = {}
+        for impl in impls:
+            if impl == "fused":
+                pick = chosen(shape, gpu)
+                times[impl] = (pick.gpu_s, pick.host_s, pick.label, pick.launches)
+            elif impl in IMPLS:
+                e = estimate(impl, shape, gpu)
+                times[impl] = (e.gpu_s, e.host_s, impl, len(e.launches))
+        for impl, (gpu_s, host_s, label, launches) in times.items():
+            rows.append({"kind": "MODEL", "op": op, "impl": impl, "path": label, "device": gpu, "dtype": dtype,
+                         "M": M, "K": K, "N": N, "r": r, "n_adapters": n_adapters, "launches": launches,
+                         "model_s": gpu_s, "host_s": host_s,
+                         "ratio_vs_merged": round(gpu_s / times["merged"][0], 4) if "merged" in times else None,
+                         "ratio_vs_peft": round(gpu_s / times["peft"][0], 4) if "peft" in times else None})
+    return rows
+
+
+# ---- merges -------------------------------------------------------------------------------------------------------
+def merge_estimate(impl: str, N: int, K: int, r: int, dtype: str, gpu="H100") -> Estimate:
+    g = _gpu(gpu)
+    launches = plans.merge_launches(impl, N, K, r, dtype)
+    host = value("host_fused_call_s") if impl == "fused" else 3 * value("host_torch_op_s")
+    return Estimate(impl, Shape("merge", 0, K, N, r, dtype), g.name, launches, plan_seconds(launches, g, dtype), host)
 
 
 def merge_peak_extra_bytes(impl: str, N: int, K: int, dtype: str) -> int:
@@ -141,52 +195,3 @@ def merge_peak_extra_bytes(impl: str, N: int, K: int, dtype: str) -> int:
     if impl == "fused":
         return 0
     raise ValueError(f"no merge model for implementation {impl!r}")
-
-
-def kernels_for(op: str, impl: str, M: int, K: int, N: int, r: int, dtype: str) -> List[Kernel]:
-    if op == "forward":
-        return forward_kernels(impl, M, K, N, r, dtype)
-    if op == "forward_backward":
-        return forward_kernels(impl, M, K, N, r, dtype) + backward_kernels(impl, M, K, N, r, dtype)
-    if op == "merge":
-        return merge_kernels(impl, N, K, r, dtype)
-    raise ValueError(f"no model for op {op!r}")
-
-
-@dataclass(frozen=True)
-class Estimate:
-    op: str
-    impl: str
-    gpu: str
-    dtype: str
-    M: int
-    K: int
-    N: int
-    r: int
-    bytes: float
-    flops: float
-    launches: int
-    seconds: float
-
-    def record(self, ratio_vs_merged) -> dict:
-        return {"kind": "MODEL", "op": self.op, "impl": self.impl, "device": self.gpu, "dtype": self.dtype,
-                "M": self.M, "K": self.K, "N": self.N, "r": self.r, "bytes": self.bytes, "flops": self.flops,
-                "launches": self.launches, "model_s": self.seconds, "ratio_vs_merged": ratio_vs_merged}
-
-
-def estimate(op: str, impl: str, M: int, K: int, N: int, r: int, dtype: str, gpu: Gpu) -> Estimate:
-    kernels = kernels_for(op, impl, M, K, N, r, dtype)
-    seconds = sum(k.seconds(gpu, dtype) for k in kernels) + LAUNCH_S * len(kernels)
-    return Estimate(op, impl, gpu.name, dtype, M, K, N, r, sum(k.bytes for k in kernels),
-                    sum(k.flops for k in kernels), len(kernels), seconds)
-
-
-def model_records(op: str, impls, M: int, K: int, N: int, r: int, dtype: str) -> List[dict]:
-    """MODEL rows for every GPU in GPUS; ratio against the merged row of the same GPU where there is one."""
-    rows = []
-    for gpu in GPUS.values():
-        estimates = {impl: estimate(op, impl, M, K, N, r, dtype, gpu) for impl in impls}
-        base = estimates.get("merged")
-        for impl, est in estimates.items():
-            rows.append(est.record(round(est.seconds / base.seconds, 4) if base else None))
-    return rows

@@ -1,5 +1,8 @@
-"""Which cases a benchmark run covers: quick (a few minutes on 2 CPU cores), targets (the numbers
-benchmarks/PERFORMANCE.md reports), full (the whole Llama-7B/8B grid; meant for a GPU, hours on a small CPU)."""
+"""Which cases a benchmark run covers: quick (under a minute on 2 CPU cores; Llama-sized on a GPU), targets (the
+numbers benchmarks/PERFORMANCE.md reports), full (the whole Llama-7B/8B grid; meant for a GPU, hours on a small CPU).
+
+Every grid gives each plotted line at least two points: forward and forward+backward over several token counts,
+mixed batches over several adapter counts, merges over two ranks."""
 from __future__ import annotations
 
 from itertools import product
@@ -18,12 +21,19 @@ MERGE_SHAPES = ((4096, 4096), (8192, 8192))
 GRIDS = ("quick", "targets", "full")
 
 
-def quick() -> List[Case]:
-    cases = [Case("forward", M, 4096, 4096, 16, torch.bfloat16) for M in TOKENS]
-    cases += [Case("forward", M, 4096, 4096, 16, torch.float32) for M in (16, 512)]
-    cases += [Case("forward_backward", 512, 4096, 4096, 16, torch.bfloat16),
-              Case("merge", 0, 4096, 4096, 16, torch.bfloat16)]
-    cases += [Case("mixed_forward", 512, 4096, 4096, 16, torch.bfloat16, n) for n in ADAPTER_COUNTS]
+def quick(device_type: str = "cpu") -> List[Case]:
+    """CPU: fp32 1024 x 1024 (bf16 GEMMs on a CPU without bf16 instructions take seconds and measure the CPU's
+    emulation, not LoRA's overhead). GPU: bf16 Llama projections 4096 x 4096, decode to long prefill."""
+    if device_type == "cuda":
+        K = N = 4096
+        dtype, tokens, train_tokens, mixed_tokens = torch.bfloat16, (1, 16, 512, 2048, 8192), (512, 2048, 8192), 512
+    else:
+        K = N = 1024
+        dtype, tokens, train_tokens, mixed_tokens = torch.float32, (1, 16, 128, 512), (16, 128, 512), 128
+    cases = [Case("forward", M, K, N, 16, dtype) for M in tokens]
+    cases += [Case("forward_backward", M, K, N, 16, dtype) for M in train_tokens]
+    cases += [Case("mixed_forward", mixed_tokens, K, N, 16, dtype, n) for n in ADAPTER_COUNTS]
+    cases += [Case("merge", 0, K, N, r, dtype) for r in (16, 64)]
     return cases
 
 
@@ -47,7 +57,9 @@ def full() -> List[Case]:
     return cases
 
 
-def cases_for(grid: str) -> List[Case]:
+def cases_for(grid: str, device_type: str = "cpu") -> List[Case]:
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; expected one of {', '.join(GRIDS)}")
-    return {"quick": quick, "targets": targets, "full": full}[grid]()
+    if grid == "quick":
+        return quick(device_type)
+    return {"targets": targets, "full": full}[grid]()

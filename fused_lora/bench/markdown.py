@@ -1,4 +1,5 @@
-"""Markdown tables for benchmarks/PERFORMANCE.md: the measured records of one run, and the GPU MODEL."""
+"""Markdown tables for benchmarks/PERFORMANCE.md: the measured records of one run (the GPU MODEL is printed by
+`bench --model-only`, fused_lora/bench/model_tables.py)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -52,43 +53,6 @@ def measured_tables(records: List[Dict]) -> str:
     if len(merges) > 2:
         text += ("\n\n" if text else "") + "\n".join(merges)
     return text
-
-
-def model_table(ops=("forward", "forward_backward"), tokens=(1, 16, 512, 2048, 8192), K=4096, N=4096, r=16,
-                dtypes=("bfloat16", "float32")) -> str:
-    impls = ("merged", "peft", "addmm", "fused")
-    out = ["| op | dtype | tokens M | GPU | merged us | PEFT x merged | addmm x merged | fused x merged | "
-           "MiB merged / PEFT / addmm / fused | launches |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for op in ops:
-        for dtype in dtypes:
-            for M in tokens:
-                for gpu in cost_model.GPUS.values():
-                    est = {i: cost_model.estimate(op, i, M, K, N, r, dtype, gpu) for i in impls}
-                    base = est["merged"].seconds
-                    mib = " / ".join(f"{est[i].bytes / MIB:.0f}" for i in impls)
-                    launches = " / ".join(str(est[i].launches) for i in impls)
-                    out.append(f"| {op} | {dtype} | {M} | {gpu.name} | {base * 1e6:.1f} | "
-                               + " | ".join(f"{est[i].seconds / base:.3f}" for i in impls[1:])
-                               + f" | {mib} | {launches} |")
-    return "\n".join(out)
-
-
-def merge_model_table(shapes=((4096, 4096), (8192, 8192)), ranks=(16, 64), dtypes=("bfloat16", "float32")) -> str:
-    out = ["| dtype | K->N | r | GPU | PEFT merge us | fused merge_ us | fused x PEFT | MiB moved PEFT / fused | "
-           "peak extra MiB PEFT / fused | launches |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for dtype in dtypes:
-        for K, N in shapes:
-            for r in ranks:
-                for gpu in cost_model.GPUS.values():
-                    peft = cost_model.estimate("merge", "peft", 0, K, N, r, dtype, gpu)
-                    fused = cost_model.estimate("merge", "fused", 0, K, N, r, dtype, gpu)
-                    peaks = [cost_model.merge_peak_extra_bytes(i, N, K, dtype) / MIB for i in ("peft", "fused")]
-                    out.append(f"| {dtype} | {K}->{N} | {r} | {gpu.name} | {peft.seconds * 1e6:.1f} | "
-                               f"{fused.seconds * 1e6:.1f} | {fused.seconds / peft.seconds:.3f} | "
-                               f"{peft.bytes / MIB:.0f} / {fused.bytes / MIB:.0f} | {peaks[0]:.0f} / {peaks[1]:.0f} | "
-                               f"{peft.launches} / {fused.launches} |")
-    return "\n".join(out)
 
 
 def _find(records: List[Dict], **want) -> Dict:

@@ -2,9 +2,10 @@
 
     python -m fused_lora bench [--device cpu|cuda] [--quick | --grid quick|targets|full] [--json PATH] [--plot PATH]
 
-Prints, per case, every implementation's median time with its p20-p80 spread and its time relative to merged
-(and to PEFT), both ratios paired round by round within this run; then MODEL rows (bytes/FLOPs/launches on H100
-and A100 ceilings, see fused_lora/bench/cost_model.py). Custom grids: --ops/--tokens/--shapes/--ranks/--dtypes.
+Prints, per case, a table (at most 100 columns) of every implementation's median time with its p20-p80 spread and
+its time relative to merged (and to PEFT), both ratios paired round by round within this run, with the H100 MODEL
+time beside each (fused: the path the CUDA dispatch would take; fused_lora/bench/cost_model.py). `--model-only`
+prints the model per regime and its assumptions. Custom grids: --ops/--tokens/--shapes/--ranks/--dtypes.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from itertools import product
 from typing import Dict, List, Optional
@@ -22,7 +24,9 @@ import torch
 from fused_lora.bench import cost_model, grid, memory
 from fused_lora.bench.impls import OPS, Case
 from fused_lora.bench.runner import Budget, backend_name, measure_case
+from fused_lora.bench.tables import render
 
+QUICK_CPU_BUDGET_S = 25.0  # timing budget of the quick grid on a CPU; imports and setup come on top
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -40,20 +44,24 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fused-lora bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
-    p.add_argument("--quick", action="store_true", help="the quick grid (a few minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="the quick grid (under a minute on 2 CPU cores)")
     p.add_argument("--grid", choices=grid.GRIDS, default=None,
                    help="quick | targets (default: the numbers in PERFORMANCE.md) | full (Llama-7B/8B grid)")
     p.add_argument("--json", metavar="PATH", help="write the records (and MODEL rows) as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG: overhead vs tokens, one line per implementation")
     p.add_argument("--markdown", metavar="PATH", help="write the measured tables as Markdown (PERFORMANCE.md)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 7)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds per case (default 7; 5 for the quick grid)")
     p.add_argument("--max-seconds-per-case", type=float, default=None,
                    help="stop a case's rounds after this long (never before 3 rounds)")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help=f"spread this many seconds of timing over the cases (quick on a CPU: {QUICK_CPU_BUDGET_S})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 is steadier on a crowded machine")
     p.add_argument("--no-model", action="store_true", help="leave out the MODEL rows")
     p.add_argument("--model-only", action="store_true",
-                   help="print the GPU MODEL tables (Markdown, 4096->4096 r=16, merges) and measure nothing")
+                   help="print the GPU MODEL per regime (the dispatch's choice vs merged, PEFT, before/after, "
+                        "cuBLAS, vLLM) with its assumptions, and measure nothing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     custom = p.add_argument_group("custom grid (replaces --grid when --ops is given)")
     custom.add_argument("--ops", type=_csv(str), help=f"comma list of {', '.join(OPS)}")
@@ -88,14 +96,17 @@ def custom_cases(args) -> List[Case]:
 
 
 def _ms(seconds: Optional[float]) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.3f}"
+    if seconds is None:
+        return "-"
+    ms = seconds * 1e3
+    return f"{ms:.4g}" if ms >= 0.01 else f"{ms:.2g}"
 
 
 def _ratio(rec: Dict, key: str) -> str:
     mid = rec.get(key)
     if mid is None:
         return "-"
-    return f"{mid:.3f} [{rec[key + '_p20']:.3f}-{rec[key + '_p80']:.3f}]"
+    return f"{mid:.2f} [{rec[key + '_p20']:.2f}-{rec[key + '_p80']:.2f}]"
 
 
 def _case_title(rec: Dict) -> str:
@@ -104,51 +115,47 @@ def _case_title(rec: Dict) -> str:
     return text + (f" adapters={rec['n_adapters']}" if rec["op"] == "mixed_forward" else "")
 
 
-def _model_columns(model_rows: List[Dict], impl: str) -> str:
-    rows = {row["device"]: row for row in model_rows if row["impl"] == impl}
-    if not rows:
-        return ""
-    any_row = next(iter(rows.values()))
-    text = f" | {any_row['bytes'] / cost_model.MIB:>10.1f} {any_row['launches']:>3}"
-    for gpu in cost_model.GPUS:
-        row = rows.get(gpu)
-        if row is None:
-            text += f" {'-':>9}{'':<7}"
-            continue
-        ratio = "" if row["ratio_vs_merged"] is None else f" x{row['ratio_vs_merged']:.3f}"
-        micros = f"{row['model_s'] * 1e6:.1f}"
-        text += f" {micros:>9}{ratio:<7}"
-    return text
+def _model_row(model_rows: List[Dict], impl: str, gpu: str = "H100") -> Optional[Dict]:
+    return next((row for row in model_rows if row["impl"] == impl and row["device"] == gpu), None)
 
 
 def format_case(records: List[Dict], model_rows: List[Dict]) -> str:
-    """The measured rows of one case, with the MODEL's bytes, launches and GPU times beside each."""
+    """The measured rows of one case as a table of at most 100 columns, with the H100 MODEL beside each."""
     first = records[0]
-    lines = [f"== {_case_title(first)}  ({first['device']}, {first['rounds']} rounds)"]
-    header = f"  {'impl':<7} {'median ms':>10} {'p20-p80 ms':>19} {'x merged [p20-p80]':>22} {'x peft [p20-p80]':>22}"
-    if first["op"] == "merge":
-        header += f" {'peak+MiB':>9}"
+    merge = first["op"] == "merge"
+    key = "ratio_vs_peft" if merge else "ratio_vs_merged"
+    columns = ["impl", "median ms", "p20-p80 ms", "x PEFT [p20-p80]" if merge else "x merged [p20-p80]",
+               "peak+MiB" if merge else "x PEFT [p20-p80]"]
     if model_rows:
-        header += f" | {'MODEL MiB':>10} {'ln':>3}" + "".join(f" {gpu + ' us':>9}{'':<7}" for gpu in cost_model.GPUS)
-    lines.append(header)
+        columns += ["MODEL H100 us", "x PEFT" if merge else "x merged"]
+    cells = []
     for rec in records:
-        spread = f"{_ms(rec['p20_s'])}-{_ms(rec['p80_s'])}"
-        line = (f"  {rec['impl']:<7} {_ms(rec['median_s']):>10} {spread:>19} {_ratio(rec, 'ratio_vs_merged'):>22} "
-                f"{_ratio(rec, 'ratio_vs_peft'):>22}")
-        if first["op"] == "merge":
+        row = [rec["impl"], _ms(rec["median_s"]), f"{_ms(rec['p20_s'])}-{_ms(rec['p80_s'])}", _ratio(rec, key)]
+        if merge:
             peak = rec.get("peak_extra_bytes")
-            line += f" {'-' if peak is None else f'{peak / cost_model.MIB:.1f}':>9}"
-        line += _model_columns(model_rows, rec["impl"])
-        if rec["impl"] == "fused":
-            line += f"  [fused backend: {rec['backend']}]"
-        lines.append(line)
-    return "\n".join(lines)
+            row.append("-" if peak is None else f"{peak / cost_model.MIB:.1f}")
+        else:
+            row.append(_ratio(rec, "ratio_vs_peft"))
+        if model_rows:
+            model = _model_row(model_rows, rec["impl"])
+            ratio = None if model is None else model[key]
+            row += ["-" if model is None else f"{model['model_s'] * 1e6:.1f}",
+                    "-" if ratio is None else f"{ratio:.2f}"]
+        cells.append(row)
+    fused = next((rec for rec in records if rec["impl"] == "fused"), None)
+    title = f"{_case_title(first)} ({first['device']}, {first['rounds']} rounds"
+    title += f", fused on {fused['backend']})" if fused else ")"
+    model_fused = _model_row(model_rows, "fused") if model_rows else None
+    caption = (f"MODEL fused = the CUDA dispatch's path: {model_fused['path']}"
+               if model_fused and model_fused.get("path") else None)
+    return render(title, columns, cells, caption)
 
 
 def _model_for(case: Case, impls) -> List[Dict]:
-    if case.op == "mixed_forward" or case.dtype_name not in cost_model.DTYPE_BYTES:
+    if case.dtype_name not in cost_model.DTYPE_BYTES:
         return []
-    return cost_model.model_records(case.op, [i for i in impls], case.M, case.K, case.N, case.r, case.dtype_name)
+    return cost_model.model_records(case.op, list(impls), case.M, case.K, case.N, case.r, case.dtype_name,
+                                    case.n_adapters)
 
 
 def _cpu_name() -> str:
@@ -169,7 +176,7 @@ def _meta(device: torch.device, grid_name: str, budget: Budget) -> Dict:
             "memory_method": memory.method_description(device),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "model_gpus": {g.name: g.source for g in cost_model.GPUS.values()},
-            "model_launch_s": cost_model.LAUNCH_S}
+            "model_assumptions": {name: a.value for name, a in cost_model.ASSUMPTIONS.items()}}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -214,12 +221,15 @@ def run(cases: List[Case], device: torch.device, budget: Budget, *, progress: bo
     return result
 
 
+def _wrapped(text: str) -> str:
+    return textwrap.fill(text, width=100)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.model_only:
-        from fused_lora.bench.markdown import merge_model_table, model_table
-        print("MODEL (bytes/FLOPs/launches on published ceilings; not measured)\n")
-        print(model_table() + "\n\n" + merge_model_table())
+        from fused_lora.bench.model_tables import model_report
+        print(model_report())
         return 0
     device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_name == "cuda" and not torch.cuda.is_available():
@@ -229,21 +239,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     grid_name = "custom" if args.ops else ("quick" if args.quick else (args.grid or "targets"))
-    cases = custom_cases(args) if args.ops else grid.cases_for(grid_name)
-    rounds = args.rounds or 7
-    budget = Budget(rounds=rounds, max_seconds_per_case=args.max_seconds_per_case,
-                    min_sample_s=0.001 if device.type == "cuda" else 0.005)
-    print(f"fused-lora bench: {len(cases)} cases, grid {grid_name}, device {device}, "
-          f"fused backend {backend_name(device)}, {rounds} interleaved rounds, torch threads "
-          f"{torch.get_num_threads()}")
-    print("ratios are paired per round within this run (median [p20-p80]); MODEL rows are a bytes/FLOPs/launches "
-          "model on published GPU ceilings, not measurements")
+    cases = custom_cases(args) if args.ops else grid.cases_for(grid_name, device.type)
+    rounds = args.rounds or (5 if grid_name == "quick" else 7)
+    budget_s = args.budget_seconds
+    if budget_s is None and grid_name == "quick" and device.type == "cpu":
+        budget_s = QUICK_CPU_BUDGET_S
+    per_case = args.max_seconds_per_case
+    if budget_s is not None:
+        per_case = min(per_case or budget_s, budget_s / max(1, len(cases)))
+    budget = Budget(rounds=rounds, max_seconds_per_case=per_case,
+                    min_sample_s=0.001 if device.type == "cuda" else 0.002)
+    print(_wrapped(f"fused-lora bench: {len(cases)} cases, grid {grid_name}, device {device}, fused backend "
+                   f"{backend_name(device)}, {rounds} interleaved rounds"
+                   + (f" (fewer past {per_case:.1f} s per case)" if per_case else "")
+                   + f", torch threads {torch.get_num_threads()}"))
+    print(_wrapped("ratios are paired per round within this run (median [p20-p80]); MODEL columns are the cost "
+                   "model on an H100 (`bench --model-only` lists its assumptions), not measurements"))
     result = run(cases, device, budget, progress=not args.no_progress, model=not args.no_model)
     result["meta"]["grid"] = grid_name
     meta = result["meta"]
     if "loadavg_start" in meta and "loadavg_end" in meta:
-        print(f"conditions: {meta['processor']}, {meta['cpu_count']} CPUs, torch threads {meta['threads']}, "
-              f"1-min load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at end")
+        print(_wrapped(f"conditions: {meta['processor']}, {meta['cpu_count']} CPUs, torch threads "
+                       f"{meta['threads']}, 1-min load average {meta['loadavg_start'][0]:.1f} at start, "
+                       f"{meta['loadavg_end'][0]:.1f} at end"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -251,7 +269,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fused_lora.bench.markdown import measured_tables, targets_summary
     summary = targets_summary(result["records"])
     if summary:
-        print("targets (median [p20-p80], paired within this run):\n" + summary)
+        print("targets (median [p20-p80], paired within this run):")
+        for line in summary.splitlines():
+            print(textwrap.fill(line, width=100, subsequent_indent="  "))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write((summary + "\n\n" if summary else "") + measured_tables(result["records"]) + "\n")

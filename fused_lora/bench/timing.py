@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 
@@ -20,13 +21,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def quantile(values: List[float], q: float) -> float:
-    """Linear-interpolated quantile (numpy's default), without needing numpy."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+    """numpy's linear-interpolated quantile; NaN for no values."""
+    return float(np.quantile(values, q)) if len(values) else math.nan
 
 
 @dataclass
@@ -37,7 +33,10 @@ class Spread:
 
     @classmethod
     def of(cls, values: List[float]) -> "Spread":
-        return cls(quantile(values, 0.5), quantile(values, 0.2), quantile(values, 0.8))
+        if not len(values):
+            return cls(math.nan, math.nan, math.nan)
+        p20, median, p80 = np.quantile(values, [0.2, 0.5, 0.8])
+        return cls(float(median), float(p20), float(p80))
 
 
 @dataclass
@@ -56,12 +55,21 @@ class Timings:
 
 
 def _time_once(fn: Callable[[], object], inner: int, device: torch.device) -> float:
+    """Seconds per call of `inner` back-to-back calls: CUDA events on a GPU (what the stream spent, host launch
+    gaps included), perf_counter around a synchronised loop on the CPU."""
     synchronize(device)
-    start = time.perf_counter()
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / inner
+    start_s = time.perf_counter()
     for _ in range(inner):
         fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / inner
+    return (time.perf_counter() - start_s) / inner
 
 
 class InterleavedTimer:

@@ -1,0 +1,243 @@
+"""The CUDA backend's per-shape choice: the fused Triton kernels or the cuBLAS composition, never the slower one.
+
+This module implements the op contract (CONTRACT.md) by forwarding every call to one of two backends:
+
+    fused    fused_lora.ops.triton_backend (the Triton kernels)
+    cublas   fused_lora.ops.cublas_backend (cuBLAS base GEMM, rank term added with beta = 1)
+
+Who decides, first match wins (`decide`):
+    1. FUSED_LORA_DISPATCH=fused|cublas forces one path for every call (auto, the default, does not).
+    2. Tensors not on a CUDA device (the interpreter in tests) take the Triton kernels: nothing to model there.
+    3. A measurement: the GPU check kit's tuned file for this GPU (kernels/tuned.py), kernel "dispatch", shape
+       class `shape_class(...)`, entry config {"path": "fused" | "cublas"}. Where a GPU has timed a shape class,
+       that timing decides.
+    4. The cost model (fused_lora/bench/cost_model.compare): the Triton plan is taken only if it is modelled
+       faster even with every uncertain assumption at the end of its range that favours cuBLAS (Triton core at
+       0.75x cuBLAS, the lowest per-SM bandwidth, ...). A margin inside that uncertainty goes to cuBLAS, so an
+       unmeasured shape is never slower than cuBLAS by construction. Memory-bound decode stays fused: one launch
+       that reads W once against a GEMV plus four small launches.
+Decisions are cached per (op, device, dtype, shape): a call costs one dict lookup after the first.
+`python -m fused_lora info --explain M N K r dtype` prints a decision and both plans.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import List, Optional
+
+import torch
+
+from fused_lora.ops import cublas_backend
+
+ENV = "FUSED_LORA_DISPATCH"
+PATHS = ("fused", "cublas")
+TUNED_KERNEL = "dispatch"
+OPS = ("forward", "backward", "mixed_forward", "mixed_backward")
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: str      # "fused" | "cublas"
+    source: str    # "forced" | "not cuda" | "tuned" | "model"
+    reason: str
+
+
+def forced_path() -> Optional[str]:
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value == "auto":
+        return None
+    if value not in PATHS:
+        raise ValueError(f"{ENV}={value!r} is not one of auto, {', '.join(PATHS)}")
+    return value
+
+
+def _bucket(value: int, edges: List[int], name: str) -> str:
+    for edge in edges:
+        if value <= edge:
+            return f"{name}<={edge}"
+    return f"{name}>{edges[-1]}"
+
+
+def shape_class(op: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, dropout: bool, n_adapters: int,
+                adapters_fp32: bool) -> str:
+    """The tuned-file key of a dispatch decision, e.g. "forward:bfloat16:M<=4096:N4096:K4096:r<=16:p0:a1:ad16".
+
+    Tokens buckets: M by 16/64/256/1024/4096, r by 16/64; N and K exact (they are model projections); p1 when any
+    adapter has dropout; a = adapters (mixed batches); ad32 for fp32 adapters over a 16-bit model."""
+    dt = str(dtype).replace("torch.", "")
+    return ":".join([op, dt, _bucket(M, [16, 64, 256, 1024, 4096], "M"), f"N{N}", f"K{K}",
+                     _bucket(r, [16, 64], "r"), "p1" if dropout else "p0", f"a{n_adapters}",
+                     "ad32" if adapters_fp32 else "ad16"])
+
+
+def model_gpu(device_name: Optional[str]) -> str:
+    """The cost model's GPU for a device name (the model knows H100 and A100; others are modelled as an H100)."""
+    name = (device_name or "").upper()
+    return "A100" if "A100" in name else "H100"
+
+
+def _tuned_path(device, key: str) -> Optional[str]:
+    try:
+        from fused_lora.kernels.tuned import tuned_config
+    except Exception:  # no Triton: nothing can have been tuned
+        return None
+    path = tuned_config(TUNED_KERNEL, key, {"path": ""}, device=device).get("path")
+    return path if path in PATHS else None
+
+
+def _plan_shape(op: str, M: int, N: int, K: int, r: int, dtype: torch.dtype, dropout: bool, n_adapters: int,
+                adapters_fp32: bool):
+    from fused_lora.bench.plans import Shape
+    dt = str(dtype).replace("torch.", "")
+    if dt not in ("float32", "float16", "bfloat16"):
+        dt = "float32"  # float64 goes to the reference on either path; model it as fp32
+    return Shape(op, M, K, N, r, dt, n_adapters, dropout, adapters_fp32 and dt != "float32")
+
+
+@lru_cache(maxsize=4096)
+def _decide(op: str, device_type: str, device_name: Optional[str], dtype: torch.dtype, M: int, N: int, K: int,
+            r: int, dropout: bool, n_adapters: int, adapters_fp32: bool, core: str, forced: Optional[str],
+            tuned: Optional[str]) -> Decision:
+    if forced is not None:
+        return Decision(forced, "forced", f"{ENV}={forced}")
+    if device_type != "cuda":
+        return Decision("fused", "not cuda", f"{device_type} tensors run the Triton kernels (the interpreter); "
+                                             "the dispatch models CUDA GPUs only")
+    if tuned is not None:
+        return Decision(tuned, "tuned", f"measured on {device_name} by the GPU check kit (kernels/tuned.py, "
+                                        f"kernel {TUNED_KERNEL!r})")
+    from fused_lora.bench.cost_model import compare
+    gpu = model_gpu(device_name)
+    cmp = compare(_plan_shape(op, M, N, K, r, dtype, dropout, n_adapters, adapters_fp32), gpu, core)
+    modelled = gpu if gpu in (device_name or "").upper() else f"{gpu} (as a stand-in for {device_name})"
+    return Decision(cmp.choice, "model", f"MODEL on {modelled}: {cmp.why}")
+
+
+def decide(op: str, device, dtype: torch.dtype, M: int, N: int, K: int, r: int, dropout: bool = False,
+           n_adapters: int = 1, adapters_fp32: bool = False) -> Decision:
+    """The path for one call (see the module docstring for the order of the rules)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    device = torch.device(device)
+    forced = forced_path()
+    name, tuned, core = None, None, "tutorial"
+    if forced is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tuned = _tuned_path(device, shape_class(op, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32))
+        core = gemm_core(device, dtype, M)
+    return _decide(op, device.type, name, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32, core, forced,
+                   tuned)
+
+
+def gemm_core(device, dtype: torch.dtype, M: int) -> str:
+    """Which fused GEMM core the Triton path would launch (kernels/fused_gemm_tma.py decides; "tutorial" when
+    that module is absent)."""
+    try:
+        from fused_lora.kernels.fused_gemm_tma import selected_core
+    except Exception:
+        return "tutorial"
+    return selected_core(device, dtype, M)
+
+
+def clear_cache() -> None:
+    _decide.cache_clear()
+
+
+# ---- the op contract ------------------------------------------------------------------------------------------
+def _triton():
+    from fused_lora.ops import triton_backend
+    return triton_backend
+
+
+def _backend(decision: Decision):
+    return cublas_backend if decision.path == "cublas" else _triton()
+
+
+def _adapters_fp32(x, lora_a) -> bool:
+    return lora_a.dtype == torch.float32 and x.dtype != torch.float32
+
+
+def _dropout(dropout_p) -> bool:
+    return any(float(p) > 0.0 for p in dropout_p)
+
+
+def _max_rank(rank_ptr) -> int:
+    return max([0] + [rank_ptr[i + 1] - rank_ptr[i] for i in range(len(rank_ptr) - 1)])
+
+
+def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
+    d = decide("forward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0],
+               _dropout(dropout_p), 1, _adapters_fp32(x, lora_a))
+    return _backend(d).lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)
+
+
+def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx):
+    d = decide("backward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0],
+               _dropout(dropout_p), 1, _adapters_fp32(x, lora_a))
+    return _backend(d).lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx)
+
+
+def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
+    d = decide("mixed_forward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], _max_rank(rank_ptr),
+               _dropout(dropout_p), len(rank_ptr) - 1, _adapters_fp32(x, lora_a))
+    return _backend(d).lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)
+
+
+def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx):
+    d = decide("mixed_backward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], _max_rank(rank_ptr),
+               _dropout(dropout_p), len(rank_ptr) - 1, _adapters_fp32(x, lora_a))
+    return _backend(d).lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed,
+                                     need_dx)
+
+
+def lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):
+    # one pass over W either way; the fused merge has no full-size temporary, so it is never worse
+    return _triton().lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe)
+
+
+def dropout_keep(seed, M, K, p, salt):
+    return _triton().dropout_keep(seed, M, K, p, salt)
+
+
+# ---- explanation (python -m fused_lora info --explain) -------------------------------------------------------------
+def explain(M: int, N: int, K: int, r: int, dtype: torch.dtype, n_adapters: int = 1, dropout: bool = False,
+            adapters_fp32: bool = False) -> str:
+    """The decision for each op at this shape, why, and both plans launch by launch (MODEL figures)."""
+    import textwrap
+
+    from fused_lora.bench import cost_model
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda") if cuda else None
+    device_name = torch.cuda.get_device_name(device) if cuda else None
+    gpu = model_gpu(device_name)
+    where = device_name if cuda else f"no CUDA device here: the decision a CUDA {gpu} would take (MODEL)"
+    lines = textwrap.wrap(f"dispatch at M={M} N={N} K={K} r={r} {str(dtype).replace('torch.', '')}"
+                          + (f", {n_adapters} adapters per row" if n_adapters > 1 else "")
+                          + (", dropout" if dropout else "") + f" on {where}", width=100, subsequent_indent="    ")
+    ops = ("mixed_forward", "mixed_backward") if n_adapters > 1 else ("forward", "backward")
+    for op in ops:
+        if cuda:
+            d = decide(op, device, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32)
+            core = gemm_core(device, dtype, M)
+        else:
+            core = "tutorial"
+            d = _decide(op, "cuda", f"{gpu} (modelled)", dtype, M, N, K, r, dropout, n_adapters, adapters_fp32,
+                        core, forced_path(), None)
+        lines.append("")
+        lines += textwrap.wrap(f"{op}: {d.path} ({d.source}) - {d.reason}", width=100, subsequent_indent="    ")
+        lines.append(f"  tuned-file key: {TUNED_KERNEL} / "
+                     f"{shape_class(op, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32)}")
+        shape = _plan_shape(op, M, N, K, r, dtype, dropout, n_adapters, adapters_fp32)
+        for impl, label in (("fused", f"Triton plan (GEMM core {core})"), ("cublas", "cuBLAS composition")):
+            est = cost_model.estimate(impl, shape, gpu, core)
+            lines.append(f"  {label}: MODEL {est.gpu_s * 1e6:.1f} us GPU, {len(est.launches)} launches, host "
+                         f"{est.host_s * 1e6:.0f} us (assumed)")
+            for text in cost_model.explain_launches(est):
+                lines += textwrap.wrap(text, width=100, initial_indent="    - ", subsequent_indent="      ")
+    lines.append("")
+    lines += textwrap.wrap("MODEL assumptions: `python -m fused_lora bench --model-only`; force a path with "
+                           f"{ENV}=fused|cublas; a measured decision comes from kernels/tuned/<gpu>.json "
+                           f"(kernel {TUNED_KERNEL!r}).", width=100)
+    return "\n".join(lines)
