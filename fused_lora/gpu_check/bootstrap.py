@@ -1,8 +1,9 @@
 """Run this checkout as if it were installed, without installing it (the GPU image may lack setuptools/wheel).
 
 `fused_lora` comes from the checkout because the kit puts its root first on PYTHONPATH; `fused_lora.kernels`
-lives in kernels/ (the package_dir of the build), which no path entry provides, so a meta path finder maps that one
-name to <root>/kernels. It goes first on sys.meta_path, ahead of an editable install of some other checkout.
+lives in kernels/ (the package_dir of the build), which no path entry provides, so a meta path finder maps that
+name to <root>/kernels. The finder goes first on sys.meta_path and answers for every fused_lora.* module: found in
+the checkout, or not found at all, never taken from an editable install of another checkout further down.
 The C++ CPU backend is not built: the kit's CPU work runs on whatever fused_lora.ops.backends finds.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+from importlib.machinery import PathFinder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = "fused_lora.kernels"
@@ -21,10 +23,16 @@ class _KernelsFromCheckout(importlib.abc.MetaPathFinder):
         self.kernels_dir = kernels_dir
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != KERNELS:
-            return None  # submodules resolve through the package's __path__ = [kernels_dir]
-        return importlib.util.spec_from_file_location(
-            fullname, os.path.join(self.kernels_dir, "__init__.py"), submodule_search_locations=[self.kernels_dir])
+        if fullname == KERNELS:
+            return importlib.util.spec_from_file_location(
+                fullname, os.path.join(self.kernels_dir, "__init__.py"), submodule_search_locations=[self.kernels_dir])
+        if not fullname.startswith("fused_lora."):
+            return None
+        parent = sys.modules.get(fullname.rpartition(".")[0])
+        spec = PathFinder.find_spec(fullname, list(getattr(parent, "__path__", None) or []))
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {fullname!r} in the checkout", name=fullname)
+        return spec
 
 
 def ensure_checkout(root: str = ROOT) -> str:

@@ -1,14 +1,13 @@
 """Interim tune spaces for kernels whose modules do not define tune_space() yet (kernels/tuned.py: TuneCase).
 
-The launchers pick their tiles from static tables (fused_gemm.gemm_config, small_m.small_m_config,
-shrink.shrink_config, rows.gemm_config, merge's module constants). Here each case runs the real launcher with
-that table entry replaced by a candidate for the duration of one launch, so the candidates go through exactly the
-production code path. When a kernel module grows its own tune_space() for the same (kernel, shape_class), the
-tune step uses that one instead. If a table is renamed or changes signature, the case reports an error; it never
-breaks the other cases.
-
-Shape classes are named after the static table's branch: they are what the launchers should pass to
-tuned_config() for the same shapes.
+The launchers pick their tiles from static tables (fused_gemm.gemm_config, decode.decode_config (small_m before
+the decode rewrite), shrink.shrink_config, merge's module constants). Here each case runs the real launcher with
+that table function replaced by a candidate for the duration of one launch, so the candidates go through exactly
+the production code path. The case's kernel name, shape class and default are read from the table itself: where
+it asks the tuned store (config.tuned), the store is bypassed and the names it was asked with recorded, so the
+tuned file holds exactly the keys the launcher will look up. When a kernel module grows its own tune_space() for
+the same (kernel, shape_class), the tune step uses that one instead. A table that is renamed or changes signature
+makes its case a reported problem; it never breaks the other cases.
 """
 from __future__ import annotations
 
@@ -116,90 +115,107 @@ def _merge_make(dims: dict, tiny_dims: dict) -> Callable:
     return make
 
 
-def _rows_make(dims: dict, tiny_dims: dict) -> Callable:
-    def make(device: torch.device, tiny: bool) -> TuneRun:
-        rows = _module("rows")
-        d = tiny_dims if tiny else dims
-        dtype = _dtype(tiny)
-        n, r = d["adapters"], d["r"]
-        x, w, a, b, _ = _lora_inputs(d["M"], d["K"], d["N"], n * r, device, dtype)
-        scale = torch.full((n * r,), 2.0, dtype=torch.float32, device=device)
-        ids = (torch.arange(d["M"]) % n).to(device)
-        rank_ptr = [i * r for i in range(n + 1)]
-        seed = torch.zeros(1, dtype=torch.int64, device=device)
-
-        def launch(config: dict) -> torch.Tensor:
-            with replaced(rows, "gemm_config", lambda *args, **kwargs: rows.RowsConfig(**config)):
-                y, _ = rows.lora_rows_fwd(x, w, None, a, b, scale, rank_ptr, ids, [0.0] * n, seed)
-            return y
-
-        x64 = x.double()
-        ref = x64 @ w.double().T
-        for i in range(n):
-            sel = (ids == i).double()[:, None]
-            lo, hi = i * r, (i + 1) * r
-            ref += sel * ((x64 @ a[lo:hi].double().T) * 2.0) @ b[:, lo:hi].double().T
-        return TuneRun(launch=launch, reference=ref, atol=ATOL[dtype], shape=dict(d))
-    return make
-
-
 def _configs(keys: Tuple[str, ...], rows: List[tuple]) -> List[Dict[str, int]]:
     return [dict(zip(keys, row)) for row in rows]
 
 
+def static_entry(module, table: str, args: tuple, fallback: Tuple[str, str]) -> Tuple[str, str, dict]:
+    """(kernel, shape_class, static config) of a table lookup, as the launcher would make it. Where the table asks
+    the tuned store (config.tuned -> tuned_config), the store is bypassed and its (kernel, shape_class) recorded, so
+    the case uses the launcher's own names; otherwise `fallback` names it."""
+    seen = {}
+
+    def spy(kernel, shape_class, default, device=None):
+        seen.update(kernel=kernel, shape_class=shape_class)
+        return dict(default)
+
+    try:
+        store = importlib.import_module("fused_lora.kernels.config")
+    except ImportError:
+        store = None
+    if store is not None and hasattr(store, "tuned_config"):
+        with replaced(store, "tuned_config", spy):
+            default = getattr(module, table)(*args)
+    else:
+        default = getattr(module, table)(*args)
+    return seen.get("kernel", fallback[0]), seen.get("shape_class", fallback[1]), dict(default)
+
+
 GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-SMALL_M_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+DECODE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
 SHRINK_KEYS = ("BLOCK_M", "BLOCK_K", "num_warps", "num_stages")
 MERGE_KEYS = ("BLOCK_ROWS", "BLOCK_COLS", "BLOCK_R", "NUM_WARPS")
-ROWS_KEYS = ("block_m", "block_n", "block_k", "block_r", "num_warps", "num_stages")
 TINY = dict(M=20, K=40, N=48, r=4)
+DECODE_TABLES = (("decode", "decode_config"), ("small_m", "small_m_config"))  # after / before the decode rewrite
 
-# (kernel, shape_class, default (table lookup), candidates, make, in the quick selection)
-_SPECS = [
-    ("fused_gemm", "y:bf16:M>256",
-     lambda: _module("fused_gemm").gemm_config(4096, 2, False, False),
-     _configs(GEMM_KEYS, [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
-                          (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 5)]),
-     _dense_fwd_case("fused_gemm", "gemm_config", "large_m", dict(M=4096, K=4096, N=4096, r=16), TINY), True),
-    ("small_m", "bf16:M<=16",
-     lambda: _module("small_m").small_m_config(16, 2, False),
-     _configs(SMALL_M_KEYS, [(16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 64, 128, 8, 4), (16, 64, 64, 4, 6),
-                             (16, 32, 128, 4, 4)]),
-     _dense_fwd_case("small_m", "small_m_config", "small_m", dict(M=16, K=4096, N=4096, r=16), TINY), True),
-    ("fused_gemm", "y:bf16:M<=256",
-     lambda: _module("fused_gemm").gemm_config(256, 2, False, False),
-     _configs(GEMM_KEYS, [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 256, 64, 8, 8, 3),
-                          (64, 64, 128, 8, 4, 4)]),
-     _dense_fwd_case("fused_gemm", "gemm_config", "large_m", dict(M=256, K=4096, N=4096, r=16), TINY), False),
-    ("small_m", "bf16:M<=64",
-     lambda: _module("small_m").small_m_config(64, 2, False),
-     _configs(SMALL_M_KEYS, [(64, 64, 128, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]),
-     _dense_fwd_case("small_m", "small_m_config", "small_m", dict(M=64, K=4096, N=4096, r=16), TINY), False),
-    ("shrink", "bf16:nodrop",
-     lambda: _module("shrink").shrink_config(2, False),
-     _configs(SHRINK_KEYS, [(128, 64, 4, 3), (64, 64, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3)]),
-     _shrink_make(dict(M=4096, K=4096, r=16), dict(M=20, K=40, r=4)), False),
-    ("merge", "bf16",
-     lambda: {k: getattr(_module("merge"), k) for k in MERGE_KEYS},
-     _configs(MERGE_KEYS, [(128, 128, 16, 4), (64, 256, 16, 4), (32, 256, 16, 4), (64, 128, 16, 8)]),
-     _merge_make(dict(K=4096, N=4096, r=16), dict(K=40, N=48, r=4)), False),
-    ("rows_gemm", "bf16:small",
-     lambda: vars(_module("rows").gemm_config(16, 16, torch.bfloat16)),
-     _configs(ROWS_KEYS, [(16, 128, 64, 16, 4, 4), (16, 64, 128, 16, 4, 3), (16, 64, 64, 16, 4, 5)]),
-     _rows_make(dict(M=16, K=4096, N=4096, r=16, adapters=16), dict(M=12, K=40, N=48, r=4, adapters=3)), False),
+
+def _decode_args(name: str, M: int, r: int) -> tuple:
+    if name == "decode":
+        decode = _module("decode")
+        return (M, 2, decode.rank_mode(False, r, 1), False)
+    return (M, 2, False)
+
+
+def _gemm(M: int, quick: bool, candidates):
+    module = _module("fused_gemm")
+    kernel, shape_class, default = static_entry(module, "gemm_config", (M, 2, False, False),
+                                                ("fused_gemm", f"16bit:M{'>' if M > 256 else '<='}256"))
+    make = _dense_fwd_case("fused_gemm", "gemm_config", "large_m", dict(M=M, K=4096, N=4096, r=16), TINY)
+    return TuneCase(kernel, shape_class, default, tuple(_configs(GEMM_KEYS, candidates)), make,
+                    "interim: fused_gemm.gemm_config replaced per launch"), quick
+
+
+def _decode(M: int, quick: bool, candidates):
+    for name, table in DECODE_TABLES:
+        try:
+            module = _module(name)
+        except ImportError:
+            continue
+        kernel, shape_class, default = static_entry(module, table, _decode_args(name, M, 16),
+                                                    (name, f"16bit:M<={16 if M <= 16 else 64}"))
+        make = _dense_fwd_case(name, table, "small_m", dict(M=M, K=4096, N=4096, r=16), TINY)
+        return TuneCase(kernel, shape_class, default, tuple(_configs(DECODE_KEYS, candidates)), make,
+                        f"interim: {name}.{table} replaced per launch"), quick
+    raise ImportError(f"none of {', '.join(n for n, _ in DECODE_TABLES)} in fused_lora.kernels")
+
+
+def _shrink(quick: bool, candidates):
+    kernel, shape_class, default = static_entry(_module("shrink"), "shrink_config", (2, False),
+                                                ("shrink", "16bit:dropout=False"))
+    return TuneCase(kernel, shape_class, default, tuple(_configs(SHRINK_KEYS, candidates)),
+                    _shrink_make(dict(M=4096, K=4096, r=16), dict(M=20, K=40, r=4)),
+                    "interim: shrink.shrink_config replaced per launch"), quick
+
+
+def _merge(quick: bool, candidates):
+    merge = _module("merge")
+    default = {k: getattr(merge, k) for k in MERGE_KEYS}
+    return TuneCase("merge", "16bit", default, tuple(_configs(MERGE_KEYS, candidates)),
+                    _merge_make(dict(K=4096, N=4096, r=16), dict(K=40, N=48, r=4)),
+                    "interim: merge's module constants replaced per launch (not read from the store yet)"), quick
+
+
+# most useful first; the quick run takes the ones marked True
+_SPECS: List[Callable[[], Tuple[TuneCase, bool]]] = [
+    lambda: _gemm(4096, True, [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+                               (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 5)]),
+    lambda: _decode(16, True, [(16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 64, 128, 8, 4), (16, 64, 64, 4, 6),
+                               (16, 32, 128, 4, 4)]),
+    lambda: _gemm(256, False, [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 256, 64, 8, 8, 3),
+                               (64, 64, 128, 8, 4, 4)]),
+    lambda: _decode(64, False, [(64, 64, 128, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]),
+    lambda: _shrink(False, [(128, 64, 4, 3), (64, 64, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3)]),
+    lambda: _merge(False, [(128, 128, 16, 4), (64, 256, 16, 4), (32, 256, 16, 4), (64, 128, 16, 8)]),
 ]
 
 
 def interim_cases() -> Tuple[List[Tuple[TuneCase, bool]], List[str]]:
     """([(case, in the quick selection)], problems): a spec whose static table cannot be read is a problem, not a
-    crash (the kernels are being rewritten)."""
+    crash (the kernels change under it)."""
     cases, problems = [], []
-    for kernel, shape_class, default, candidates, make, quick in _SPECS:
+    for spec in _SPECS:
         try:
-            case = TuneCase(kernel=kernel, shape_class=shape_class, default=dict(default()),
-                            candidates=tuple(candidates), make=make, description="interim (gpu_check/tune_spaces.py)")
+            cases.append(spec())
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"{kernel}/{shape_class}: static table unreadable ({type(exc).__name__}: {exc})")
-            continue
-        cases.append((case, quick))
+            problems.append(f"interim tune space unavailable: {type(exc).__name__}: {exc}")
     return cases, problems
