@@ -8,9 +8,13 @@ arch 90 (wgmma needs the arch-specific target). From the result:
   registers / spills / stack   the same ptxas Triton used, rerun with -v on the ptx
   shared                       kernel.metadata.shared (bytes)
   matrix instructions          opcode counts in `cuobjdump -sass` (HMMA, HGMMA, IMMA, ...)
+  TMA instructions             opcode counts in the same SASS (UTMALDG loads, UTMASTG stores, ...); the JSON row
+                               has them as "tma" and the load count as "tma_loads"
 Gate (exit status 1 if any fails): no spills, shared <= 164 KiB (sm_80) / 228 KiB (sm_90), and a spec with
 uses_tensor_cores=True shows HMMA on sm_80 and HGMMA on sm_90. A spec whose tile cannot feed wgmma (an MMA with
-fewer than 64 rows per warpgroup) says so with extra={"sm90_mma": "HMMA"}, and then needs HMMA on sm_90.
+fewer than 64 rows per warpgroup) says so with extra={"sm90_mma": "HMMA"}, and then needs HMMA on sm_90. A spec with
+extra={"requires_tma": True} must show UTMALDG on sm_90 and later; extra={"arches": [90]} limits a spec to those
+arches (TMA kernels have nothing to compile for sm_80).
 
 Arguments are compiled as Triton specializes them at run time for 16-byte aligned tensors and integers divisible
 by 16 ("tt.divisibility" 16), the case that decides vectorization and pipelining; a spec lists integer
@@ -38,6 +42,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the interpreter cannot compile; this
 
 SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
 MATRIX_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "OMMA", "UTCHMMA", "UTCQMMA", "UTCIMMA")
+TMA_OPCODES = ("UTMALDG", "UTMASTG", "UTMAPF", "UTMAREDG", "UTMACCTL", "UBLKCP")
 _INT_TYPES = ("i1", "i8", "i16", "i32", "i64", "u8", "u16", "u32", "u64")
 _SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
@@ -47,6 +52,9 @@ def kernel_modules() -> list[str]:
     return sorted(f"fused_lora.kernels.{m.name}" for m in pkgutil.iter_modules(package.__path__))
 
 
+_ARCHES: dict = {}  # (module, spec name) -> the only arches to compile it for (extra["arches"])
+
+
 def discover() -> tuple[dict, list]:
     """{module: [spec names]} for modules with codegen_specs, and [(module, error)] for those that fail."""
     found, errors = {}, []
@@ -54,7 +62,9 @@ def discover() -> tuple[dict, list]:
         try:
             module = importlib.import_module(name)
             if hasattr(module, "codegen_specs"):
-                found[name] = [spec.name for spec in module.codegen_specs()]
+                specs = module.codegen_specs()
+                found[name] = [spec.name for spec in specs]
+                _ARCHES.update({(name, spec.name): spec.extra["arches"] for spec in specs if "arches" in spec.extra})
         except Exception as exc:  # a broken module fails the gate, it does not hide the others
             errors.append((name, f"{type(exc).__name__}: {exc}"))
     return found, errors
@@ -91,13 +101,18 @@ def parse_ptxas(log: str) -> dict:
             "spill_loads": grab(r"(\d+) bytes spill loads")}
 
 
-def count_matrix_ops(sass: str) -> dict:
+def count_matrix_ops(sass: str, opcodes=MATRIX_OPCODES) -> dict:
     counts = {}
     for opcode in _SASS_OPCODE.findall(sass):
         base = opcode.split(".")[0]
-        if base in MATRIX_OPCODES:
+        if base in opcodes:
             counts[base] = counts.get(base, 0) + 1
     return counts
+
+
+def count_tma_ops(sass: str) -> dict:
+    """TMA (bulk tensor copy) instructions by opcode: UTMALDG is a tile load through a descriptor."""
+    return count_matrix_ops(sass, TMA_OPCODES)
 
 
 def _tool(name: str) -> str:
@@ -116,7 +131,7 @@ def compile_one(module_name: str, index: int, arch: int) -> dict:
     spec = _spec(module_name, index)
     row = {"module": module_name, "name": spec.name, "arch": arch, "num_warps": spec.num_warps,
            "num_stages": spec.num_stages, "uses_tensor_cores": spec.uses_tensor_cores,
-           "sm90_mma": spec.extra.get("sm90_mma", "HGMMA")}
+           "sm90_mma": spec.extra.get("sm90_mma", "HGMMA"), "requires_tma": bool(spec.extra.get("requires_tma"))}
     start = time.time()
     try:
         src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
@@ -144,6 +159,8 @@ def compile_one(module_name: str, index: int, arch: int) -> dict:
                                   check=True).stdout
         row.update(parse_ptxas(log))
         row["mma"] = count_matrix_ops(sass)
+        row["tma"] = count_tma_ops(sass)
+        row["tma_loads"] = row["tma"].get("UTMALDG", 0)
         row["gpu_name"] = gpu_name
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
@@ -167,6 +184,8 @@ def gate(row: dict) -> list[str]:
         need = "HMMA" if row["arch"] < 90 else row["sm90_mma"]
         if row["mma"].get(need, 0) == 0:
             failures.append(f"no {need}")
+    if row.get("requires_tma") and row["arch"] >= 90 and row.get("tma_loads", 0) == 0:
+        failures.append("no UTMALDG (TMA loads)")
     return failures
 
 
@@ -176,7 +195,7 @@ def _fmt_row(r: dict) -> str:
     status = "ok" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
     return (f"  sm_{r['arch']:<3} {r['name']:<58} w{r['num_warps']} s{r['num_stages']} "
             f"regs {str(r.get('registers', '?')):>3}  spill {spill:>7}  stack {str(r.get('stack_frame', '?')):>4}  "
-            f"smem {str(r.get('shared', '?')):>6}  {mma:<22} {status}")
+            f"smem {str(r.get('shared', '?')):>6}  {mma:<22} tma {r.get('tma_loads', '?')}  {status}")
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -185,16 +204,17 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["name"].split("[")[0], r["arch"]), []).append(r)
-    lines = ["| kernel | arch | configs | registers (max) | spill bytes | shared KiB (max) | matrix instructions | gate |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | arch | configs | registers (max) | spill bytes | shared KiB (max) | matrix instructions | "
+             "TMA loads (max) | gate |", "|---|---|---|---|---|---|---|---|---|"]
     for (kernel, arch), mine in sorted(groups.items()):
         regs = max((r.get("registers") or 0) for r in mine)
         spills = sum((r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) for r in mine)
         smem = max((r.get("shared") or 0) for r in mine) / 1024
         mma = sorted({k for r in mine for k, v in r.get("mma", {}).items() if v})
         status = "pass" if not any(r["failures"] for r in mine) else "FAIL"
+        tma = max((r.get("tma_loads") or 0) for r in mine)
         lines.append(f"| {kernel} | sm_{arch} | {len(mine)} | {regs} | {spills} | {smem:.0f} | "
-                     f"{', '.join(mma) or '-'} | {status} |")
+                     f"{', '.join(mma) or '-'} | {tma} | {status} |")
     return "\n".join(lines)
 
 
@@ -212,7 +232,7 @@ def main(argv=None) -> int:
     for name, err in errors:
         print(f"IMPORT FAILED {name}: {err}", flush=True)
     work = [(module, i, arch) for module, names in found.items() for i, name in enumerate(names)
-            if args.only in name for arch in args.arch]
+            if args.only in name for arch in args.arch if arch in _ARCHES.get((module, name), [arch])]
     print(f"compiling {len(work)} kernels ({sum(map(len, found.values()))} specs in {len(found)} modules, "
           f"arch {args.arch}, {args.jobs} processes)", flush=True)
 
@@ -248,7 +268,8 @@ def main(argv=None) -> int:
         print("\n" + summary_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ok": ok, "arches": args.arch, "modules": found, "import_errors": errors, "results": rows},
+            json.dump({"ok": ok, "arches": args.arch, "modules": found, "import_errors": errors,
+                       "spec_arches": {name: arches for (_, name), arches in _ARCHES.items()}, "results": rows},
                       f, indent=1)
     return 0 if ok else 1
 

@@ -291,3 +291,18 @@ def test_decisions_are_cached():
     cuda_dispatch._decide("forward", "cuda", "NVIDIA H100 80GB HBM3", torch.bfloat16, 512, 4096, 4096, 16, False, 1,
                           False, "tutorial", None, None)
     assert cuda_dispatch._decide.cache_info().hits == before + 1
+
+
+def test_tune_space_measures_the_decision_under_the_key_decide_reads():
+    cases = cuda_dispatch.tune_space()
+    for case in cases:
+        assert case.kernel == cuda_dispatch.TUNED_KERNEL
+        assert case.default == {"path": "cublas"} and list(case.candidates) == [{"path": "fused"}]
+    ops = {case.shape_class.split(":")[0] for case in cases}
+    assert ops == {"forward", "backward", "mixed_forward"}
+    for op in ops:  # a tiny dry run of each op on the CPU: both paths agree with the float64 result
+        case = next(c for c in cases if c.shape_class.startswith(op + ":"))
+        run = case.make(torch.device("cpu"), True)
+        for config in (case.default, case.candidates[0]):
+            err = (run.launch(config).double() - run.reference).abs().max().item()
+            assert err < run.atol, (case.shape_class, config, err)

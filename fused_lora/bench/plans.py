@@ -191,10 +191,15 @@ def fused_gemm(name: str, M: int, Kred: int, N: int, R: int, e: int, before: boo
     """out = a b + rank term: a [M, Kred], b [Kred, N], the rank term's operands [M, R] fp32 and [R, N]."""
     bm, bn, bk, stages = gemm_tile(M, e)
     tiles_m, tiles_n = _cdiv(M, bm), _cdiv(N, bn)
+    dt = "bf16" if e == 2 else "fp32"
     if before:
         occ = _BEFORE_OCC["fused_gemm_128" if bm == 128 else "fused_gemm_64"]
+    elif core == "tma":  # kernels/fused_gemm_tma.py: one more stage, persistent grid (work per SM as below)
+        stages += 1
+        occ = occupancy.lookup("fused_gemm_tma", ["y", "dense", f"BM={bm}", f"BN={bn}", dt],
+                               Occupancy(142, 128 * KIB, 8, "estimated") if bm == 128 else
+                               Occupancy(130, 96 * KIB, 4, "estimated"))
     else:
-        dt = "bf16" if e == 2 else "fp32"
         occ = occupancy.lookup("fused_gemm", ["y", "dense", f"BM={bm}", f"BN={bn}", dt],
                                Occupancy(116, 96 * KIB, 8, "estimated") if bm == 128 else
                                Occupancy(76, 72 * KIB, 8, "estimated"))

@@ -241,3 +241,68 @@ def explain(M: int, N: int, K: int, r: int, dtype: torch.dtype, n_adapters: int 
                            f"{ENV}=fused|cublas; a measured decision comes from kernels/tuned/<gpu>.json "
                            f"(kernel {TUNED_KERNEL!r}).", width=100)
     return "\n".join(lines)
+
+
+# ---- the GPU check kit's tune step: measure the decision itself (kernels/tuned.py: TuneCase) ----------------------
+TUNE_SHAPES = (  # (op, M, N, K, r, adapters, quick)
+    ("forward", 16, 4096, 4096, 16, 1, True), ("forward", 512, 4096, 4096, 16, 1, False),
+    ("forward", 2048, 4096, 4096, 16, 1, True), ("forward", 8192, 4096, 4096, 16, 1, False),
+    ("forward", 2048, 14336, 4096, 16, 1, False), ("backward", 2048, 4096, 4096, 16, 1, True),
+    ("mixed_forward", 16, 4096, 4096, 16, 16, True), ("mixed_forward", 512, 4096, 4096, 16, 16, False),
+)
+
+
+def _tune_make(op: str, M: int, N: int, K: int, r: int, n: int):
+    def make(device: torch.device, tiny: bool):
+        from fused_lora import reference
+        from fused_lora.kernels.tuned import TuneRun
+        m, nn, k, rr = (20, 48, 40, 4) if tiny else (M, N, K, r)
+        dtype = torch.float32 if tiny else torch.bfloat16  # the interpreter corrupts bf16
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        w = (torch.randn(nn, k, generator=gen) * k ** -0.5).to(device, dtype)
+        a = (torch.randn(n * rr, k, generator=gen) * k ** -0.5).to(device, dtype)
+        b = (torch.randn(nn, n * rr, generator=gen) * rr ** -0.5).to(device, dtype)
+        scale = torch.full((n * rr,), 2.0, dtype=torch.float32, device=device)
+        rank_ptr = [i * rr for i in range(n + 1)]
+        seed = torch.zeros(1, dtype=torch.int64, device=device)
+        row_ids = torch.arange(m, device=device) % n
+        dy = torch.randn(m, nn, generator=gen).to(device, dtype)
+        f64 = [v.double() for v in (x, w, a, b, scale, dy)]
+        if op == "backward":
+            t = reference.lora_fwd(f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, [0.0] * n, seed)[1]
+            expected = reference.lora_bwd(f64[5], f64[0], f64[1], f64[2], f64[3], f64[4], t, rank_ptr, [0.0] * n,
+                                          seed, True)[0]
+        elif op == "mixed_forward":
+            expected = reference.lora_rows_fwd(f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, row_ids,
+                                               [0.0] * n, seed)[0]
+        else:
+            expected = reference.lora_fwd(f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, [0.0] * n, seed)[0]
+        t32 = reference.lora_fwd(x, w, None, a, b, scale, rank_ptr, [0.0] * n, seed)[1] if op == "backward" else None
+
+        def launch(cfg: dict) -> torch.Tensor:
+            backend = cublas_backend if cfg["path"] == "cublas" else _triton()
+            if op == "backward":
+                return backend.lora_bwd(dy, x, w, a, b, scale, t32, rank_ptr, [0.0] * n, seed, True)[0]
+            if op == "mixed_forward":
+                return backend.lora_rows_fwd(x, w, None, a, b, scale, rank_ptr, row_ids, [0.0] * n, seed)[0]
+            return backend.lora_fwd(x, w, None, a, b, scale, rank_ptr, [0.0] * n, seed)[0]
+        return TuneRun(launch=launch, reference=expected, atol=1.6e-2 if dtype == torch.bfloat16 else 1e-4,
+                       shape=dict(M=m, N=nn, K=k, r=rr, adapters=n))
+    return make
+
+
+def tune_space() -> list:
+    """The decision measured: the cuBLAS composition is the default, the fused path a candidate that must beat it
+    by kernels/tuned.TUNE_MARGIN; the winner is written as {"path": ...} under kernel "dispatch" and the key
+    `shape_class` gives, which `decide` reads. (The kit's tune step scans fused_lora.kernels; this module lives in
+    fused_lora.ops because it composes two backends, so the step must list it explicitly.)"""
+    from fused_lora.kernels.tuned import TuneCase
+    cases = []
+    for op, M, N, K, r, n, quick in TUNE_SHAPES:
+        key = shape_class(op, torch.bfloat16, M, N, K, r, False, n, False)
+        cases.append(TuneCase(TUNED_KERNEL, key, {"path": "cublas"}, [{"path": "fused"}],
+                              _tune_make(op, M, N, K, r, n),
+                              description=("quick: " if quick else "") + f"dispatch {op} M={M} N={N} K={K} r={r} "
+                                                                         f"adapters={n} bf16"))
+    return cases
