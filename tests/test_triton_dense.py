@@ -221,7 +221,7 @@ def test_dropout_keep_is_bit_identical_to_reference(M, K, p, salt, seed, device)
 
 def test_preallocated_output_of_wrong_shape_is_rejected(device):
     made = _make(2, 8, 6, [2], torch.float32, torch.float32, False, "contiguous", torch.Generator().manual_seed(2))
-    rank_ptr, (x, w, bias, a, b, scale) = made[0], [move(t, device) for t in made[1:]]
+    rank_ptr, (x, w, _, a, b, scale) = made[0], [move(t, device) for t in made[1:]]
     with pytest.raises(ValueError, match="preallocated"):
         dense.lora_fwd(x, w, None, a, b, scale, rank_ptr, [0.0], torch.tensor([0], device=device),
                        y_out=torch.empty(2, 5, device=device))
