@@ -6,6 +6,7 @@ status and a detail line; the traceback goes to the step's log (stderr).
 from __future__ import annotations
 
 import importlib
+import resource
 import sys
 import time
 import traceback
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
     ctx.started = time.time()
     ensure_checkout(ctx.root)
     out = run_step(name, ctx)
+    # CPU seconds of the step and everything it waited for (pytest shards, warm-up workers, the sanitizer)
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    out["cpu_s"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)
     write_json(result_path, out)
     print(f"[{name}] {out['status']}: {out.get('detail', '')}", flush=True)
     return 0
