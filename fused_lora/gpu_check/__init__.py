@@ -4,7 +4,7 @@ driver.py runs the steps of plan.py, each in its own process (step.py) within it
 <out>/gpu_check.json after each one:
     {"device": GPU name or "cpu", "torch": ..., "triton": ..., "mode": "dry-run" | "quick" | "full",
      "ok": no step failed, "counts": {"ok", "skipped", "failed"}, "seconds": ..., "budgets": {step: s},
-     "steps": [{"name", "status": "ok" | "skipped" | "failed", "seconds", "detail", "budget_s", "log",
-                "artifacts": [paths under out], "data": {step-specific}}]}
+     "steps": [{"name", "status": "ok" | "skipped" | "failed", "seconds", "detail", "budget_s", "cpu_s", "log",
+                "artifacts": [paths under out], "data": {step-specific}}]}   (in the order they finished)
 Steps live in steps/, one module each; they are users of the public API, fused_lora.bench and the kernels.
 """
