@@ -289,10 +289,13 @@ class FusedLoRALinear(nn.Module):
         return torch.stack(rows)
 
     def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None,
-                adapter_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                adapter_ids: Optional[torch.Tensor] = None, *, check_ids: bool = True) -> torch.Tensor:
         """adapter_names: one name per sample (x.shape[0]), "__base__" for none (PEFT's mixed batch).
         adapter_ids: an integer tensor, one id per row of x.reshape(-1, in_features) or per sample, -1 for none;
-        ids are positions among self.lora_A keys (adapter_index)."""
+        ids are positions among self.lora_A keys (adapter_index). check_ids: as fused_lora.lora_linear_rows (ids
+        outside [-1, n_adapters) raise ValueError; on CUDA that costs one host sync; skipped under CUDA graph
+        capture and torch.compile; with check_ids=False such ids act as -1, for the lora_bias term too).
+        Under torch.autocast the layer follows nn.Linear's rules (see fused_lora.functional)."""
         self._check_forward_args(x, adapter_names, adapter_ids)
         if self.disable_adapters:
             if self.merged:
@@ -301,17 +304,23 @@ class FusedLoRALinear(nn.Module):
         if adapter_names is not None:
             index = {name: i for i, name in enumerate(self.lora_A.keys())}
             ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64).to(x.device)
-            return self._rows_forward(x, ids)
+            return self._rows_forward(x, ids, check_ids=False)  # built from known names: in range
         if adapter_ids is not None:
-            return self._rows_forward(x, adapter_ids)
+            return self._rows_forward(x, adapter_ids, check_ids=check_ids)
         merged = set(self.merged_adapters)
         names = [n for n in self.active_adapters if n in self.lora_A and n not in merged]
         if not names:
             return self.base_layer(x)
         return self._mixed_forward(x, names)
 
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+        """x's dtype as the op sees it: the autocast dtype replaces float32/float16/bfloat16 under autocast."""
+        cast_to = functional.autocast_dtype(x.device)
+        return x.dtype if cast_to is None or x.dtype == torch.float64 else cast_to
+
     def _mixed_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        lora_a, lora_b = self._stack(names, x.dtype)
+        lora_a, lora_b = self._stack(names, self._compute_dtype(x))
         weight, bias = self.base_layer.weight, self.base_layer.bias
         bias_terms = self._lora_bias_terms(names)
         fold = bias_terms is not None and weight.dtype == bias_terms.dtype
@@ -327,28 +336,25 @@ class FusedLoRALinear(nn.Module):
             return y
         return (y + bias_terms.sum(0)).to(y.dtype)
 
-    def _rows_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+    def _rows_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor, check_ids: bool) -> torch.Tensor:
         names = list(self.lora_A.keys())
         if not names:
             return self.base_layer(x)
-        if isinstance(adapter_ids, torch.Tensor) and adapter_ids.device.type == "cpu" and adapter_ids.numel():
-            # checking ids on the device would need a host sync; on the CPU it is free
-            lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-            if lo < -1 or hi >= len(names):
-                raise ValueError(f"adapter_ids must be in [-1, {len(names)}) (-1 = no adapter; ids index "
-                                 f"{names}), got values in [{lo}, {hi}]")
-        lora_a, lora_b = self._stack(names, x.dtype)
+        lora_a, lora_b = self._stack(names, self._compute_dtype(x))
         y = functional.lora_linear_rows(
             x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b,
             [float(self.scaling[n]) for n in names], [self.lora_A[n].weight.shape[0] for n in names], adapter_ids,
-            dropout_p=[self._dropout_p(n) for n in names], training=self.training)
+            dropout_p=[self._dropout_p(n) for n in names], training=self.training, check_ids=check_ids)
         bias_terms = self._lora_bias_terms(names)
         if bias_terms is None:
             return y
-        # a per-row bias cannot be folded into the op's bias; the zero row appended last is what id -1 selects
+        # a per-row bias cannot be folded into the op's bias; the zero row appended last is what id -1 selects, and
+        # what unchecked ids outside [-1, n) select too (as the op treats them)
+        n = len(names)
         table = torch.cat([bias_terms, bias_terms.new_zeros(1, self.out_features)])
         rows = y.numel() // self.out_features
         ids = adapter_ids.reshape(-1).to(torch.int64)
+        ids = torch.where((ids >= 0) & (ids < n), ids, n)
         if ids.numel() != rows:
             ids = ids.repeat_interleave(rows // max(x.shape[0], 1), output_size=rows)
         return (y.reshape(rows, -1) + table[ids]).to(y.dtype).reshape(y.shape)

@@ -10,7 +10,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fused_lora.functional import autocast_dtype
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _linear_dtype(t: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype F.linear computes `t` in: autocast casts float32/float16/bfloat16 (never float64)."""
+    return autocast if autocast is not None and t.dtype in _FLOATS else t.dtype
 
 
 def _plain_tensor(t) -> bool:
@@ -30,9 +37,11 @@ def fusable_base(base: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not isinstance(x, torch.Tensor) or x.device != weight.device:
         return False
-    if torch.is_autocast_enabled(x.device.type):
-        return True  # both paths run in the autocast dtype (fused_lora.functional casts)
-    return x.dtype == weight.dtype
+    # under autocast, fused_lora.functional casts exactly as F.linear does; where F.linear would then see two dtypes
+    # (float64 x over float32 weights) PEFT's own call raises its own error
+    autocast = autocast_dtype(x.device)
+    compute = _linear_dtype(weight, autocast)
+    return _linear_dtype(x, autocast) == compute and (bias is None or _linear_dtype(bias, autocast) == compute)
 
 
 def mergeable_weight(base: nn.Module, adapter_dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -48,10 +57,12 @@ def mergeable_weight(base: nn.Module, adapter_dtype: torch.dtype) -> Optional[to
 def lora_dtype_ok(x: torch.Tensor, base_weight: torch.Tensor, adapter_dtype: torch.dtype,
                   cast_input: bool) -> bool:
     """The op takes adapters in x's dtype or float32; PEFT casts x to the adapters' dtype only when allowed."""
-    compute = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if adapter_dtype == compute or (torch.is_autocast_enabled(x.device.type) and adapter_dtype in _FLOATS):
+    autocast = autocast_dtype(x.device)
+    if autocast is not None:
+        return adapter_dtype in _FLOATS  # cast to the autocast dtype, as PEFT's nn.Linear adapters are
+    if adapter_dtype == x.dtype:
         return True
-    return cast_input and adapter_dtype == torch.float32 and base_weight.dtype == compute
+    return cast_input and adapter_dtype == torch.float32 and base_weight.dtype == x.dtype
 
 
 def dropout_rate(module: nn.Module) -> Optional[float]:

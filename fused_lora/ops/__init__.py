@@ -3,9 +3,14 @@
 Each op forwards to the backend module chosen by fused_lora.ops.backends for the tensors' device; the
 semantics every backend implements are in CONTRACT.md beside this file. Inputs are validated by
 fused_lora.functional before they get here.
+
+The ops take their operands in their final dtypes (fused_lora.functional applies torch.autocast's casts before
+calling them), so a backend runs with autocast switched off: autocast does not stop at custom ops, and would
+otherwise re-cast the float32 arithmetic inside the reference and C++ backends (the shrink t, say) to 16 bits.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
@@ -27,11 +32,31 @@ def _none_if_empty(t: Tensor) -> Optional[Tensor]:
     return None if t.dim() == 1 and t.numel() == 0 else t
 
 
+@lru_cache(maxsize=None)
+def _has_autocast(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _run(device: torch.device, fn, *args):
+    """fn(*args) with torch.autocast off for `device` (one thread-local read when autocast is off everywhere)."""
+    if _any_autocast is not None and not _any_autocast():
+        return fn(*args)
+    kind = device.type
+    if _has_autocast(kind) and torch.is_autocast_enabled(kind):
+        with torch.autocast(kind, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
+
 # ---- forward: all active adapters on every row (one adapter is the n = 1 case) ----
 @torch.library.custom_op("fused_lora::lora_fwd", mutates_args=())
 def lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
              rank_ptr: List[int], dropout_p: List[float], seed: Tensor) -> Tuple[Tensor, Tensor]:
-    return backend_for(x.device).lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)
+    return _run(x.device, backend_for(x.device).lora_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr,
+                dropout_p, seed)
 
 
 @lora_fwd.register_fake
@@ -44,8 +69,8 @@ def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
 def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, t: Tensor,
              rank_ptr: List[int], dropout_p: List[float], seed: Tensor, need_dx: bool
              ) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, da, db = backend_for(x.device).lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p,
-                                                seed, need_dx)
+    dx, da, db = _run(x.device, backend_for(x.device).lora_bwd, dy, x, weight, lora_a, lora_b, scale, t, rank_ptr,
+                      dropout_p, seed, need_dx)
     # custom ops cannot return None: an empty 1-D tensor stands for "dx not requested"
     return (dx if dx is not None else x.new_empty(0)), da, db
 
@@ -61,8 +86,8 @@ def _(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_d
 def lora_rows_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
                   scale: Tensor, rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor
                   ) -> Tuple[Tensor, Tensor]:
-    return backend_for(x.device).lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids,
-                                               dropout_p, seed)
+    return _run(x.device, backend_for(x.device).lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr,
+                row_ids, dropout_p, seed)
 
 
 @lora_rows_fwd.register_fake
@@ -75,8 +100,8 @@ def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed
 def lora_rows_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
                   t: Tensor, rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor,
                   need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, da, db = backend_for(x.device).lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids,
-                                                     dropout_p, seed, need_dx)
+    dx, da, db = _run(x.device, backend_for(x.device).lora_rows_bwd, dy, x, weight, lora_a, lora_b, scale, t,
+                      rank_ptr, row_ids, dropout_p, seed, need_dx)
     return (dx if dx is not None else x.new_empty(0)), da, db
 
 
@@ -90,7 +115,8 @@ def _(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, see
 @torch.library.custom_op("fused_lora::lora_merge_", mutates_args=("weight",))
 def lora_merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, sign: float,
                 fan_in_fan_out: bool, safe: bool) -> Tensor:
-    return backend_for(weight.device).lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe)
+    return _run(weight.device, backend_for(weight.device).lora_merge_, weight, lora_a, lora_b, scale, sign,
+                fan_in_fan_out, safe)
 
 
 @lora_merge_.register_fake
