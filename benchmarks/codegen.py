@@ -14,7 +14,8 @@ Gate (exit status 1 if any fails): no spills, shared <= 164 KiB (sm_80) / 228 Ki
 uses_tensor_cores=True shows HMMA on sm_80 and HGMMA on sm_90. A spec whose tile cannot feed wgmma (an MMA with
 fewer than 64 rows per warpgroup) says so with extra={"sm90_mma": "HMMA"}, and then needs HMMA on sm_90. A spec with
 extra={"requires_tma": True} must show UTMALDG on sm_90 and later; extra={"arches": [90]} limits a spec to those
-arches (TMA kernels have nothing to compile for sm_80).
+arches (TMA kernels have nothing to compile for sm_80). extra={"ptx_patterns": {name: regex}}: each regex must match
+the PTX (e.g. the memory ordering of a split reduction, kernels/spec.py SPLIT_REDUCTION_PTX).
 
 Arguments are compiled as Triton specializes them at run time for 16-byte aligned tensors and integers divisible
 by 16 ("tt.divisibility" 16), the case that decides vectorization and pipelining; a spec lists integer
@@ -161,6 +162,8 @@ def compile_one(module_name: str, index: int, arch: int) -> dict:
         row["mma"] = count_matrix_ops(sass)
         row["tma"] = count_tma_ops(sass)
         row["tma_loads"] = row["tma"].get("UTMALDG", 0)
+        row["ptx_missing"] = [name for name, pattern in spec.extra.get("ptx_patterns", {}).items()
+                              if not re.search(pattern, kernel.asm["ptx"])]
         row["gpu_name"] = gpu_name
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
@@ -186,6 +189,7 @@ def gate(row: dict) -> list[str]:
             failures.append(f"no {need}")
     if row.get("requires_tma") and row["arch"] >= 90 and row.get("tma_loads", 0) == 0:
         failures.append("no UTMALDG (TMA loads)")
+    failures.extend(f"ptx lacks {name}" for name in row.get("ptx_missing", ()))
     return failures
 
 

@@ -1,10 +1,13 @@
 """Launchers of the dense ops of fused_lora/ops/CONTRACT.md on Triton: lora_fwd, lora_bwd, dropout_keep.
 
 Inputs arrive validated and 2-D (see the contract). Every launcher also takes optional preallocated outputs
-(tests pass NaN-filled ones to prove each element is written). Paths:
-    forward, M <= 64 (decode):  small_m_kernel, one launch (shrink recomputed per program)
-    forward, M > 64:            shrink_kernel then fused_gemm_kernel (rank term inside the GEMM accumulator)
-    backward:                   ds_db_kernel (+ reduce) -> da_partial_kernel (+ reduce) -> fused_gemm_kernel (dX)
+(tests pass NaN-filled ones to prove each element is written). Paths (kernels/launch_plan.py lists the launches
+for any shape without running them):
+    forward, M <= 64 (decode):  decode_kernel, one launch split over K; the shrink rides in its K loop
+                                (R <= 32), else a split shrink first
+    forward, M > 64:            shrink_kernel (split over K) then fused_gemm_kernel (rank term in the accumulator)
+    backward:                   ds_kernel, db_kernel, da_kernel (each split, fixed-order reductions), then
+                                fused_gemm_kernel for dX
 No host synchronisation anywhere: the seed stays on the device, descriptors are cached device tensors.
 """
 from __future__ import annotations
@@ -12,23 +15,30 @@ from __future__ import annotations
 import torch
 import triton
 
+from fused_lora.kernels import config
+from fused_lora.kernels.decode import DECODE_M_MAX, DENSE_T, launch_decode, rank_mode
 from fused_lora.kernels.fused_gemm import launch_fused_gemm
-from fused_lora.kernels.lora_backward import launch_da, launch_ds_db
+from fused_lora.kernels.lora_backward import launch_da, launch_db, launch_ds
 from fused_lora.kernels.philox import DROPOUT_KEEP_BLOCK, _dropout_keep_kernel, dropout_params, segment_runs, \
     segment_table
 from fused_lora.kernels.shrink import launch_shrink
-from fused_lora.kernels.small_m import SMALL_M_MAX, launch_small_m
+
+PATHS = ("small_m", "large_m")
 
 
-def _precision() -> str:
-    # fp32 dots follow the same switch as torch's fp32 matmuls
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _block_r(rank_ptr, dropout_p) -> int:
-    """Rank tile: 16 covers the usual r <= 16 with no padding waste; wider runs use 64 (and split beyond it)."""
+def segment_block(rank_ptr, dropout_p) -> int:
+    """Rank tile of a segment: 16 covers the usual r <= 16 with no padding waste; wider runs use 64 (and split
+    beyond it)."""
     widest = max([hi - lo for lo, hi, _, _ in segment_runs(rank_ptr, dropout_p)], default=0)
     return 16 if widest <= 16 else 64
+
+
+def forward_path(M: int, path=None) -> str:
+    if path is None:
+        return "small_m" if M <= DECODE_M_MAX else "large_m"
+    if path not in PATHS:
+        raise ValueError(f"path must be None, 'small_m' or 'large_m', got {path!r}")
+    return path
 
 
 def _out(given, shape, dtype, device):
@@ -47,26 +57,24 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, 
     N, R = weight.shape[0], lora_a.shape[0]
     y = _out(y_out, (M, N), x.dtype, x.device)
     t = _out(t_out, (M, R), torch.float32, x.device)
+    path = forward_path(M, path)
     if M == 0:
         return y, t
-    block_r = _block_r(rank_ptr, dropout_p)
+    block_r = segment_block(rank_ptr, dropout_p)
     seg_table, n_segs = segment_table(rank_ptr, dropout_p, block_r, x.device)
     has_dropout = any(float(p) > 0.0 for p in dropout_p)
-    precision = _precision()
-    if path is None:
-        path = "small_m" if M <= SMALL_M_MAX else "large_m"
-    if path not in ("small_m", "large_m"):
-        raise ValueError(f"path must be None, 'small_m' or 'large_m', got {path!r}")
+    precision = config.precision(x, lora_a)
     if path == "small_m" and N > 0:
-        launch_small_m(x, weight, bias, lora_a, lora_b, scale, seg_table, n_segs, seed, y, t, block_r,
-                       has_dropout, precision)
+        if rank_mode(False, R, n_segs) == DENSE_T:
+            launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
+        launch_decode(x, weight, bias, lora_a, lora_b, scale, seg_table, n_segs, seed, y, t, has_dropout, precision)
         return y, t
     if n_segs > 0:
         launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
     if N > 0:
-        launch_fused_gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, t if R > 0 else None,
-                          lora_b, (lora_b.stride(0), lora_b.stride(1)), seg_table, n_segs, seed, y,
-                          block_r, lora_dropout=False, precision=precision)
+        launch_fused_gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, t, lora_b,
+                          (lora_b.stride(0), lora_b.stride(1)), R, seg_table, n_segs, seed, y, block_r,
+                          lora_dropout=False, precision=precision)
     return y, t
 
 
@@ -82,21 +90,21 @@ def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed,
         da.zero_()
         db.zero_()
         return dx, da, db
-    block_r = _block_r(rank_ptr, dropout_p)
+    block_r = segment_block(rank_ptr, dropout_p)
     seg_table, n_segs = segment_table(rank_ptr, dropout_p, block_r, x.device)
     has_dropout = any(float(p) > 0.0 for p in dropout_p)
-    precision = _precision()
+    precision = config.precision(x, lora_a)
     ds = torch.empty((M, R), dtype=torch.float32, device=x.device)
     if R > 0:
-        launch_ds_db(dy, lora_b, t, scale, ds, db, block_r, precision)
-        if K > 0 and n_segs > 0:
+        launch_ds(dy, lora_b, scale, ds, seg_table, precision)
+        if N > 0:
+            launch_db(dy, t, db, seg_table, precision)
+        if K > 0:
             launch_da(ds, x, lora_a, seg_table, n_segs, seed, da, block_r, has_dropout, precision)
-        elif K > 0:  # every adapter has rank 0: nothing to reduce
-            da.zero_()
     if need_dx and K > 0:
-        launch_fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), None, ds if R > 0 else None,
-                          lora_a, (lora_a.stride(1), lora_a.stride(0)), seg_table, n_segs, seed, dx,
-                          block_r, lora_dropout=has_dropout, precision=precision)
+        launch_fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), None, ds if R > 0 else None, lora_a,
+                          (lora_a.stride(1), lora_a.stride(0)), R, seg_table, n_segs, seed, dx, block_r,
+                          lora_dropout=has_dropout, precision=precision)
     return dx, da, db
 
 

@@ -7,8 +7,12 @@ Device side: `keep_mask(seed, elem, salt, threshold)` is a @triton.jit helper an
     threshold int32 scalar from `dropout_params(p)`; the element is kept iff (word >> 8) >= threshold
 It returns a bool block shaped like `elem`.
 
-Host side: `dropout_params(p) -> (threshold, inv_keep)` and `segment_table(...)`, the per-launch description
-of rank segments that kernels with per-adapter dropout read on the device.
+`keep_mask_tile(...)` is the same mask for a 2-D tile, with a salt and threshold per row (the one tile function
+every kernel uses, dense or per row).
+
+Host side: `dropout_params(p) -> (threshold, inv_keep)`; `segment_table(...)`, the per-launch description of rank
+segments that dense kernels read on the device; `adapter_table(...)`, the same fields per adapter for per-row
+kernels.
 """
 from __future__ import annotations
 
@@ -53,20 +57,24 @@ def _keep_words(w, threshold):
 def keep_mask_tile(seed, row_elem, col0, salt, threshold, BLOCK_COLS: tl.constexpr, PACKED: tl.constexpr):
     """Keep mask of the [rows, BLOCK_COLS] tile whose element (i, j) has flat index row_elem[i] + col0 + j.
 
-    PACKED (valid when the row length and col0 are multiples of 4): one Philox call yields the 4 words of 4
-    consecutive elements, so the tile costs a quarter of the Philox work and registers of `keep_mask`.
+    The one dropout-tile function of the package. salt and threshold are per row ([rows] int32): a dense kernel
+    passes one adapter's values broadcast over its rows, a per-row kernel each row's own adapter (threshold 0
+    keeps the whole row). PACKED (valid when the row length and col0 are multiples of 4): one Philox call yields
+    the 4 words of 4 consecutive elements, so the tile costs a quarter of the Philox work and registers.
     """
+    salt2 = salt[:, None].to(tl.uint32)
+    threshold2 = threshold[:, None]
     if PACKED:
         quads = (row_elem[:, None] + col0 + 4 * tl.arange(0, BLOCK_COLS // 4)[None, :]) >> 2
         c0 = (quads & 0xFFFFFFFF).to(tl.uint32)
         zero = c0 * 0
-        w0, w1, w2, w3 = tl.philox(seed, c0, (quads >> 32).to(tl.uint32), zero + salt.to(tl.uint32), zero)
+        w0, w1, w2, w3 = tl.philox(seed, c0, (quads >> 32).to(tl.uint32), zero + salt2, zero)
         # join(join(w0, w2), join(w1, w3)) has [.., a, b] = word 2a + b: reshaping puts word l at column 4j + l
-        k = tl.join(tl.join(_keep_words(w0, threshold), _keep_words(w2, threshold)),
-                    tl.join(_keep_words(w1, threshold), _keep_words(w3, threshold)))
+        k = tl.join(tl.join(_keep_words(w0, threshold2), _keep_words(w2, threshold2)),
+                    tl.join(_keep_words(w1, threshold2), _keep_words(w3, threshold2)))
         return tl.reshape(k, (row_elem.shape[0], BLOCK_COLS)) != 0
     else:
-        return keep_mask(seed, row_elem[:, None] + col0 + tl.arange(0, BLOCK_COLS)[None, :], salt, threshold)
+        return keep_mask(seed, row_elem[:, None] + col0 + tl.arange(0, BLOCK_COLS)[None, :], salt2, threshold2)
 
 
 def dropout_params(p: float) -> tuple[int, float]:
@@ -102,28 +110,50 @@ def segment_runs(rank_ptr, dropout_p) -> list[list]:
 _TABLES: dict = {}
 
 
-def segment_table(rank_ptr, dropout_p, block_r: int, device) -> tuple[torch.Tensor, int]:
-    """Rank segments no wider than block_r, each inside one adapter, as an int32 [S, SEG_FIELDS] device tensor.
-
-    Cached per (device, ranks, dropout, block_r): after the first call no host-to-device copy happens, which
-    keeps launches asynchronous and CUDA-graph capturable. Adapters with rank 0 give no segment.
-    """
-    key = (str(device), tuple(int(r) for r in rank_ptr), tuple(float(p) for p in dropout_p), int(block_r))
+def _device_table(key, make_rows, device) -> tuple[torch.Tensor, int]:
+    """(int32 device tensor of make_rows(), row count), made once per key: after the first call no host-to-device
+    copy happens, which keeps launches asynchronous and CUDA-graph capturable. Never empty (a zero row stands in)."""
     hit = _TABLES.get(key)
-    if hit is not None:
-        return hit
-    runs = segment_runs(rank_ptr, dropout_p)
+    if hit is None:
+        rows = make_rows()
+        table = torch.tensor(rows if rows else [[0, 0, 0, 0, _f32_bits(1.0)]], dtype=torch.int32, device=device)
+        hit = (table, len(rows))
+        if len(_TABLES) > 256:  # bound the cache for long-running processes with many layer shapes
+            _TABLES.clear()
+        _TABLES[key] = hit
+    return hit
+
+
+def segment_rows(rank_ptr, dropout_p, block_r: int) -> list:
+    """[lo, hi, salt, threshold, inv_keep bits] per segment: each run of segment_runs cut into block_r pieces."""
     rows = []
-    for lo_run, hi_run, salt, p in runs:
+    for lo_run, hi_run, salt, p in segment_runs(rank_ptr, dropout_p):
         threshold, inv_keep = dropout_params(p)
         for lo in range(lo_run, hi_run, block_r):
             rows.append([lo, min(lo + block_r, hi_run), salt, threshold, _f32_bits(inv_keep)])
-    table = torch.tensor(rows if rows else [[0, 0, 0, 0, _f32_bits(1.0)]], dtype=torch.int32, device=device)
-    hit = (table, len(rows))
-    if len(_TABLES) > 256:  # bound the cache for long-running processes with many layer shapes
-        _TABLES.clear()
-    _TABLES[key] = hit
-    return hit
+    return rows
+
+
+def segment_table(rank_ptr, dropout_p, block_r: int, device) -> tuple[torch.Tensor, int]:
+    """segment_rows as an int32 [S, SEG_FIELDS] device tensor, and S (0: no adapter has a rank)."""
+    key = ("segments", str(device), tuple(int(r) for r in rank_ptr), tuple(float(p) for p in dropout_p),
+           int(block_r))
+    return _device_table(key, lambda: segment_rows(rank_ptr, dropout_p, block_r), device)
+
+
+def adapter_rows(rank_ptr, dropout_p) -> list:
+    """One row per adapter i (rank 0 included), in the segment layout: ranks [lo, hi), salt i, threshold, 1/(1-p)."""
+    rows = []
+    for i in range(len(rank_ptr) - 1):
+        threshold, inv_keep = dropout_params(dropout_p[i])
+        rows.append([int(rank_ptr[i]), int(rank_ptr[i + 1]), i, threshold, _f32_bits(inv_keep)])
+    return rows
+
+
+def adapter_table(rank_ptr, dropout_p, device) -> torch.Tensor:
+    """adapter_rows as an int32 device tensor: per-row kernels look row m's adapter up at row row_ids[m]."""
+    key = ("adapters", str(device), tuple(int(r) for r in rank_ptr), tuple(float(p) for p in dropout_p))
+    return _device_table(key, lambda: adapter_rows(rank_ptr, dropout_p), device)[0]
 
 
 @triton.jit

@@ -7,6 +7,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# What a split reduction (kernels/blocks.py arrive_last) must compile to, checked in the PTX by the codegen gate:
+# every thread's partial stores, then a CTA barrier, then the gpu-scope acq_rel ticket with no global access in
+# between (release), and the ticket broadcast through a barrier before any partial is read back (acquire).
+_NO_GLOBAL_ACCESS = r"(?:(?![ \t]*(?:@\S+\s+)?(?:ld|st)\.global)[^\n]*\n)"
+SPLIT_REDUCTION_PTX = {
+    "release: bar.sync then atom.acq_rel.gpu": r"bar\.sync[^\n]*\n" + _NO_GLOBAL_ACCESS + r"{0,40}?[^\n]*"
+                                                 r"atom\.global\.gpu\.acq_rel\.add",
+    "acquire: atom.acq_rel.gpu then bar.sync": r"atom\.global\.gpu\.acq_rel\.add[^\n]*\n" + _NO_GLOBAL_ACCESS +
+                                                 r"{0,40}?[^\n]*bar\.sync",
+}
+
 
 @dataclass(frozen=True)
 class KernelSpec:
