@@ -29,9 +29,9 @@ def test_split_shrink_adds_only_its_partials():
     before = cost_model.estimate("fused_before", shape)
     after = cost_model.estimate("fused", shape)
     shrink = after.launches[0]
-    assert "K splits" in shrink.note and shrink.programs >= 2 * 132  # fills the GPU (issue 13)
-    assert after.bytes == before.bytes  # the fp32 partials stay in L2: written and summed at once
-    assert 0 < shrink.l2_bytes < 0.02 * before.bytes
+    assert "split" in (shrink.name + shrink.note) and shrink.programs >= 2 * 132  # fills the GPU (issue 13)
+    assert before.launches[0].programs == 8192 // 64  # one program per 64 rows at dd3ed58
+    assert before.bytes <= after.bytes < 1.02 * before.bytes  # the fp32 partials are all it adds
 
 
 def test_decode_fused_is_one_launch_reading_w_once():
@@ -39,7 +39,8 @@ def test_decode_fused_is_one_launch_reading_w_once():
     merged = cost_model.estimate("merged", Shape("forward", 16, 4096, 4096, 16), "H100")
     assert len(fused.launches) == 1
     assert fused.flops > merged.flops  # the shrink recomputed per column tile...
-    assert fused.gpu_s < merged.gpu_s * 1.05  # ...costs nothing while W's bytes bound the time
+    # ...costs nothing while W's bytes bound the time: only the split partials (< 10% of W) come on top
+    assert fused.gpu_s < merged.gpu_s * 1.1
 
 
 @pytest.mark.parametrize("regs, smem_kib, warps, ctas", [(116, 96, 8, 2), (76, 72, 8, 3), (123, 80, 4, 2),

@@ -207,17 +207,17 @@ def test_composition_adds_the_rank_term_in_place_into_the_base_output(monkeypatc
 
 
 # ---- the decision rules -------------------------------------------------------------------------------------------
-def test_forced_path_and_bad_value(monkeypatch):
-    monkeypatch.setenv("FUSED_LORA_DISPATCH", "cublas")
+def test_forced_path_and_bad_value(force):
+    force("cublas")
     d = cuda_dispatch.decide("forward", "cpu", torch.float16, 512, 4096, 4096, 16)
     assert (d.path, d.source) == ("cublas", "forced")
-    monkeypatch.setenv("FUSED_LORA_DISPATCH", "sideways")
+    force("sideways")
     with pytest.raises(ValueError, match="FUSED_LORA_DISPATCH='sideways'"):
         cuda_dispatch.decide("forward", "cpu", torch.float16, 512, 4096, 4096, 16)
 
 
-def test_cpu_tensors_take_the_triton_kernels(monkeypatch):
-    monkeypatch.delenv("FUSED_LORA_DISPATCH", raising=False)
+def test_cpu_tensors_take_the_triton_kernels(force):
+    force("auto")
     d = cuda_dispatch.decide("forward", "cpu", torch.float16, 8192, 4096, 4096, 16)
     assert (d.path, d.source) == ("fused", "not cuda")
 
@@ -306,3 +306,8 @@ def test_tune_space_measures_the_decision_under_the_key_decide_reads():
         for config in (case.default, case.candidates[0]):
             err = (run.launch(config).double() - run.reference).abs().max().item()
             assert err < run.atol, (case.shape_class, config, err)
+
+
+def test_model_decides_per_power_of_two_bucket_of_tokens():
+    assert [cuda_dispatch.model_tokens(M) for M in (0, 1, 2, 3, 64, 65, 2048, 2049)] == [1, 1, 2, 4, 64, 128, 2048,
+                                                                                          4096]

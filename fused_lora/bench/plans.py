@@ -12,8 +12,9 @@ Implementations:
     vllm          mixed batches, vLLM/Punica: base GEMM once, then SGMV shrink and expand (modelled as memory-bound
                   kernels at cuBLAS-like efficiency: an assumption)
 
-`fused_launches` is the one switch for the "after" plan: it takes kernels/launch_plan.py's launches when that
-module offers `launches(op, shape)` and falls back to this file's own mirror of the launchers otherwise.
+`fused_launches` is the one switch for the Triton plans: it takes kernels/launch_plan.py's launches (plan and
+plan_before, computed by the launchers' own config/grid/split functions) when that module is importable, and falls
+back to this file's own mirror of the launchers otherwise (own_fused_launches).
 Compulsory bytes: every operand read once per launch, every result written once. A GEMM's tile re-reads through
 L2 are part of its core efficiency assumption; l2_bytes holds the traffic that stays in L2 on top: split-K
 partials (small, written and read back at once) and abnormal re-reads (a whole W per row tile).
@@ -326,18 +327,81 @@ def own_fused_launches(s: Shape, before: bool = False, core: str = "tutorial") -
     return bwd if s.op == "backward" else fwd + bwd
 
 
-def launch_plan_source() -> str:
-    """Which plan the "fused" implementation uses: kernels/launch_plan.py when it offers one, else this file's."""
+def _launch_plan_module():
     try:
-        from fused_lora.kernels import launch_plan  # noqa: F401
-    except Exception:
-        return "fused_lora/bench/plans.py (own mirror of the launchers)"
-    return "fused_lora/bench/plans.py (own mirror; kernels/launch_plan.py present but not yet adapted)"
+        from fused_lora.kernels import launch_plan
+    except Exception:  # no Triton, or the module is absent: the own mirror above stands in
+        return None
+    return launch_plan if hasattr(launch_plan, "plan") and hasattr(launch_plan, "plan_before") else None
 
 
-def fused_launches(s: Shape, core: str = "tutorial") -> List[Launch]:
-    """The switch: the "after" plan of the Triton path."""
-    return own_fused_launches(s, before=False, core=core)
+def launch_plan_source() -> str:
+    """Which plans the "fused" and "fused_before" implementations use."""
+    if _launch_plan_module() is not None:
+        return ("kernels/launch_plan.py (the launchers' own config, grid and split functions; before = its frozen "
+                "copy of dd3ed58)")
+    return "fused_lora/bench/plans.py (own mirror of the launchers; kernels/launch_plan.py unavailable)"
+
+
+_OPS = {"forward": ["forward"], "backward": ["backward"], "forward_backward": ["forward", "backward"],
+        "mixed_forward": ["rows_forward"], "mixed_backward": ["rows_backward"]}
+_TOKENS = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK", "BLOCK_R": "BR"}
+
+
+def _occupancy_of(lp_launch, kernel: str, dt: str, stages: int, before: bool) -> Occupancy:
+    cfg = lp_launch.config
+    if before:
+        bm = cfg.get("BLOCK_M", 64)
+        known = {"small_m": "small_m_16" if bm == 16 else "small_m_64", "shrink": "shrink",
+                 "fused_gemm": "fused_gemm_128" if bm == 128 else "fused_gemm_64", "rows_gemm": "rows_gemm",
+                 "rows_shrink": "shrink"}.get(kernel)
+        if known:
+            return _BEFORE_OCC[known]
+    fallback = Occupancy(128, stages * lp_launch.step_bytes, int(cfg.get("num_warps", 4)),
+                         "estimated (shared = stages x step bytes)")
+    tokens = [f"{short}={cfg[key]}" for key, short in _TOKENS.items() if key in cfg]
+    for want in (tokens + [dt], tokens[:2] + [dt], [dt]):
+        occ = occupancy.lookup(kernel, want, None) if not before else None
+        if occ is not None and occ.source != "estimated":
+            return occ
+    return fallback
+
+
+def _from_launch_plan(lp_launch, e: int, core: str, before: bool) -> Launch:
+    """kernels/launch_plan.Launch -> this model's Launch. A GEMM core's tile re-reads through L2 belong to its
+    efficiency assumption; every other kernel's L2 -> SM traffic (re-reads, split partials) is bounded by L2."""
+    kernel = lp_launch.kernel.replace("_kernel", "").strip("_")
+    cfg = lp_launch.config
+    stages = int(cfg.get("num_stages", 3))
+    gemm_core = kernel == "fused_gemm"
+    use_tma = gemm_core and core == "tma" and e == 2 and not before
+    name = "fused_gemm_tma" if use_tma else kernel
+    occ = _occupancy_of(lp_launch, name, "bf16" if e == 2 else "fp32", stages + (1 if use_tma else 0), before)
+    depth = min(stages - 1, lp_launch.steps) if lp_launch.steps else stages - 1
+    return Launch(f"{name}: {lp_launch.note}" if lp_launch.note else name, lp_launch.hbm_bytes, lp_launch.flops,
+                  "triton", programs=lp_launch.programs, occupancy=occ,
+                  in_flight=max(1, depth) * lp_launch.step_bytes,
+                  l2_bytes=0.0 if gemm_core else lp_launch.l2_bytes(e), core="tma" if use_tma else "tutorial")
+
+
+def _launch_plan_launches(lp, s: Shape, before: bool, core: str) -> List[Launch]:
+    mixed = s.op.startswith("mixed")
+    n = s.n_adapters if mixed else 1
+    shape = lp.Shape(s.M, s.N, s.K, [s.r] * n, s.dtype, 0.1 if s.dropout else 0.0,
+                     lp.interleaved(s.M, n) if mixed else None)
+    out = []
+    for op in _OPS[s.op]:
+        launches = lp.plan_before(op, shape) if before else lp.plan(op, shape)
+        out += [_from_launch_plan(lc, s.e, core, before) for lc in launches]
+    return out
+
+
+def fused_launches(s: Shape, core: str = "tutorial", before: bool = False) -> List[Launch]:
+    """The switch: kernels/launch_plan.py's plans when available, this file's own mirror otherwise."""
+    lp = _launch_plan_module()
+    if lp is not None:
+        return _launch_plan_launches(lp, s, before, core)
+    return own_fused_launches(s, before=before, core=core)
 
 
 def launches(impl: str, s: Shape, core: str = "tutorial") -> List[Launch]:
@@ -356,7 +420,7 @@ def launches(impl: str, s: Shape, core: str = "tutorial") -> List[Launch]:
     if impl == "fused":
         return fused_launches(s, core)
     if impl == "fused_before":
-        return own_fused_launches(s, before=True)
+        return fused_launches(s, before=True)
     raise ValueError(f"no plan for implementation {impl!r}; expected one of {', '.join(IMPLS)}")
 
 

@@ -6,7 +6,8 @@ This module implements the op contract (CONTRACT.md) by forwarding every call to
     cublas   fused_lora.ops.cublas_backend (cuBLAS base GEMM, rank term added with beta = 1)
 
 Who decides, first match wins (`decide`):
-    1. FUSED_LORA_DISPATCH=fused|cublas forces one path for every call (auto, the default, does not).
+    1. FUSED_LORA_DISPATCH=fused|cublas forces one path for every call (auto, the default, does not); read once
+       per process, like kernels/tuned.py's settings (clear_cache() re-reads it).
     2. Tensors not on a CUDA device (the interpreter in tests) take the Triton kernels: nothing to model there.
     3. A measurement: the GPU check kit's tuned file for this GPU (kernels/tuned.py), kernel "dispatch", shape
        class `shape_class(...)`, entry config {"path": "fused" | "cublas"}. Where a GPU has timed a shape class,
@@ -16,7 +17,8 @@ Who decides, first match wins (`decide`):
        0.75x cuBLAS, the lowest per-SM bandwidth, ...). A margin inside that uncertainty goes to cuBLAS, so an
        unmeasured shape is never slower than cuBLAS by construction. Memory-bound decode stays fused: one launch
        that reads W once against a GEMV plus four small launches.
-Decisions are cached per (op, device, dtype, shape): a call costs one dict lookup after the first.
+Decisions are cached per (op, device, dtype, shape), with M rounded up to a power of two for the model
+(`model_tokens`): a call costs one dict lookup after the first of its bucket.
 `python -m fused_lora info --explain M N K r dtype` prints a decision and both plans.
 """
 from __future__ import annotations
@@ -43,13 +45,19 @@ class Decision:
     reason: str
 
 
+_UNREAD = object()
+_forced = _UNREAD
+
+
 def forced_path() -> Optional[str]:
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value == "auto":
-        return None
-    if value not in PATHS:
-        raise ValueError(f"{ENV}={value!r} is not one of auto, {', '.join(PATHS)}")
-    return value
+    """FUSED_LORA_DISPATCH as a path, None for auto; read once per process (clear_cache() re-reads it)."""
+    global _forced
+    if _forced is _UNREAD:
+        value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+        if value not in ("auto",) + PATHS:
+            raise ValueError(f"{ENV}={value!r} is not one of auto, {', '.join(PATHS)}")
+        _forced = None if value == "auto" else value
+    return _forced
 
 
 def _bucket(value: int, edges: List[int], name: str) -> str:
@@ -120,14 +128,27 @@ def decide(op: str, device, dtype: torch.dtype, M: int, N: int, K: int, r: int, 
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     device = torch.device(device)
-    forced = forced_path()
+    return _decide_on(op, device.type, device.index, dtype, model_tokens(M), N, K, r, bool(dropout), n_adapters,
+                      bool(adapters_fp32), forced_path())
+
+
+@lru_cache(maxsize=4096)
+def _decide_on(op: str, device_type: str, index: Optional[int], dtype: torch.dtype, M: int, N: int, K: int, r: int,
+               dropout: bool, n_adapters: int, adapters_fp32: bool, forced: Optional[str]) -> Decision:
+    # M is a power of two here (model_tokens): the tuned classes' edges are powers of two, so the key is M's own
     name, tuned, core = None, None, "tutorial"
-    if forced is None and device.type == "cuda":
+    if forced is None and device_type == "cuda":
+        device = torch.device(device_type, index if index is not None else torch.cuda.current_device())
         name = torch.cuda.get_device_name(device)
         tuned = _tuned_path(device, shape_class(op, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32))
         core = gemm_core(device, dtype, M)
-    return _decide(op, device.type, name, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32, core, forced,
-                   tuned)
+    return _decide(op, device_type, name, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32, core, forced, tuned)
+
+
+def model_tokens(M: int) -> int:
+    """The token count the model decides for: M rounded up to a power of two. Serving sees many distinct M; this
+    keeps the cache small and plans cheap, and the decode/prefill boundary (64) is a power of two."""
+    return 1 if M <= 1 else 1 << (M - 1).bit_length()
 
 
 def gemm_core(device, dtype: torch.dtype, M: int) -> str:
@@ -141,7 +162,12 @@ def gemm_core(device, dtype: torch.dtype, M: int) -> str:
 
 
 def clear_cache() -> None:
+    """Forget every decision and re-read FUSED_LORA_DISPATCH (after changing it, a tuned file or
+    FUSED_LORA_GEMM_CORE)."""
+    global _forced
+    _forced = _UNREAD
     _decide.cache_clear()
+    _decide_on.cache_clear()
 
 
 # ---- the op contract ------------------------------------------------------------------------------------------
