@@ -29,7 +29,7 @@ def shown(name: str, value: Any) -> str:
         return describe(name, value)
     text = repr(value)
     if len(text) > _SHOWN_CHARS:
-        text = text[:_SHOWN_CHARS] + "...]"
+        text = text[:_SHOWN_CHARS] + "..."
     return f"{name}={text}"
 
 
@@ -112,7 +112,8 @@ def check_adapters(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, 
     if lora_a.dtype != lora_b.dtype:
         raise TypeError(f"{describe('lora_a', lora_a)} and {describe('lora_b', lora_b)} must share a dtype")
     if lora_a.dtype not in (x.dtype, torch.float32, torch.float64):
-        raise TypeError(f"adapters ({lora_a.dtype}) must have x's dtype ({x.dtype}) or float32")
+        raise TypeError(f"{describe('lora_a', lora_a)} and lora_b must have x's dtype ({x.dtype}) or float32 "
+                        f"(x: {describe('x', x)})")
     require_same_device([("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)])
 
 
