@@ -63,6 +63,9 @@ def _curve_panel(ax, key, by_impl):
         ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, markersize=5, capsize=3, linewidth=1.4,
                     label=impl)
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    ys = [rec["ratio_vs_merged"] for recs in by_impl.values() for rec in recs]
+    if max(ys) > 8 * min(ys):  # PEFT's mixed batches run to tens of x merged: keep the small ratios readable
+        ax.set_yscale("log")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
     ax.minorticks_off()
