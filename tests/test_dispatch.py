@@ -153,6 +153,7 @@ ROW_CASES = [
     (12, 24, 20, [1, 4, 2], [0.0, 0.25, 0.0], torch.float16, torch.float16, False, "contiguous"),
     (9, 32, 16, [16, 5], [0.0, 0.0], torch.bfloat16, torch.float32, True, "contiguous"),
     (0, 16, 8, [2, 2], [0.0, 0.0], torch.float32, torch.float32, False, "contiguous"),
+    (10, 16, 12, [3, 0, 2], [0.0, 0.0, 0.5], torch.float32, torch.float32, True, "col_stride"),
 ]
 
 
