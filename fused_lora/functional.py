@@ -135,10 +135,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     bias broadcast, or zeros).
 
     lora_a [R, K] and lora_b [N, R] hold one adapter, or several stacked along the rank axis with their ranks in
-    `rank_splits` (integers). `scaling`: a number, one number (or 0-d tensor) per adapter, or a tensor, 0-d or
-    per rank [R] (a tensor that requires grad trains, as AdaLoRA's lora_E). `dropout_p`: one rate (a number or a
-    0-d tensor) or one per adapter, in [0, 1); applied to the LoRA path only, and only when `training`.
-    Python numbers must be finite; tensor scalings are not read on the host (no device sync).
+    `rank_splits` (integers, not floats). `scaling`: a real number (not a bool), one per adapter (numbers or 0-d
+    tensors), or a tensor, 0-d or per rank [R] (a tensor that requires grad trains, as AdaLoRA's lora_E).
+    `dropout_p`: one rate (a number or a 0-d tensor) or one per adapter, in [0, 1); applied to the LoRA path only,
+    and only when `training`. Numbers must be finite. Rates and per-adapter scalings given as 0-d tensors are read
+    on the host (one sync each on CUDA); a tensor `scaling` is not read on the host (its values are not checked).
+    Bad values raise TypeError/ValueError naming the argument and echoing the value given.
     x, weight and bias follow F.linear: one dtype, one device; the adapters have x's dtype or float32.
     Under torch.autocast the operands are cast as nn.Linear's are (module docstring).
     """
