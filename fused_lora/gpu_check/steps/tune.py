@@ -33,16 +33,20 @@ DRY_RUN_GPU = "dry-run cpu (not a GPU)"
 
 
 def discover() -> Tuple[List, List[str], set]:
-    """([TuneCase], problems, {(kernel, shape_class) of the quick selection}): the kernel modules' own tune_space()
-    first (a case whose description starts with "quick" joins the quick selection), the interim spaces for the
+    """([TuneCase], problems, {(kernel, shape_class) of the quick selection}): the kernel modules' (and the CUDA
+    dispatch's) own tune_space() first (a case whose description starts with "quick" joins the quick selection), the interim spaces for the
     rest."""
     import fused_lora.kernels as package
     from fused_lora.kernels.tuned import TuneCase
 
     cases, problems, quick = [], [], set()
-    for info in pkgutil.iter_modules(package.__path__):
+    # the kernel modules, plus the CUDA dispatch: it lives in fused_lora.ops because it composes two backends, and
+    # its decision (fused kernels or the cuBLAS composition, per shape class) is measured like a kernel config
+    modules = [f"fused_lora.kernels.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
+    modules.append("fused_lora.ops.cuda_dispatch")
+    for name in modules:
         try:
-            module = importlib.import_module(f"fused_lora.kernels.{info.name}")
+            module = importlib.import_module(name)
             space = getattr(module, "tune_space", None)
             if space is not None:
                 for case in space():
@@ -50,7 +54,7 @@ def discover() -> Tuple[List, List[str], set]:
                         raise TypeError(f"tune_space() gave {type(case).__name__}, not TuneCase")
                     cases.append(case)
         except Exception as exc:  # noqa: BLE001 - one broken module must not hide the others
-            problems.append(f"fused_lora.kernels.{info.name}.tune_space: {type(exc).__name__}: {exc}")
+            problems.append(f"{name}.tune_space: {type(exc).__name__}: {exc}")
     have = {(c.kernel, c.shape_class) for c in cases}
     interim, interim_problems = interim_cases()
     problems += interim_problems
