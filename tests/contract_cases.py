@@ -222,7 +222,7 @@ assert len(_names) == len(set(_names)), "case names must be unique"
 # ---- backends ----
 @dataclass(frozen=True)
 class Backend:
-    name: str                       # the test id: reference, cpp[<isa>], triton, cuda
+    name: str                       # the test id: reference, cpp[<isa>], cublas, triton, cuda, cuda[cublas]
     env: str                        # FUSED_LORA_BACKEND while the case runs
     device: str = "cpu"
     isa: Optional[str] = None       # cpp: the ISA path forced for the case (cpp_backend.use_isa)
@@ -276,6 +276,8 @@ def available_backends(device_option: str = "cpu") -> list[Backend]:
     tensors (the interpreter is off for the whole process then, see tests/conftest.py)."""
     out = [Backend("reference", "reference")]
     out += _cpp_backends()
+    # the cuBLAS composition the CUDA dispatch may pick per shape: plain torch ops, so it runs on CPU tensors too
+    out.append(Backend("cublas", "cublas"))
     try:
         import triton  # noqa: F401
         triton_missing = None
@@ -283,6 +285,7 @@ def available_backends(device_option: str = "cpu") -> list[Backend]:
         triton_missing = f"triton not installed ({exc})"
     if device_option == "cuda":
         out.append(Backend("cuda", "triton", device="cuda", unavailable=triton_missing))
+        out.append(Backend("cuda[cublas]", "cublas", device="cuda"))
     elif os.environ.get("TRITON_INTERPRET") == "1":
         out.append(Backend("triton", "triton", interpreter=True, unavailable=triton_missing))
     return out

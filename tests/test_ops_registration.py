@@ -6,7 +6,7 @@ import fused_lora
 from fused_lora import ops
 from fused_lora.ops import backends
 
-CPU_BACKENDS = ["cpp", "reference"]
+CPU_BACKENDS = ["cpp", "reference", "cublas"]
 
 
 def _fwd_args(M=7, K=20, N=11, ranks=(3, 5), bias=True, dtype=torch.float32):
@@ -49,7 +49,7 @@ def test_opcheck_rows_merge_and_mask(cpu_backend):
 
 def test_backend_names_are_checked(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "cuda-magic")
-    with pytest.raises(ValueError, match=r"FUSED_LORA_BACKEND='cuda-magic' is not one of auto, triton, cpp"):
+    with pytest.raises(ValueError, match=r"FUSED_LORA_BACKEND='cuda-magic' is not one of auto, triton, cublas, cpp"):
         fused_lora.lora_linear(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(1, 4), torch.randn(3, 1), 1.0)
 
 

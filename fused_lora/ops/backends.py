@@ -1,8 +1,13 @@
 """Which implementation runs an op: decided here, once per call, from the tensors' device and FUSED_LORA_BACKEND.
 
-    FUSED_LORA_BACKEND unset/"auto": CUDA tensors -> Triton; CPU tensors -> the C++ backend (plain torch if it
-                                     was not built, said once by a warning and by fused_lora.backend_info()).
-    "triton":    Triton launchers, also for CPU tensors (then TRITON_INTERPRET=1 is required).
+    FUSED_LORA_BACKEND unset/"auto": CUDA tensors -> fused_lora.ops.cuda_dispatch, which picks per shape between
+                                     the Triton kernels and the cuBLAS composition (never the slower one by its
+                                     measurement or model); CPU tensors -> the C++ backend (plain torch if it was
+                                     not built, said once by a warning and by fused_lora.backend_info()).
+    "triton":    the CUDA dispatch (Triton kernels, or the cuBLAS composition where it decides so), also for CPU
+                 tensors (then TRITON_INTERPRET=1 is required, and the dispatch always takes the Triton kernels).
+    "cublas":    the cuBLAS composition (fused_lora.ops.cublas_backend: torch GEMMs, rank term with beta = 1) on
+                 any device: forced, and how tests run it on CPU tensors.
     "cpp":       the C++ backend (CPU tensors only).
     "reference": plain torch (fused_lora.reference), any device.
 """
@@ -14,7 +19,7 @@ import warnings
 from functools import lru_cache
 from types import ModuleType
 
-_CHOICES = ("auto", "triton", "cpp", "reference")
+_CHOICES = ("auto", "triton", "cublas", "cpp", "reference")
 
 
 class BackendUnavailable(RuntimeError):
@@ -39,7 +44,7 @@ def _import_cpp() -> tuple[ModuleType | None, str]:
 @lru_cache(maxsize=None)
 def _import_triton() -> tuple[ModuleType | None, str]:
     try:
-        return importlib.import_module("fused_lora.ops.triton_backend"), ""
+        return importlib.import_module("fused_lora.ops.cuda_dispatch"), ""
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -76,6 +81,8 @@ def backend_for(device: "torch.device") -> ModuleType:  # noqa: F821
     name = requested_backend()
     if name == "reference":
         return importlib.import_module("fused_lora.reference")
+    if name == "cublas":
+        return importlib.import_module("fused_lora.ops.cublas_backend")
     if name == "triton":
         return _triton_for(device.type)
     if name == "cpp":

@@ -32,9 +32,27 @@ def _t_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _device_impl(device: torch.device):
+    """Where the mask and the merge come from: the Triton kernels for CUDA tensors (the mask is bit-identical on
+    every backend by the contract; the fused merge has no full-size temporary), plain torch elsewhere (this module
+    also runs on CPU tensors, where tests hold it to the contract)."""
+    if device.type == "cuda":
+        from fused_lora.ops import triton_backend
+        return triton_backend
+    from fused_lora import reference
+    return reference
+
+
+def dropout_keep(seed: Tensor, M: int, K: int, p: float, salt: int) -> Tensor:
+    return _device_impl(seed.device).dropout_keep(seed, M, K, p, salt)
+
+
+def lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):
+    return _device_impl(weight.device).lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe)
+
+
 def _keep(seed: Tensor, M: int, K: int, p: float, salt: int) -> Tensor:
-    # the mask every backend regenerates bit for bit; the op picks its implementation for seed's device
-    from fused_lora.ops import dropout_keep
+    # the mask every backend regenerates bit for bit
     return dropout_keep(seed, M, K, float(p), int(salt))
 
 
