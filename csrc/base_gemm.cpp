@@ -1,6 +1,7 @@
 // The big product (x @ W^T forward, dy @ W backward) always comes from a vendor GEMM; this file decides how
 // it meets the LoRA term, so that the output is rounded as few times as the available GEMMs allow at full
-// speed (see LoraOutput in common.h).
+// speed (see LoraOutput in common.h). Every operand reaches the vendor GEMM rows packed (gemm_operand): a caller's
+// row-strided x or dy is copied first, since oneDNN's AMX kernels read past the end of each row.
 #include "common.h"
 
 #include <dlfcn.h>
@@ -55,6 +56,23 @@ bool fits_int(int64_t v) { return v >= 0 && v <= static_cast<int64_t>(INT32_MAX)
 
 }  // namespace
 
+at::Tensor gemm_operand(const at::Tensor& t) {
+  if (t.dim() != 2) return t.contiguous();
+  if (t.numel() == 0 || (t.stride(1) == 1 && t.stride(0) == t.size(1))) return t;
+  // Not contiguous(): a single padded row counts as contiguous and would come back as is.
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
+void check_float_operands(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> operands) {
+  for (const auto& [name, t] : operands) {
+    if (!t->defined()) continue;
+    const auto dtype = t->scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+                     "fused_lora_cpu.", op, ": ", name, " has dtype torch.", c10::getDtypeNames(dtype).first,
+                     "; expected torch.float32, torch.float16, torch.bfloat16 or torch.float64");
+  }
+}
+
 at::Tensor LoraOutput::finish() {
   if (acc.data_ptr() != out.data_ptr() || acc.scalar_type() != out.scalar_type()) {
     if (out.numel() > 0) out.copy_(acc);
@@ -82,7 +100,8 @@ LoraOutput make_lora_output(int64_t M, int64_t N, at::ScalarType dtype) {
 void base_gemm_before_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
   if (!o.base_first() || o.out.numel() == 0) return;
   // beta = 0: no read of the output (Kc = 0 gives zeros, the empty sum).
-  at::mm_out(o.out, a, b_transposed ? b.t() : b);
+  const at::Tensor bp = gemm_operand(b);
+  at::mm_out(o.out, gemm_operand(a), b_transposed ? bp.t() : bp);
 }
 
 void base_gemm_after_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed) {
@@ -90,18 +109,16 @@ void base_gemm_after_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& 
   const int64_t M = a.size(0), Kc = a.size(1);
   const int64_t N = b_transposed ? b.size(0) : b.size(1);
   if (M == 0 || N == 0 || Kc == 0) return;
-  const at::Tensor bmat = b_transposed ? b.t() : b;
+  const at::Tensor ac = gemm_operand(a), bc = gemm_operand(b);
   if (o.acc.scalar_type() == a.scalar_type()) {
     // fp32: the vendor GEMM reads the LoRA term as C with beta = 1.
-    o.acc.addmm_(a, bmat);
+    o.acc.addmm_(ac, b_transposed ? bc.t() : bc);
     return;
   }
   // 16-bit inputs accumulated into the fp32 buffer: MKL mixed GEMM, C (fp32) += A @ op(B).
   const MixedGemmFn gemm = mixed_gemm_for(a.scalar_type());
   TORCH_CHECK(gemm != nullptr, "fused_lora_cpu: internal: no mixed-precision GEMM for ", a.scalar_type());
-  at::Tensor ac = (a.stride(1) == 1 && a.stride(0) >= Kc) ? a : a.contiguous();
-  const at::Tensor bc = b.contiguous();
-  const int64_t lda = ac.stride(0);
+  const int64_t lda = Kc;
   const int64_t ldb = bc.size(1);
   TORCH_CHECK(fits_int(Kc) && fits_int(lda) && fits_int(ldb), "fused_lora_cpu: GEMM dimension exceeds int32");
   gemm(kRowMajor, kNoTrans, b_transposed ? kTrans : kNoTrans, static_cast<int>(M), static_cast<int>(N),

@@ -6,15 +6,11 @@
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
-// Hot loops get one clone per x86-64 ISA level, picked at load time, so that a portable -O3 build still runs
-// AVX-512/AVX2 code where the CPU has it.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FUSED_LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FUSED_LORA_CLONES
-#endif
+#include "isa.h"
 
 namespace fused_lora_cpu {
 
@@ -38,7 +34,7 @@ void dropout_row_multipliers(const DropoutPlan& plan, int64_t row, int64_t K, fl
 // keep[i] for the flat elements [e0, e0 + count) of the logical [M, K] input.
 void dropout_keep_flat(const DropoutPlan& plan, int64_t e0, int64_t count, bool* keep);
 
-// dst[i] *= mult[i] (vectorised clone per ISA).
+// dst[i] *= mult[i] (the active ISA level's build).
 void multiply_inplace(float* dst, const float* mult, int64_t n);
 // dst[i] = a[i] * mult[i]
 void multiply_into(float* dst, const float* a, const float* mult, int64_t n);
@@ -61,6 +57,17 @@ void add_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, const 
 
 // fp32 view of a contiguous buffer as a tensor (no copy).
 at::Tensor fp32_view(float* data, int64_t rows, int64_t cols);
+
+// A 2-D operand as every vendor GEMM call here receives it: rows packed (stride(0) == size(1), stride(1) == 1), so
+// nothing but the operand's own elements lies between its rows. The tensor itself when it is so already (every
+// contiguous input), else a packed copy. Why: oneDNN's AMX brgemm (bf16/fp16, and fp32 under torch's bf16 matmul
+// precision) reads each row's K tail up to a multiple of 32 columns and relies on B's zero padding to cancel the
+// extra columns (uxlfoundation/oneDNN#5717); a NaN/Inf in a row's padding survives x * 0 and reaches the output.
+at::Tensor gemm_operand(const at::Tensor& t);
+
+// TypeError naming the op, the operand and its dtype unless the dtype is one the ops compute in
+// (float32, float16, bfloat16, float64). Undefined tensors (an absent bias) pass.
+void check_float_operands(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> operands);
 
 // An output being assembled in fp32-accumulate semantics from the base GEMM and the LoRA term (+ bias).
 //   fp32:                acc is the output itself: the LoRA term is written first, then the GEMM adds onto it

@@ -39,10 +39,13 @@ AdapterRanks adapter_ranks(at::IntArrayRef rank_ptr, const std::vector<DropoutPl
   return a;
 }
 
-// x rows [row0, row0 + rows) as an fp32 matrix with unit column stride: a view of x when x is such a matrix
-// already, else converted into `buf`.
+// x rows [row0, row0 + rows) as a packed fp32 matrix (a GEMM operand, see gemm_operand): a view of x when x is
+// fp32 with packed rows already, else converted into `buf` (a row-strided fp32 x too: its padding must not reach
+// the GEMM).
 at::Tensor x_block_fp32(const at::Tensor& x, int64_t row0, int64_t rows, std::vector<float>& buf) {
-  if (x.scalar_type() == at::kFloat && (x.stride(1) == 1 || x.size(1) <= 1)) return x.narrow(0, row0, rows);
+  const int64_t K = x.size(1);
+  if (K == 0) return at::empty({rows, 0}, at::kFloat);
+  if (x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.stride(0) == K) return x.narrow(0, row0, rows);
   buf.resize(rows * x.size(1));
   rows_fp32(x, row0, rows, buf.data());
   return fp32_view(buf.data(), rows, x.size(1));
@@ -68,6 +71,9 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& lora_b, const at::Tensor& scale,
                                             at::IntArrayRef rank_ptr, at::ArrayRef<double> dropout_p,
                                             const at::Tensor& seed) {
+  const at::Tensor bias_t = bias.has_value() ? *bias : at::Tensor();
+  check_float_operands("lora_fwd", {{"x", &x}, {"weight", &weight}, {"bias", &bias_t}, {"lora_a", &lora_a},
+                                    {"lora_b", &lora_b}, {"scale", &scale}});
   if (computes_in_float64({&x, &weight, &lora_a})) {
     return lora_fwd_float64(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed);
   }
@@ -123,6 +129,8 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& scale, const at::Tensor& t, at::IntArrayRef rank_ptr,
     at::ArrayRef<double> dropout_p, const at::Tensor& seed, bool need_dx) {
+  check_float_operands("lora_bwd", {{"dy", &dy}, {"x", &x}, {"weight", &weight}, {"lora_a", &lora_a},
+                                    {"lora_b", &lora_b}, {"scale", &scale}, {"t", &t}});
   if (computes_in_float64({&dy, &x, &weight, &lora_a})) {
     return lora_bwd_float64(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx);
   }
@@ -213,7 +221,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
         xdrop.resize(rows * K);
         masked_rows(x_fp32(), plans[i], row0, rows, mult.data(), xdrop.data());
         const at::Tensor xd = fp32_view(xdrop.data(), rows, K);
-        const at::Tensor dsi = ds.narrow(1, lo, r);
+        const at::Tensor dsi = gemm_operand(ds.narrow(1, lo, r));  // without the other adapters' columns
         if (!outer_acc_direct(xd, ds.const_data_ptr<float>() + lo, R, r, da.data_ptr<float>() + lo * K)) {
           da.narrow(0, lo, r).addmm_(dsi.t(), xd);
         }

@@ -11,7 +11,8 @@ namespace fused_lora_cpu {
 
 namespace {
 
-at::Tensor f64(const at::Tensor& t) { return t.to(at::kDouble); }
+// float64 operands for the GEMMs below, rows packed like every vendor GEMM operand in this backend (gemm_operand).
+at::Tensor f64(const at::Tensor& t) { return gemm_operand(t.to(at::kDouble)); }
 
 // v * keep * inv_keep, where row r of v is logical row rows[r] of the [M, K] input (row r when rows is null):
 // the multiplications of fused_lora.reference, so that both give the same float64 bits.
@@ -85,7 +86,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd_float64(
   for (size_t i = 0; i < plans.size(); ++i) {
     const int64_t lo = rank_ptr[i], r = rank_ptr[i + 1] - lo;
     if (r == 0) continue;
-    const at::Tensor ds_i = ds.narrow(1, lo, r);
+    const at::Tensor ds_i = gemm_operand(ds.narrow(1, lo, r));
     da.narrow(0, lo, r).copy_(at::mm(ds_i.t(), dropped(x64, plans[i], nullptr)));
     // the mask applies to the [M, K] product dS_i A_i before it joins dx
     if (need_dx) dx.add_(dropped(at::mm(ds_i, a64.narrow(0, lo, r)), plans[i], nullptr));
@@ -114,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd_float64(const at::Tensor& x, co
     const at::Tensor xg = dropped(x64.index_select(0, idx), plans[i], idx.const_data_ptr<int64_t>());
     const at::Tensor ti = at::mm(xg, a64.narrow(0, lo, r).t()).mul_(s64.narrow(0, lo, r));
     t.narrow(1, 0, r).index_copy_(0, idx, ti);
-    y.index_add_(0, idx, at::mm(ti, b64.narrow(1, lo, r).t()));
+    y.index_add_(0, idx, at::mm(ti, gemm_operand(b64.narrow(1, lo, r)).t()));
   }
   return {y.to(x.scalar_type()), t};
 }
@@ -136,8 +137,8 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd_floa
     if (r == 0 || idx.numel() == 0) continue;  // an adapter without rows gets zero gradients
     const int64_t* idx_data = idx.const_data_ptr<int64_t>();
     const at::Tensor dyg = dy64.index_select(0, idx);
-    db.narrow(1, lo, r).copy_(at::mm(dyg.t(), t64.index_select(0, idx).narrow(1, 0, r)));
-    const at::Tensor ds = at::mm(dyg, b64.narrow(1, lo, r)).mul_(s64.narrow(0, lo, r));
+    db.narrow(1, lo, r).copy_(at::mm(dyg.t(), gemm_operand(t64.index_select(0, idx).narrow(1, 0, r))));
+    const at::Tensor ds = at::mm(dyg, gemm_operand(b64.narrow(1, lo, r))).mul_(s64.narrow(0, lo, r));
     da.narrow(0, lo, r).copy_(at::mm(ds.t(), dropped(x64.index_select(0, idx), plans[i], idx_data)));
     if (need_dx) dx.index_add_(0, idx, dropped(at::mm(ds, a64.narrow(0, lo, r)), plans[i], idx_data));
   }
@@ -146,11 +147,11 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd_floa
 
 at::Tensor lora_merge_float64_(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                                const at::Tensor& scale, double sign, bool fan_in_fan_out, bool safe) {
-  TORCH_CHECK(weight.is_contiguous(), "fused_lora_cpu: internal: weight must be contiguous");
   const at::Tensor a64 = f64(lora_a).contiguous();                   // [R, K]
   const at::Tensor bs64 = f64(lora_b).mul(f64(scale)).contiguous();  // [N, R]
   // delta (in weight's layout) = left @ right; a panel of weight rows is the same panel of left's rows.
-  const at::Tensor left = fan_in_fan_out ? a64.t() : bs64;
+  // left packed: a panel of its rows is then a packed GEMM operand too
+  const at::Tensor left = fan_in_fan_out ? a64.t().contiguous() : bs64;
   const at::Tensor right = fan_in_fan_out ? bs64.t() : a64;
   constexpr int64_t kPanelRows = 64;  // bounds the float64 temporaries to a panel per thread
   const int64_t npanels = (weight.size(0) + kPanelRows - 1) / kPanelRows;

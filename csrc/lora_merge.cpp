@@ -5,6 +5,7 @@
 // Extra memory is a panel per thread. safe=True runs the same computation once without writing, to learn
 // whether every merged value is finite, and writes only then.
 #include "common.h"
+#include "isa_loops.h"
 #include "lora_float64.h"
 #include "lora_ops.h"
 
@@ -35,26 +36,19 @@ float overflow_threshold(at::ScalarType dtype) {
   return t;
 }
 
-// row += delta; returns whether every result stays finite once rounded (|v| < threshold; NaN fails too).
-FUSED_LORA_CLONES
-bool add_check_finite(float* row, const float* delta, int64_t n, float threshold) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = row[i] + delta[i];
-    row[i] = v;
-    ok &= std::fabs(v) < threshold;
-  }
-  return ok;
-}
-
 }  // namespace
 
 at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                        const at::Tensor& scale, double sign, bool fan_in_fan_out, bool safe) {
+  check_float_operands("lora_merge_", {{"weight", &weight}, {"lora_a", &lora_a}, {"lora_b", &lora_b},
+                                       {"scale", &scale}});
+  // Written in place, so never copied: any row stride works, the elements of a row must be adjacent.
+  TORCH_CHECK(weight.dim() == 2 && (weight.stride(1) == 1 || weight.size(1) <= 1),
+              "fused_lora_cpu.lora_merge_: weight must be 2-D with adjacent elements in each row (stride(1) == 1); "
+              "got shape ", weight.sizes(), " and strides ", weight.strides());
   if (computes_in_float64({&weight, &lora_a})) {
     return lora_merge_float64_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe);
   }
-  TORCH_CHECK(weight.is_contiguous(), "fused_lora_cpu: internal: weight must be contiguous");
   const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();                                     // [R, K]
   const at::Tensor bs = (lora_b.to(at::kFloat) * scale.to(at::kFloat)).mul_(static_cast<float>(sign));  // [N, R]
   // delta (in weight's layout) = left @ right, panel rows of weight = rows of left.
@@ -63,6 +57,7 @@ at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const
   const int64_t rows = weight.size(0), cols = weight.size(1);
   const auto dtype = weight.scalar_type();
   const int64_t item = weight.element_size();
+  const int64_t ld = weight.stride(0);
   auto* base = static_cast<char*>(weight.data_ptr());
   const int64_t npanels = (rows + kPanelRows - 1) / kPanelRows;
 
@@ -78,9 +73,10 @@ at::Tensor lora_merge_(const at::Tensor& weight, const at::Tensor& lora_a, const
         at::Tensor delta = fp32_view(delta_buf.data(), nr, cols);
         at::mm_out(delta, left.narrow(0, r0, nr), right);
         for (int64_t r = 0; r < nr; ++r) {
-          char* wrow = base + (r0 + r) * cols * item;
+          char* wrow = base + (r0 + r) * ld * item;
           row_to_fp32(wrow, dtype, 1, cols, row_buf.data());
-          const bool ok = add_check_finite(row_buf.data(), delta_buf.data() + r * cols, cols, threshold);
+          const bool ok = loops(IsaKernel::kMerge).add_check_finite(row_buf.data(), delta_buf.data() + r * cols, cols,
+                                                                    threshold);
           if (write) {
             row_from_fp32(row_buf.data(), cols, dtype, wrow);
           } else if (!ok) {

@@ -26,16 +26,25 @@ struct RowGroups {
   std::vector<RowBlock> blocks;
 };
 
+void check_row_ids(const char* op, const at::Tensor& row_ids) {
+  const auto dtype = row_ids.scalar_type();
+  TORCH_CHECK_TYPE(at::isIntegralType(dtype, /*includeBool=*/false), "fused_lora_cpu.", op,
+                   ": row_ids has dtype torch.", c10::getDtypeNames(dtype).first,
+                   "; expected an integer dtype (torch.int64)");
+}
+
+// Ids outside [-1, n) act as -1 (CONTRACT.md): callers check ids where they can; where they cannot (CUDA graph
+// capture, torch.compile) every backend gives such a row no adapter.
 RowGroups group_rows(const at::Tensor& row_ids, int64_t n_adapters) {
   const at::Tensor ids = row_ids.to(at::kLong).contiguous();
   const int64_t M = ids.numel();
-  const int64_t* id = ids.const_data_ptr<int64_t>();
-  std::vector<int64_t> start(n_adapters + 2, 0);  // bucket b = adapter + 1
-  for (int64_t m = 0; m < M; ++m) {
-    TORCH_CHECK(id[m] >= -1 && id[m] < n_adapters, "fused_lora_cpu: internal: row_ids[", m, "] = ", id[m],
-                " outside [-1, ", n_adapters, ")");
-    ++start[id[m] + 2];
+  const int64_t* raw = ids.const_data_ptr<int64_t>();
+  std::vector<int64_t> id(raw, raw + M);
+  for (int64_t& a : id) {
+    if (a < -1 || a >= n_adapters) a = -1;
   }
+  std::vector<int64_t> start(n_adapters + 2, 0);  // bucket b = adapter + 1
+  for (int64_t m = 0; m < M; ++m) ++start[id[m] + 2];
   for (int64_t b = 1; b < n_adapters + 2; ++b) start[b] += start[b - 1];
   RowGroups g;
   g.order.resize(M);
@@ -71,6 +80,10 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd(const at::Tensor& x, const at::
                                                  const at::Tensor& lora_b, const at::Tensor& scale,
                                                  at::IntArrayRef rank_ptr, const at::Tensor& row_ids,
                                                  at::ArrayRef<double> dropout_p, const at::Tensor& seed) {
+  const at::Tensor bias_t = bias.has_value() ? *bias : at::Tensor();
+  check_float_operands("lora_rows_fwd", {{"x", &x}, {"weight", &weight}, {"bias", &bias_t}, {"lora_a", &lora_a},
+                                         {"lora_b", &lora_b}, {"scale", &scale}});
+  check_row_ids("lora_rows_fwd", row_ids);
   if (computes_in_float64({&x, &weight, &lora_a})) {
     return lora_rows_fwd_float64(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed);
   }
@@ -122,6 +135,9 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& scale, const at::Tensor& t, at::IntArrayRef rank_ptr,
     const at::Tensor& row_ids, at::ArrayRef<double> dropout_p, const at::Tensor& seed, bool need_dx) {
+  check_float_operands("lora_rows_bwd", {{"dy", &dy}, {"x", &x}, {"weight", &weight}, {"lora_a", &lora_a},
+                                         {"lora_b", &lora_b}, {"scale", &scale}, {"t", &t}});
+  check_row_ids("lora_rows_bwd", row_ids);
   if (computes_in_float64({&dy, &x, &weight, &lora_a})) {
     return lora_rows_bwd_float64(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed,
                                  need_dx);
@@ -130,7 +146,8 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
   const int64_t n = static_cast<int64_t>(rank_ptr.size()) - 1;
   const auto plans = make_dropout_plans(seed, dropout_p);
   const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
-  const at::Tensor b32 = lora_b.to(at::kFloat).contiguous();
+  // [R, N]: an adapter's ranks are whole rows, so its B^T reaches the GEMM packed (a column slice of B would not be)
+  const at::Tensor bt32 = lora_b.to(at::kFloat).t().contiguous();
   const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
   const at::Tensor t32 = t.to(at::kFloat).contiguous();
   const RowGroups g = group_rows(row_ids, n);
@@ -168,7 +185,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
       if (!outer_acc_direct(dyb, tg.data(), r, r, dbt.data_ptr<float>() + lo * N)) {
         dbt.narrow(0, lo, r).addmm_(fp32_view(tg.data(), cnt, r).t(), dyb);
       }
-      const at::Tensor ds = at::mm(dyb, b32.narrow(1, lo, r)).mul_(scale32.narrow(0, lo, r));
+      const at::Tensor ds = at::mm(dyb, bt32.narrow(0, lo, r).t()).mul_(scale32.narrow(0, lo, r));
       gather_dropped(x, rows, cnt, plans[blk.adapter], xg, mult);
       const at::Tensor xgv = fp32_view(xg.data(), cnt, K);
       if (!outer_acc_direct(xgv, ds.const_data_ptr<float>(), r, r, da.data_ptr<float>() + lo * K)) {

@@ -3,8 +3,12 @@
 //   expand: out[row] = round(bias + t[row] @ B^T), or round(out[row] + bias + t[row] @ B^T) onto a base
 //           already in the output -- rounded straight into the output dtype, one pass over the output
 //   shrink: t[row] = x[row] @ A^T for bf16 x and bf16 A, with AVX512-BF16 dot products (exact products,
-//           fp32 accumulation), when the CPU has them.
+//           fp32 accumulation), at the avx512_bf16 level.
+// Which code runs follows the active ISA level (isa.h): the hand-written AVX-512 kernels at avx512 and above, the
+// level's build of the generic loops below it. Every kernel honours its operands' row strides and masks its tails:
+// nothing past a row's last column is read.
 #include "common.h"
+#include "isa_loops.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -16,37 +20,7 @@ namespace fused_lora_cpu {
 
 namespace {
 
-constexpr int64_t kExpandRows = 4;
-constexpr int64_t kExpandCols = 64;
-
-// acc[i][n] = bias[n] + sum_j t[i, j] * bt[j, n0 + n] for i < nrows (<= 4), n < ncols (<= 64).
-FUSED_LORA_CLONES
-void expand_tile(const float* t, int64_t ldt, int64_t nrows, int64_t R, const float* bt, int64_t N,
-                 const float* bias, int64_t n0, int64_t ncols, float (*acc)[kExpandCols]) {
-  for (int64_t i = 0; i < nrows; ++i) {
-    for (int64_t n = 0; n < ncols; ++n) acc[i][n] = bias ? bias[n0 + n] : 0.0f;
-  }
-  for (int64_t j = 0; j < R; ++j) {
-    const float* b = bt + j * N + n0;
-    for (int64_t i = 0; i < nrows; ++i) {
-      const float tij = t[i * ldt + j];
-      for (int64_t n = 0; n < ncols; ++n) acc[i][n] = __builtin_fmaf(tij, b[n], acc[i][n]);
-    }
-  }
-}
-
-// acc[n] += prev[n] for n < ncols.
-FUSED_LORA_CLONES
-void add_tile_row(float* acc, const float* prev, int64_t ncols) {
-  for (int64_t n = 0; n < ncols; ++n) acc[n] += prev[n];
-}
-
-#if defined(__GNUC__) && !defined(__clang__) && (__GNUC__ >= 10) && defined(__x86_64__)
-#define FUSED_LORA_HAVE_BF16_SHRINK 1
-#define FUSED_LORA_HAVE_AVX512_EXPAND 1
-#endif
-
-#ifdef FUSED_LORA_HAVE_AVX512_EXPAND
+#ifdef FUSED_LORA_X86_LEVELS
 // Loads 16 lanes of fp32 / bf16 / fp16 from `src` as fp32; FULL: all 16 lanes (a plain load, no mask to
 // apply), else lanes outside `m` read as 0.
 template <int OUT, bool FULL>  // OUT 0: fp32, 1: bf16, 2: fp16
@@ -208,7 +182,7 @@ void expand_rows_avx512_mode(const float* t, int64_t ldt, int64_t nrows, int64_t
 }
 #endif
 
-#ifdef FUSED_LORA_HAVE_BF16_SHRINK
+#ifdef FUSED_LORA_X86_LEVELS
 // t[i, j] = sum_k x[i, k] * a[j, k], RM rows x RJ ranks at a time, 32 k per dot-product instruction.
 template <int RM, int RJ>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -259,10 +233,9 @@ void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const fl
   const auto dtype = out.scalar_type();
   const int64_t item = out.element_size();
   auto* base = static_cast<char*>(out.data_ptr());
-#ifdef FUSED_LORA_HAVE_AVX512_EXPAND
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
-  if (avx512) {
+#ifdef FUSED_LORA_X86_LEVELS
+  if (isa_at_least(Isa::kAvx512) && (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf)) {
+    isa_record(IsaKernel::kExpand, Isa::kAvx512);
     switch (dtype) {
       case at::kFloat:
         return expand_rows_avx512_mode<0>(t, ldt, nrows, R, bt, N, bias, base, rows, row0, accumulate);
@@ -274,19 +247,20 @@ void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const fl
     }
   }
 #endif
+  const LoopTable& l = loops(IsaKernel::kExpand);
   alignas(64) float acc[kExpandRows][kExpandCols];
   alignas(64) float prev[kExpandCols];
   for (int64_t i0 = 0; i0 < nrows; i0 += kExpandRows) {
     const int64_t nr = std::min(kExpandRows, nrows - i0);
     for (int64_t n0 = 0; n0 < N; n0 += kExpandCols) {
       const int64_t nc = std::min(kExpandCols, N - n0);
-      expand_tile(t ? t + i0 * ldt : nullptr, ldt, nr, R, bt, N, bias, n0, nc, acc);
+      l.expand_tile(t ? t + i0 * ldt : nullptr, ldt, nr, R, bt, N, bias, n0, nc, acc);
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = rows ? rows[i0 + i] : row0 + i0 + i;
         char* dst = base + (row * N + n0) * item;
         if (accumulate) {
           row_to_fp32(dst, dtype, 1, nc, prev);
-          add_tile_row(acc[i], prev, nc);
+          l.add_inplace(acc[i], prev, nc);
         }
         row_from_fp32(acc[i], nc, dtype, dst);
       }
@@ -295,12 +269,12 @@ void expand_rows(const float* t, int64_t ldt, int64_t nrows, int64_t R, const fl
 }
 
 bool outer_acc_direct(const at::Tensor& src, const float* coef, int64_t ldc, int64_t R, float* acc) {
-#ifdef FUSED_LORA_HAVE_AVX512_EXPAND
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
+#ifdef FUSED_LORA_X86_LEVELS
   const auto dtype = src.scalar_type();
-  if (!avx512 || src.stride(1) != 1 || (dtype != at::kFloat && dtype != at::kBFloat16)) return false;
+  if (!isa_at_least(Isa::kAvx512) || (dtype != at::kFloat && dtype != at::kBFloat16)) return false;
   const int64_t nrows = src.size(0), W = src.size(1), ld = src.stride(0);
+  if (W > 1 && src.stride(1) != 1) return false;  // the kernel reads a row's W elements back to back
+  isa_record(IsaKernel::kOuterAcc, Isa::kAvx512);
   if (dtype == at::kFloat) {
     outer_acc_any<0>(src.const_data_ptr(), ld, nrows, coef, ldc, R, W, acc);
   } else {
@@ -313,10 +287,8 @@ bool outer_acc_direct(const at::Tensor& src, const float* coef, int64_t ldc, int
 }
 
 bool bf16_shrink_available() {
-#ifdef FUSED_LORA_HAVE_BF16_SHRINK
-  static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl");
-  return ok;
+#ifdef FUSED_LORA_X86_LEVELS
+  return isa_at_least(Isa::kAvx512Bf16);
 #else
   return false;
 #endif
@@ -324,7 +296,8 @@ bool bf16_shrink_available() {
 
 void shrink_rows_bf16(const at::BFloat16* x, int64_t ldx, int64_t nrows, const at::BFloat16* a, int64_t R,
                       int64_t K, float* t, int64_t ldt) {
-#ifdef FUSED_LORA_HAVE_BF16_SHRINK
+#ifdef FUSED_LORA_X86_LEVELS
+  isa_record(IsaKernel::kShrinkBf16, Isa::kAvx512Bf16);
   const auto* xs = reinterpret_cast<const uint16_t*>(x);
   const auto* as = reinterpret_cast<const uint16_t*>(a);
   int64_t i = 0;

@@ -2,6 +2,8 @@
 
 Judged as CONTRACT.md asks: err(ours) <= 2 * err(plain torch at the same dtype) + atol, errors measured
 against fused_lora.reference run in float64; dropout masks bit for bit; merge rounded once.
+Every test runs once per ISA level this machine supports (cpp_backend.isa_paths(), e.g. baseline and avx2 on an
+AVX2-only CPU), with the kernels capped at that level.
 Where fused_lora._C is not built this module is skipped (CI fails instead); for a development build set
 FUSED_LORA_CPP_DEV_BUILD=<build dir> to compile csrc/ with torch.utils.cpp_extension.load.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import sys
 
 import pytest
@@ -45,6 +48,14 @@ def _load_backend():
 
 
 cb = _load_backend()
+
+
+@pytest.fixture(autouse=True, params=cb.isa_paths())
+def isa_level(request):
+    """Every case once per ISA level the CPU supports, the C++ kernels capped at it."""
+    with cb.use_isa(request.param) as level:
+        assert cb.active_isa() == level == request.param
+        yield level
 
 LOWP = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -562,3 +573,216 @@ def test_float64_adapters_merge_into_float32_weight_rounded_once():
     assert bool(cb.lora_merge_(ours, a, bb, scale, 1.0, False, True))
     assert (ours == expected).double().mean().item() >= 0.99
     torch.testing.assert_close(ours, expected, rtol=2e-7, atol=1e-7)
+
+
+# ---- operands with padding after their rows (NaN there) or a strided bias: nothing past a row's end may be read.
+# oneDNN's AMX brgemm reads each row of A up to a multiple of 32 columns (uxlfoundation/oneDNN#5717), so every
+# operand a vendor GEMM sees must be packed; our own kernels must honour strides. K, N and the ranks are not
+# multiples of 32 (nor of 16). A machine without AMX cannot show the leak itself: tests/test_cpp_isa_gemm.py runs
+# these layouts against a GEMM that reads past the K tail the way the AMX kernel does.
+STRIDE_MODES = {
+    "fp32": (torch.float32, {}),
+    "fp16": (torch.float16, {}),
+    "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"}),
+    "bf16": (torch.bfloat16, {}),
+    "bf16_exact": (torch.bfloat16, {"FUSED_LORA_CPU_BF16_EXACT": "1"}),
+}
+STRIDED_OPERANDS = ("x", "dy", "weights", "t", "bias", "all")  # weights: weight, lora_a and lora_b
+
+
+def _nan_strided_1d(v: torch.Tensor) -> torch.Tensor:
+    """v with the same values at stride 2, NaN in between."""
+    wide = torch.full((2 * v.numel(),), float("nan"), dtype=v.dtype)
+    wide[::2] = v
+    return wide[::2]
+
+
+def _set_mode(monkeypatch, mode):
+    dtype, env = STRIDE_MODES[mode]
+    for name in ("FUSED_LORA_CPU_FP16_FAST", "FUSED_LORA_CPU_BF16_EXACT"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return dtype
+
+
+@pytest.mark.parametrize("mode", list(STRIDE_MODES))
+@pytest.mark.parametrize("operand", STRIDED_OPERANDS)
+def test_row_strided_operands_with_nan_padding(monkeypatch, mode, operand):
+    dtype = _set_mode(monkeypatch, mode)
+    M, K, N, ranks, dps = 37, 45, 29, [1, 7, 4], [0.0, 0.3, 0.0]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, dtype)
+    dy = torch.randn(M, N).to(dtype)
+    rp, seed = _rank_ptr(ranks), _seed(3)
+    row_ids = torch.randint(-1, len(ranks), (M,))
+    row_ids[:4] = torch.tensor([-1, 0, 1, 2])
+
+    def lay(name, v):
+        if operand not in (name, "all") and not (operand == "weights" and name in ("weight", "lora_a", "lora_b")):
+            return v
+        return _nan_strided_1d(v) if v.dim() == 1 else _noncontig_rows(v, "pad")
+
+    xs, ws, bs, as_, bbs, dys = lay("x", x), lay("weight", w), lay("bias", b), lay("lora_a", a), lay("lora_b", bb), \
+        lay("dy", dy)
+    x64, w64, b64, a64, bb64, dy64 = _d64(x), _d64(w), _d64(b), _d64(a), _d64(bb), _d64(dy)
+    for drop in ([0.0, 0.0, 0.0], dps):  # direct kernels (no dropout) and the fp32 staging with masks
+        y, t = cb.lora_fwd(xs, ws, bs, as_, bbs, scale, rp, drop, seed)
+        y64, t64 = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rp, drop, seed)
+        assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64),
+                                  name=f"y {drop}")
+        t_fp32 = ref.lora_fwd(x.float(), w.float(), None, a.float(), bb.float(), scale, rp, drop, seed)[1]
+        assert_close_vs_reference(t, t64, t_fp32, atol=_atol(t64), name=f"t {drop}")
+        grads = cb.lora_bwd(dys, xs, ws, as_, bbs, scale, lay("t", t), rp, drop, seed, True)
+        ref_g = ref.lora_bwd(dy64, x64, w64, a64, bb64, scale, _d64(t), rp, drop, seed, True)
+        torch_g = _torch_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed)
+        for name, ours, r64, same in zip(("dx", "dA", "dB"), grads, ref_g, torch_g):
+            assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=f"{name} {drop}")
+
+    y, t = cb.lora_rows_fwd(xs, ws, bs, as_, bbs, scale, rp, row_ids, dps, seed)
+    y64, t64 = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rp, row_ids, dps, seed)
+    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64),
+                              name="rows y")
+    grads = cb.lora_rows_bwd(dys, xs, ws, as_, bbs, scale, lay("t", t), rp, row_ids, dps, seed, True)
+    ref_g = ref.lora_rows_bwd(dy64, x64, w64, a64, bb64, scale, _d64(t), rp, row_ids, dps, seed, True)
+    torch_g = _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)
+    for name, ours, r64, same in zip(("dx", "dA", "dB"), grads, ref_g, torch_g):
+        assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=f"rows {name}")
+
+
+def test_single_padded_row_and_broadcast_rows():
+    """One padded row (torch calls it contiguous) and rows sharing memory (stride 0), bf16 fast path."""
+    K, N, ranks = 45, 29, [3]
+    x1, w, b, a, bb, scale = _case(1, K, N, ranks, torch.bfloat16)
+    rp, seed = _rank_ptr(ranks), _seed()
+    for x in (_noncontig_rows(x1, "pad"), x1.expand(5, K)):
+        y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, [0.0], seed)
+        y64, _ = ref.lora_fwd(_d64(x), _d64(w), _d64(b), _d64(a), _d64(bb), scale, rp, [0.0], seed)
+        assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, [0.0], seed), atol=_atol(y64))
+        dy = torch.randn(1, N).to(torch.bfloat16).expand(x.shape[0], N)
+        dx, da, db = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, [0.0], seed, True)
+        ref_g = ref.lora_bwd(_d64(dy), _d64(x), _d64(w), _d64(a), _d64(bb), scale, _d64(t), rp, [0.0], seed, True)
+        for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g,
+                                         _torch_bwd(dy, x, w, a, bb, scale, t, rp, [0.0], seed)):
+            assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=name)
+
+
+def test_merge_into_row_strided_weight():
+    """A weight with padding after its rows is merged in place, the padding untouched."""
+    w, a, bb, scale = _merge_case(torch.bfloat16, False)
+    wide = torch.full((w.shape[0], w.shape[1] + 5), float("nan"), dtype=w.dtype)
+    wide[:, : w.shape[1]] = w
+    expected = w.clone()
+    assert bool(cb.lora_merge_(expected, a, bb, scale, 1.0, False, True))
+    assert bool(cb.lora_merge_(wide[:, : w.shape[1]], a, bb, scale, 1.0, False, True))
+    assert torch.equal(wide[:, : w.shape[1]], expected)
+    assert wide[:, w.shape[1]:].isnan().all()
+
+
+# ---- per-row adapter ids outside [-1, n): no adapter for that row, on every backend (CONTRACT.md) ----
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
+def test_rows_out_of_range_ids_act_as_no_adapter(dtype):
+    M, K, N, ranks, dps = 23, 19, 17, [2, 5], [0.0, 0.4]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, dtype)
+    rp, seed = _rank_ptr(ranks), _seed(21)
+    row_ids = torch.randint(0, 2, (M,))
+    row_ids[[0, 3, 7, 11, 20]] = torch.tensor([2, -2, 99, -(2 ** 40), 2 ** 62])
+    as_none = torch.where((row_ids < -1) | (row_ids >= len(ranks)), -1, row_ids)
+    y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    y_none, t_none = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, as_none, dps, seed)
+    assert torch.equal(y, y_none) and torch.equal(t, t_none)
+    assert (t[[0, 3, 7, 11, 20]] == 0).all()
+    y64, _ = ref.lora_rows_fwd(_d64(x), _d64(w), _d64(b), _d64(a), _d64(bb), scale, rp, row_ids, dps, seed)
+    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64))
+    dy = torch.randn(M, N).to(dtype)
+    got = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
+    want = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, as_none, dps, seed, True)
+    for name, g, e in zip(("dx", "dA", "dB"), got, want):
+        assert torch.equal(g, e), name
+
+
+# ---- edge shapes on every dtype combination the contract allows ----
+DTYPE_COMBOS = {  # (x/weight/bias dtype, lora_a/lora_b dtype)
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float16),
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16_fp32ad": (torch.float16, torch.float32),
+    "bf16_fp32ad": (torch.bfloat16, torch.float32),
+    "fp64": (torch.float64, torch.float64),
+    "fp64_fp32ad": (torch.float64, torch.float32),
+}
+EDGE_SHAPES = {"K0": (6, 0, 7, [2, 1]), "N0": (6, 9, 0, [2, 1]), "M0": (0, 9, 7, [2, 1]), "rank1": (6, 9, 7, [1]),
+               "one": (1, 1, 1, [1])}
+
+
+def _tol_check(ours, r64, same, name):
+    assert ours.shape == r64.shape, name
+    if ours.dtype == torch.float64:
+        _assert_f64_close(ours, r64, same, name)
+    else:
+        assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=name)
+
+
+@pytest.mark.parametrize("combo", list(DTYPE_COMBOS))
+@pytest.mark.parametrize("shape", list(EDGE_SHAPES))
+def test_edge_shapes_every_dtype_combination(combo, shape):
+    dtype, ad = DTYPE_COMBOS[combo]
+    M, K, N, ranks = EDGE_SHAPES[shape]
+    x, w, b, a, bb, scale = _case(M, K, N, ranks, dtype, adapter_dtype=ad)
+    rp, dps, seed = _rank_ptr(ranks), [0.0, 0.5][: len(ranks)], _seed(4)
+    R = sum(ranks)
+    t_dtype = torch.float64 if torch.float64 in (dtype, ad) else torch.float32
+    args64 = (_d64(x), _d64(w), _d64(b), _d64(a), _d64(bb))
+
+    y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, dps, seed)
+    y64, t64 = ref.lora_fwd(*args64, scale, rp, dps, seed)
+    assert y.dtype == dtype and t.dtype == t_dtype and t.shape == (M, R)
+    _tol_check(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed), "y")
+    _tol_check(t, t64, t64, "t")
+    if K == 0:
+        assert torch.equal(y, b.expand(M, N)) and (t == 0).all()
+
+    dy = torch.randn(M, N).to(dtype)
+    dx, da, db = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, True)
+    assert dx.dtype == dtype and da.dtype == ad and db.dtype == ad
+    ref_g = ref.lora_bwd(_d64(dy), *args64[:2], *args64[3:], scale, _d64(t), rp, dps, seed, True)
+    for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g,
+                                     _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed)):
+        _tol_check(ours, r64, same, name)
+    if K == 0 or N == 0 or M == 0:
+        assert (da == 0).all() and (db == 0).all() and (dx == 0).all()
+
+    row_ids = torch.arange(M) % (len(ranks) + 1) - 1
+    y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
+    y64, t64 = ref.lora_rows_fwd(*args64, scale, rp, row_ids, dps, seed)
+    assert t.shape == (M, max(ranks)) and t.dtype == t_dtype
+    _tol_check(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), "rows y")
+    _tol_check(t, t64, t64, "rows t")
+    grads = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
+    ref_g = ref.lora_rows_bwd(_d64(dy), *args64[:2], *args64[3:], scale, _d64(t), rp, row_ids, dps, seed, True)
+    for name, ours, r64, same in zip(("dx", "dA", "dB"), grads, ref_g,
+                                     _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)):
+        _tol_check(ours, r64, same, f"rows {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.bool, torch.uint8], ids=str)
+def test_integer_and_bool_tensors_are_refused_by_name(dtype):
+    w = torch.ones(5, 4).to(dtype)
+    a, bb, scale = torch.randn(2, 4), torch.randn(5, 2), torch.ones(2)
+    before = w.clone()
+    with pytest.raises(TypeError, match=rf"lora_merge_: weight has dtype {re.escape(str(dtype))}; expected"):
+        cb.lora_merge_(w, a, bb, scale, 1.0, False, True)
+    assert torch.equal(w, before)
+    with pytest.raises(TypeError, match=r"lora_fwd: x has dtype"):
+        cb.lora_fwd(torch.ones(3, 4).to(dtype), torch.randn(5, 4), None, a, bb, scale, [0, 2], [0.0], _seed())
+    with pytest.raises(TypeError, match=r"lora_rows_fwd: weight has dtype"):
+        cb.lora_rows_fwd(torch.randn(3, 4), w, None, a, bb, scale, [0, 2], torch.zeros(3, dtype=torch.int64),
+                         [0.0], _seed())
+    with pytest.raises(TypeError, match=r"lora_bwd: dy has dtype"):
+        cb.lora_bwd(torch.ones(3, 5).to(dtype), torch.randn(3, 4), torch.randn(5, 4), a, bb, scale,
+                    torch.zeros(3, 2), [0, 2], [0.0], _seed(), True)
+
+
+def test_float_row_ids_are_refused_by_name():
+    x, w, b, a, bb, scale = _case(3, 4, 5, [2], torch.float32)
+    with pytest.raises(TypeError, match=r"row_ids has dtype torch\.float32; expected an integer dtype"):
+        cb.lora_rows_fwd(x, w, b, a, bb, scale, [0, 2], torch.zeros(3), [0.0], _seed())

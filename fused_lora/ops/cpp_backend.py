@@ -4,8 +4,21 @@ Importing this module raises ImportError when the extension was not built (or wa
 torch); fused_lora.ops.backends then falls back to the plain-torch reference. Inputs arrive validated.
 When any input is float64 the ops compute in float64 (csrc/lora_float64.cpp) and, like fused_lora.reference,
 return t in float64; the fast paths (float32/float16/bfloat16) are untouched by that.
+
+ISA levels (csrc/isa.h), lowest first: "baseline" (portable x86-64 builds of the loops), "avx2" (x86-64-v3
+builds), "avx512" (x86-64-v4 builds + the AVX-512 expand and dA/dB kernels), "avx512_bf16" (+ the AVX512-BF16
+shrink). The kernels run the best level the CPU supports unless capped: FUSED_LORA_CPU_ISA=<level> (or "auto"),
+read once when the extension loads; a level beyond the CPU, or an unknown name, runs the best supported level
+instead and says so with a RuntimeWarning when this module is imported. `use_isa` caps the level for a block of
+code (tests, benchmarks). AMX is no level of ours: torch's bf16 GEMMs reach it through oneDNN, which reads its own
+cap, ONEDNN_MAX_CPU_ISA (e.g. AVX512_CORE_BF16), once, at its first use in the process.
 """
 from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from typing import Iterator
 
 import torch
 
@@ -17,6 +30,49 @@ except ImportError as exc:  # not built, or an ABI mismatch with the installed t
         "`pip install --no-build-isolation -e .` or use FUSED_LORA_BACKEND=reference") from exc
 
 _ops = torch.ops.fused_lora_cpu
+
+if _C.isa_env_message():
+    warnings.warn(f"fused_lora C++ CPU backend: {_C.isa_env_message()}", RuntimeWarning, stacklevel=2)
+
+_isa_lock = threading.Lock()
+
+
+def isa_paths() -> list[str]:
+    """The ISA levels this machine can run, lowest first (e.g. ["baseline", "avx2"] on an AVX2-only CPU)."""
+    return list(_C.isa_paths())
+
+
+def active_isa() -> str:
+    """The ISA level the C++ kernels run now."""
+    return str(_C.active_isa())
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[str]:
+    """Runs the block with the C++ kernels capped at ISA level `name` (one of isa_paths(), or "auto"), then restores
+    the level that was active before. For tests and benchmarks: the level is process-wide, so ops running meanwhile
+    on other threads run it too. Raises ValueError for a name that is no level or that this CPU cannot run."""
+    with _isa_lock:
+        previous = active_isa()
+        _C.set_active_isa(name)
+    try:
+        yield active_isa()
+    finally:
+        with _isa_lock:
+            _C.set_active_isa(previous)
+
+
+@contextlib.contextmanager
+def trace_isa_kernels() -> Iterator[dict[str, dict[str, int]]]:
+    """Counts, per kernel family and ISA level, the dispatches made inside the block; the dict it yields is filled
+    when the block ends. For tests that a level really runs its own code."""
+    counts: dict[str, dict[str, int]] = {}
+    _C.isa_trace(True)
+    try:
+        yield counts
+    finally:
+        counts.update(_C.isa_trace_counts())
+        _C.isa_trace(False)
 
 
 def _detached(*tensors):
