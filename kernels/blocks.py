@@ -62,10 +62,10 @@ def dot_k_range(acc, a_ptrs, b_ptrs, a_ok, b_ok, k_begin, k_end, K, stride_ak, s
     """acc += A[:, k_begin:k_end] @ B[k_begin:k_end, :], BLOCK_K at a time; K bounds the masks.
 
     a_ptrs: [BM, BLOCK_K] pointers to A at k = k_begin (k along axis 1); b_ptrs: [BLOCK_K, BN] to B at k_begin.
-    a_ok [BM] / b_ok [BN]: rows of A / columns of B to load (others read 0); None: all (wrapped indices). DROPOUT: A is x and its tile is
-    multiplied by the keep mask of (row, k) (row_elem [BM] = m * K, salt and threshold per row, see
-    philox.keep_mask_tile); the 1/(1-p) factor is the caller's. A is cast to B's dtype (the adapters are x's dtype
-    or fp32, so the cast never loses bits).
+    a_ok [BM] / b_ok [BN]: rows of A / columns of B to load (others read 0); None: all (wrapped indices).
+    DROPOUT: A is x and its tile is multiplied by the keep mask of (row, k) (row_elem [BM] = m * K, salt and
+    threshold per row, see philox.keep_mask_tile); the 1/(1-p) factor is the caller's. A is cast to B's dtype (the
+    adapters are x's dtype or fp32, so the cast never loses bits).
     """
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(k_begin, k_end, BLOCK_K):

@@ -1,10 +1,10 @@
 """Decode forward (M <= 64): y = x W^T + bias + rank term, W streamed once by a launch that fills the GPU.
 
 At small M the forward is bound by reading W. A grid of (column tiles x splits of K) programs streams it: the split
-count brings the launch to config.target_programs (2 per SM: at N = 1024, K = 4096, 16 column tiles x 17 splits
-= 272 programs instead of 16). Each program reduces its share of K into an fp32 partial; the last program of a
-column tile to arrive sums the partials in split order (kernels/blocks.py: no float atomics, bit-reproducible),
-then adds the rank term and the bias, rounds y once and stores it.
+count (config.split_count) brings the launch to at least 2 programs per SM, spread evenly (at N = 1024, K = 4096:
+16 column tiles x 23 splits = 368 programs instead of 16). Each program reduces its share of K into an fp32
+partial; the last program of a column tile to arrive sums the partials in split order (kernels/blocks.py: no float
+atomics, bit-reproducible), then adds the rank term and the bias, rounds y once and stores it.
 
 Swap-AB: every product is computed transposed, y^T = W x^T + B t^T, so W's BLOCK_N rows are the MMA's M
 dimension and the few tokens its N. wgmma (sm_90) needs 64 rows per warpgroup; a 16-token tile in the M slot would

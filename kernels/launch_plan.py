@@ -343,7 +343,8 @@ def _plan_db(shape: Shape, device, per_row: bool) -> Launch:
     part = splits * tiles_n * chunks * bn * block_r if splits > 1 else 0
     return _launch("db_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits}, shape,
                    {"dy": dy, "t": t, "part": part}, {"db": N * R, "part": part},
-                   2.0 * visited * tiles_n * bn * bm * block_r, {"dy": M * N, "t": M * R}, f"dB, {splits} split(s) of M",
+                   2.0 * visited * tiles_n * bn * bm * block_r, {"dy": M * N, "t": M * R},
+                   f"dB, {splits} split(s) of M",
                    bm * bn * shape.e + bm * block_r * 4, triton.cdiv(triton.cdiv(M, bm), splits))
 
 
@@ -371,7 +372,8 @@ def _plan_da(shape: Shape, device, per_row: bool) -> Launch:
         ds += (_used_ranks(shape, rows) if per_row else len(rows) * R) * tiles_k
     part = splits * tiles_k * groups * bk * block_r if splits > 1 else 0
     return _launch("da_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits}, shape,
-                   {"x": x, "ds": ds, "part": part}, {"da": R * K, "part": part}, 2.0 * visited * tiles_k * bk * bm * block_r,
+                   {"x": x, "ds": ds, "part": part}, {"da": R * K, "part": part},
+                   2.0 * visited * tiles_k * bk * bm * block_r,
                    {"x": M * K, "ds": M * R}, f"dA, {splits} split(s) of M",
                    bm * bk * shape.e + bm * block_r * 4, triton.cdiv(triton.cdiv(M, bm), splits))
 
@@ -489,7 +491,8 @@ def _before_rows(shape: Shape, backward: bool) -> list:
     if not backward:
         out.append(_launch("_rows_shrink_kernel", (grid_r, triton.cdiv(r_max, block_r)),
                            dict(BLOCK_M=rank[0], BLOCK_K=rank[2], BLOCK_R=block_r, num_warps=4, num_stages=3), shape,
-                           {"x": M * K}, {"t": M * r_max}, 2.0 * used_r * rank[0] * block_r * K, {"x": M * K, "a": R * K},
+                           {"x": M * K}, {"t": M * r_max}, 2.0 * used_r * rank[0] * block_r * K,
+                           {"x": M * K, "a": R * K},
                            "per-row shrink", (rank[0] + block_r) * rank[2] * e, triton.cdiv(K, rank[2])))
     else:
         out.append(_launch("_rows_bwd_db_ds_kernel", (grid_r, triton.cdiv(N, rank[1])),
