@@ -14,7 +14,9 @@ Rank term (RANK_MODE):
     IN_PASS   dense, R <= IN_PASS_MAX_RANK: the shrink t^T += A x^T rides in the same K loop on the same x tile, so
               x and W are read once and no shrink launch exists. Each program computes its K share of t for all
               ranks (A's share comes from L2: R / BLOCK_N of the W bytes), the partials of t are reduced with y's,
-              and column tile 0 stores t (the backward needs it).
+              and column tile 0 stores t (the backward needs it). With dropout the K loop holds a loop over the
+              segments (one masked product each), which Triton's software pipeliner does not take: that variant
+              (training at M <= 64) streams W without cp.async prefetch.
     DENSE_T   dense, wider ranks: t comes from the split shrink launched before (kernels/shrink.py).
     ROWS_T    per row: compact t from the per-row shrink, placed at each row's adapter ranks (blocks.rank_term).
     NONE      no rank term (every adapter has rank 0).
