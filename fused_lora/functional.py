@@ -67,6 +67,30 @@ def _scale_tensor_checked(scaling: torch.Tensor, total: int) -> torch.Tensor:
     return scaling
 
 
+# Small read-only tensors that calls with the same Python numbers share (scale vectors, the zero seed), so a call
+# does not allocate (or copy from the host) what the previous one already made. Never filled under torch.compile
+# (fake tensors) or while a CUDA graph is captured (its memory belongs to the graph); made outside inference mode.
+_CONSTANTS: dict = {}
+_CONSTANTS_SIZE = 256
+
+
+def _constant(key: tuple, device: torch.device, make):
+    value = _CONSTANTS.get(key)
+    if value is not None:
+        return value
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return make()
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            value = make()
+    else:
+        value = make()
+    if len(_CONSTANTS) >= _CONSTANTS_SIZE:
+        _CONSTANTS.clear()
+    _CONSTANTS[key] = value
+    return value
+
+
 def _scale_vector(scaling: Scaling, rank_ptr: list[int], device: torch.device) -> torch.Tensor:
     """Per-rank float32 scale [R] from a number, one value per adapter, or a 0-d / per-rank [R] tensor."""
     total, n = rank_ptr[-1], len(rank_ptr) - 1
@@ -74,10 +98,9 @@ def _scale_vector(scaling: Scaling, rank_ptr: list[int], device: torch.device) -
         scaling = _scale_tensor_checked(scaling, total).detach().to(device=device, dtype=torch.float32)
         return scaling.expand(total).contiguous() if scaling.dim() == 0 else scaling.contiguous()
     values = scaling_values(scaling, n)
-    if all(v == values[0] for v in values):
-        return torch.full((total,), values[0], dtype=torch.float32, device=device)
     per_rank = [v for i, v in enumerate(values) for _ in range(rank_ptr[i + 1] - rank_ptr[i])]
-    return torch.tensor(per_rank, dtype=torch.float32, device=device)
+    return _constant(("scale", tuple(per_rank), device), device,
+                     lambda: torch.tensor(per_rank, dtype=torch.float32, device=device))
 
 
 def _fold_trainable_scale(lora_a: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
@@ -92,16 +115,27 @@ def draw_dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(-(2 ** 63), 2 ** 63 - 1, (1,), dtype=torch.int64, device=device)
 
 
+def zero_seed(device: torch.device) -> torch.Tensor:
+    """The seed of calls without dropout (never read by the ops then); one shared tensor per device."""
+    return _constant(("zero_seed", device), device, lambda: torch.zeros(1, dtype=torch.int64, device=device))
+
+
 def _seed(x: torch.Tensor, training: bool, ps: list[float]) -> torch.Tensor:
     if training and any(p > 0 for p in ps):
         return draw_dropout_seed(x.device)
-    return torch.zeros(1, dtype=torch.int64, device=x.device)
+    return zero_seed(x.device)
 
 
 def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as [M, K] (M = product of the leading dims, also when K == 0)."""
+    if x.dim() == 2:
+        return x
     k = x.shape[-1]
     return x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)
+
+
+def _unflatten(y: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n_out)
 
 
 def _prepare(x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training):
@@ -146,9 +180,37 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     """
     x2, weight, bias, lora_a, lora_b, scale, rank_ptr, ps = _prepare(
         x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training)
-    y, _t = ops.lora_fwd(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ps,
-                         _seed(x2, training, ps))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    y = ops.forward(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ps, _seed(x2, training, ps))
+    return _unflatten(y, x, weight.shape[0])
+
+
+def lora_linear_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
+                         lora_b: torch.Tensor, scale: torch.Tensor, rank_ptr: list[int], dropout_p: list[float],
+                         seed: torch.Tensor, backend=None) -> torch.Tensor:
+    """lora_linear for operands a layer plan (fused_lora.plan) checked when it was built, without autocast: the
+    ops' own arguments (CONTRACT.md: scale [R] float32, rank_ptr, one rate per adapter, zeros outside training,
+    the seed) and optionally the backend module (fused_lora.ops.resolve's answer). x must have weight's dtype and
+    device (the plan's key holds them); only its last dim is checked here."""
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        check_linear(x, weight, bias)
+    x2 = _rows_2d(x)
+    y = ops.forward(x2, weight if weight.is_contiguous() else weight.contiguous(), bias, lora_a, lora_b, scale,
+                    rank_ptr, dropout_p, seed, backend)
+    return _unflatten(y, x, weight.shape[0])
+
+
+def lora_linear_rows_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                              lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, rank_ptr: list[int],
+                              ids: torch.Tensor, dropout_p: list[float], seed: torch.Tensor,
+                              backend=None) -> torch.Tensor:
+    """lora_linear_rows for operands a layer plan checked (see lora_linear_prepared); `ids`: int64 [M], one per
+    row of x.reshape(-1, K), contiguous, as row_ids_for returns them."""
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        check_linear(x, weight, bias)
+    x2 = _rows_2d(x)
+    y = ops.rows_forward(x2, weight if weight.is_contiguous() else weight.contiguous(), bias, lora_a, lora_b, scale,
+                         rank_ptr, ids, dropout_p, seed, backend)
+    return _unflatten(y, x, weight.shape[0])
 
 
 def _check_ids_in_range(row_ids: torch.Tensor, n_adapters: int) -> None:
@@ -165,9 +227,10 @@ def _check_ids_in_range(row_ids: torch.Tensor, n_adapters: int) -> None:
                          "check_ids=False to skip this check (unchecked ids outside the range act as -1)")
 
 
-def _row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: int,
-                 check_ids: bool) -> torch.Tensor:
-    """One int64 id per row of the flattened x (`rows` of them), from ids per row or per sample; contiguous."""
+def row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: int,
+                check_ids: bool) -> torch.Tensor:
+    """One int64 id per row of the flattened x (`rows` of them), from ids per row or per sample; contiguous.
+    check_ids: as lora_linear_rows (ValueError for ids outside [-1, n_adapters))."""
     require_tensor("adapter_ids", row_ids)
     if row_ids.dtype not in _INT_IDS:
         raise TypeError(f"{describe('adapter_ids', row_ids)} must be an integer tensor")
@@ -202,10 +265,10 @@ def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """
     x2, weight, bias, lora_a, lora_b, scale, rank_ptr, ps = _prepare(
         x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training)
-    ids = _row_ids_for(row_ids, x, x2.shape[0], len(rank_ptr) - 1, check_ids)
-    y, _t = ops.lora_rows_fwd(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ids, ps,
-                              _seed(x2, training, ps))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    ids = row_ids_for(row_ids, x, x2.shape[0], len(rank_ptr) - 1, check_ids)
+    y = ops.rows_forward(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ids, ps,
+                         _seed(x2, training, ps))
+    return _unflatten(y, x, weight.shape[0])
 
 
 def _merge(weight, lora_a, lora_b, scaling, sign, fan_in_fan_out, safe, rank_splits):

@@ -2,7 +2,7 @@
 
 Attribute and state_dict names follow peft.tuners.lora.layer.Linear (base_layer, lora_A[name], lora_B[name],
 lora_dropout[name], r, lora_alpha, scaling, use_rslora, lora_bias, merged_adapters, ...), so checkpoints move
-between the two. The layer holds no kernel code: it stacks the adapters and calls fused_lora.functional.
+between the two. The layer holds no kernel code: its plan (fused_lora.plan) stacks the adapters and calls fused_lora.functional.
 
 Forward, by case (PEFT's order of precedence):
   adapters disabled        -> base layer only (merged adapters are unmerged first, as PEFT does)
@@ -23,7 +23,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fused_lora import functional, layer_merge
+from fused_lora import functional, layer_merge, plan
 from fused_lora.layer_options import adapter_dtype, check_adapter_args, check_variant_options
 from fused_lora.layer_replace import replace_linear  # noqa: F401  (public: fused_lora.replace_linear)
 
@@ -37,6 +37,10 @@ def _common_adapter_dtype(dtypes, x_dtype: torch.dtype) -> torch.dtype:
     if len(dtypes) == 1 and next(iter(dtypes)) in (x_dtype, torch.float32):
         return next(iter(dtypes))
     return torch.float32 if torch.float32 in dtypes else x_dtype
+
+
+def _dropout_rate(module: nn.Module) -> float:
+    return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
 class FusedLoRALinear(nn.Module):
@@ -264,30 +268,6 @@ class FusedLoRALinear(nn.Module):
             if unknown:
                 raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
 
-    def _stack(self, names: list[str], x_dtype: torch.dtype):
-        a_list = [self.lora_A[n].weight for n in names]
-        b_list = [self.lora_B[n].weight for n in names]
-        dtype = _common_adapter_dtype([t.dtype for t in a_list + b_list], x_dtype)
-        if dtype != a_list[0].dtype or any(t.dtype != dtype for t in a_list + b_list):
-            a_list = [t.to(dtype) for t in a_list]
-            b_list = [t.to(dtype) for t in b_list]
-        if len(names) == 1:
-            return a_list[0], b_list[0]
-        return torch.cat(a_list, 0), torch.cat(b_list, 1)
-
-    def _dropout_p(self, name: str) -> float:
-        module = self.lora_dropout[name]
-        return float(module.p) if isinstance(module, nn.Dropout) else 0.0
-
-    def _lora_bias_terms(self, names: list[str]) -> Optional[torch.Tensor]:
-        """[n, N] float32 rows s_i * lora_B_i.bias (zeros for adapters without a bias), or None if none has one."""
-        if not any(self.lora_bias.get(n, False) for n in names):
-            return None
-        device = self.base_layer.weight.device
-        rows = [self.lora_B[n].bias.to(torch.float32) * float(self.scaling[n]) if self.lora_bias[n]
-                else torch.zeros(self.out_features, dtype=torch.float32, device=device) for n in names]
-        return torch.stack(rows)
-
     def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None,
                 adapter_ids: Optional[torch.Tensor] = None, *, check_ids: bool = True) -> torch.Tensor:
         """adapter_names: one name per sample (x.shape[0]), "__base__" for none (PEFT's mixed batch).
@@ -295,69 +275,66 @@ class FusedLoRALinear(nn.Module):
         ids are positions among self.lora_A keys (adapter_index). check_ids: as fused_lora.lora_linear_rows (ids
         outside [-1, n_adapters) raise ValueError; on CUDA that costs one host sync; skipped under CUDA graph
         capture and torch.compile; with check_ids=False such ids act as -1, for the lora_bias term too).
-        Under torch.autocast the layer follows nn.Linear's rules (see fused_lora.functional)."""
-        self._check_forward_args(x, adapter_names, adapter_ids)
-        if self.disable_adapters:
+        Under torch.autocast the layer follows nn.Linear's rules (see fused_lora.functional).
+        The operands come from the layer's plan (fused_lora.plan), rebuilt only when something it depends on
+        changes."""
+        rows = adapter_names is not None or adapter_ids is not None
+        if rows:
+            self._check_forward_args(x, adapter_names, adapter_ids)
+        if self._disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x)
-        if adapter_names is not None:
-            index = {name: i for i, name in enumerate(self.lora_A.keys())}
-            ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64).to(x.device)
-            return self._rows_forward(x, ids, check_ids=False)  # built from known names: in range
-        if adapter_ids is not None:
-            return self._rows_forward(x, adapter_ids, check_ids=check_ids)
-        merged = set(self.merged_adapters)
-        names = [n for n in self.active_adapters if n in self.lora_A and n not in merged]
+        if rows:
+            names = tuple(self.lora_A._modules)
+            if not names:
+                return self.base_layer(x)
+            return self._rows_forward(x, names, adapter_names, adapter_ids, check_ids)
+        names = self._active_unmerged()
         if not names:
             return self.base_layer(x)
-        return self._mixed_forward(x, names)
+        adapters, weight, bias, compute = self._read(x, names)
+        key = plan.call_key(adapters, weight, bias, x.device, compute)
+        current = plan.cached_plan(self, plan.PLAN_ATTR, key) or plan.store(
+            self, plan.PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute))
+        return plan.dense_call(current, adapters, x, weight, bias, self.training, compute[1])
+
+    def _active_unmerged(self) -> tuple:
+        active, present, merged = self._active_adapter, self.lora_A._modules, self.merged_adapters
+        if type(active) is str:
+            return (active,) if active in present and active not in merged else ()
+        return tuple(n for n in active if n in present and n not in merged)
+
+    def _read(self, x: torch.Tensor, names: tuple):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        base = self.base_layer
+        weight, bias = plan.param(base, "weight"), plan.param(base, "bias")
+        return plan.read_lora(self, names, _dropout_rate), weight, bias, plan.compute_dtype(x)
 
     @staticmethod
-    def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-        """x's dtype as the op sees it: the autocast dtype replaces float32/float16/bfloat16 under autocast."""
-        cast_to = functional.autocast_dtype(x.device)
-        return x.dtype if cast_to is None or x.dtype == torch.float64 else cast_to
+    def _build(key, adapters, weight, bias, x, compute) -> plan.Plan:
+        dtype = _common_adapter_dtype([t.dtype for t in adapters.a + adapters.b], compute[0])
+        return plan.build(key, adapters, weight, bias, x, dtype, compute[1])
 
-    def _mixed_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        lora_a, lora_b = self._stack(names, self._compute_dtype(x))
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        bias_terms = self._lora_bias_terms(names)
-        fold = bias_terms is not None and weight.dtype == bias_terms.dtype
-        if fold:
-            # folded into the op's bias: no extra pass over the output. Only in float32: the op's bias takes the
-            # weight's dtype, and its gradient would reach the lora_B biases rounded to that dtype
-            bias = bias_terms.sum(0) if bias is None else bias + bias_terms.sum(0)
-        y = functional.lora_linear(
-            x, weight, bias, lora_a, lora_b, [float(self.scaling[n]) for n in names],
-            dropout_p=[self._dropout_p(n) for n in names], training=self.training,
-            rank_splits=[self.lora_A[n].weight.shape[0] for n in names])
-        if bias_terms is None or fold:
-            return y
-        return (y + bias_terms.sum(0)).to(y.dtype)
+    def _rows_forward(self, x: torch.Tensor, names: tuple, adapter_names, adapter_ids, check_ids: bool):
+        adapters, weight, bias, compute = self._read(x, names)
+        key = plan.call_key(adapters, weight, bias, x.device, compute)
+        current = plan.cached_plan(self, plan.ROWS_PLAN_ATTR, key) or plan.store(
+            self, plan.ROWS_PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute))
+        used = None
+        if adapter_names is not None:
+            # built from known names: in range, no check (on CUDA it would cost a host sync)
+            adapter_ids, used = plan.ids_for_names(current, adapter_names, x.device)
+            check_ids = False
+        return plan.rows_call(current, adapters, x, weight, bias, adapter_ids, self.training, compute[1], check_ids,
+                              used)
 
-    def _rows_forward(self, x: torch.Tensor, adapter_ids: torch.Tensor, check_ids: bool) -> torch.Tensor:
-        names = list(self.lora_A.keys())
-        if not names:
-            return self.base_layer(x)
-        lora_a, lora_b = self._stack(names, self._compute_dtype(x))
-        y = functional.lora_linear_rows(
-            x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b,
-            [float(self.scaling[n]) for n in names], [self.lora_A[n].weight.shape[0] for n in names], adapter_ids,
-            dropout_p=[self._dropout_p(n) for n in names], training=self.training, check_ids=check_ids)
-        bias_terms = self._lora_bias_terms(names)
-        if bias_terms is None:
-            return y
-        # a per-row bias cannot be folded into the op's bias; the zero row appended last is what id -1 selects, and
-        # what unchecked ids outside [-1, n) select too (as the op treats them)
-        n = len(names)
-        table = torch.cat([bias_terms, bias_terms.new_zeros(1, self.out_features)])
-        rows = y.numel() // self.out_features
-        ids = adapter_ids.reshape(-1).to(torch.int64)
-        ids = torch.where((ids >= 0) & (ids < n), ids, n)
-        if ids.numel() != rows:
-            ids = ids.repeat_interleave(rows // max(x.shape[0], 1), output_size=rows)
-        return (y.reshape(rows, -1) + table[ids]).to(y.dtype).reshape(y.shape)
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() change the parameters in place: the plans key on dtype/device and would be rebuilt
+        # anyway; dropping them here also frees their tensors on the old device
+        plan.invalidate(self)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -75,6 +75,28 @@ class CallSpy:
         monkeypatch.setattr(fused_lora, name, spy)
 
 
+class OpSpy:
+    """Wraps the op boundary's eager entry (fused_lora.ops.forward or rows_forward), which every fused layer call
+    reaches, recording its arguments: (x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, ...)."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls = []
+        original = getattr(fused_lora.ops, name)
+
+        def spy(*args, **kwargs):
+            self.calls.append(args)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(fused_lora.ops, name, spy)
+
+    def scale(self, i=0):
+        return self.calls[i][5].tolist()
+
+
+def per_rank(scalings, ranks):
+    return pytest.approx([s for s, r in zip(scalings, ranks) for _ in range(r)])
+
+
 def set_active(models, names):
     for m in models:
         m.base_model.set_adapter(names)
@@ -117,7 +139,7 @@ def test_patch_swaps_only_lora_linear_and_keeps_parameters():
 def test_forward_one_and_two_adapters_one_call_per_layer(monkeypatch, shape):
     second = lora_config(r=2, lora_alpha=7, use_rslora=True)
     model, twin, twin64 = peft_pair(extra=[("two", second)])
-    spy = CallSpy(monkeypatch, "lora_linear")
+    spy = OpSpy(monkeypatch, "forward")
     x = torch.randn(*shape)
     check_matches(model, twin, twin64, x)
     assert len(spy.calls) == 3
@@ -125,7 +147,7 @@ def test_forward_one_and_two_adapters_one_call_per_layer(monkeypatch, shape):
     spy.calls.clear()
     check_matches(model, twin, twin64, x)
     assert len(spy.calls) == 3, "two active adapters must go through one fused call per layer"
-    assert spy.calls[0][1]["rank_splits"] == [3, 2]
+    assert spy.calls[0][6] == [0, 3, 5]
 
 
 def test_non_contiguous_input():
@@ -152,19 +174,24 @@ def test_scaling_and_dropout_read_at_every_call(monkeypatch):
     config = lora_config(lora_dropout=0.25)
     model, twin, twin64 = peft_pair(config, extra=[("two", lora_config(r=2))])
     set_active([model, twin, twin64], ["default", "two"])
-    spy = CallSpy(monkeypatch, "lora_linear")
+    spy = OpSpy(monkeypatch, "forward")
     model.train()
     x = torch.randn(4, 13)
     model(x)
-    kwargs = spy.calls[0][1]
-    assert kwargs["dropout_p"] == [0.25, 0.0] and kwargs["training"] is True
-    assert spy.calls[0][0][5] == [5 / 3, 5 / 2]
+    assert spy.calls[0][7] == [0.25, 0.0]  # dropout rates, training
+    assert spy.scale() == per_rank([5 / 3, 5 / 2], [3, 2])
     for m in (model, twin, twin64):
         m.eval()
         m.base_model.model.up.set_scale("two", 0.5)
     spy.calls.clear()
     check_matches(model, twin, twin64, x)
-    assert spy.calls[0][0][5] == [5 / 3, 0.5 * 5 / 2] and spy.calls[0][1]["training"] is False
+    assert spy.scale() == per_rank([5 / 3, 0.5 * 5 / 2], [3, 2]) and spy.calls[0][7] == [0.0, 0.0]
+    # PEFT code (and users) assign scaling entries directly: the next call sees it
+    for m in (model, twin, twin64):
+        m.base_model.model.up.scaling["default"] = 0.25
+    spy.calls.clear()
+    check_matches(model, twin, twin64, x)
+    assert spy.scale() == per_rank([0.25, 0.5 * 5 / 2], [3, 2])
 
 
 def test_dropout_changes_training_output_only():
@@ -182,7 +209,7 @@ def test_mixed_batch_adapter_names_one_rows_call_per_layer(monkeypatch):
     model, twin, twin64 = peft_pair(extra=[("two", lora_config(r=7, lora_alpha=2))])
     for m in (model, twin, twin64):
         m.eval()
-    spy = CallSpy(monkeypatch, "lora_linear_rows")
+    spy = OpSpy(monkeypatch, "rows_forward")
     names = ["two", "__base__", "default", "two", "default"]
     x = torch.randn(5, 3, 13)
     check_matches(model, twin, twin64, x, adapter_names=names)

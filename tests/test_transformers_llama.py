@@ -39,9 +39,9 @@ def patched_and_plain(extra_adapter=False):
 
 def test_logits_and_twenty_training_steps_match(monkeypatch):
     model, plain = patched_and_plain()
-    calls = []
-    original = fused_lora.lora_linear
-    monkeypatch.setattr(fused_lora, "lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = []  # every fused layer call reaches the op boundary's eager entry (fused_lora/plan.py -> ops.forward)
+    original = fused_lora.ops.forward
+    monkeypatch.setattr(fused_lora.ops, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids = torch.randint(3, 128, (2, 11))
     model.eval(), plain.eval()
     with torch.no_grad():
@@ -68,8 +68,8 @@ def test_generate_with_mixed_batch_adapter_names(monkeypatch):
     model, plain = patched_and_plain(extra_adapter=True)
     model.eval(), plain.eval()
     calls = []
-    original = fused_lora.lora_linear_rows
-    monkeypatch.setattr(fused_lora, "lora_linear_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = fused_lora.ops.rows_forward
+    monkeypatch.setattr(fused_lora.ops, "rows_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids = torch.randint(3, 128, (3, 6))
     names = ["default", "other", "__base__"]
     kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,

@@ -6,6 +6,7 @@ Prints, per case, a table (at most 100 columns) of every implementation's median
 its time relative to merged (and to PEFT), both ratios paired round by round within this run, with the H100 MODEL
 time beside each (fused: the path the CUDA dispatch would take; fused_lora/bench/cost_model.py). `--model-only`
 prints the model per regime and its assumptions. Custom grids: --ops/--tokens/--shapes/--ranks/--dtypes.
+`--ops host` prints host time per call instead (fused_lora/bench/host.py; its own options: --rounds, --calls).
 """
 from __future__ import annotations
 
@@ -225,8 +226,23 @@ def _wrapped(text: str) -> str:
     return textwrap.fill(text, width=100)
 
 
+def _host_argv(argv: List[str]) -> Optional[List[str]]:
+    """`--ops host` selects the host-time table (fused_lora/bench/host.py): the other arguments, else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--ops" and i + 1 < len(argv) and argv[i + 1] == "host":
+            return argv[:i] + argv[i + 2:]
+        if arg == "--ops=host":
+            return argv[:i] + argv[i + 1:]
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    host_argv = _host_argv(argv)
+    if host_argv is not None:
+        from fused_lora.bench.host import main as host_main
+        return host_main(host_argv)
+    args = parse_args(argv)
     if args.model_only:
         from fused_lora.bench.model_tables import model_report
         print(model_report())

@@ -3,9 +3,10 @@
 It is PEFT's own class with two methods replaced, so a model's modules can switch to it by assigning
 `module.__class__` (no parameter is copied, state_dict keys stay the same), and back.
 
-Forward: the base linear and every active, unmerged, plain adapter in one lora_linear call (A stacked along the
-rank axis, B concatenated, one scaling and dropout rate per adapter read at every call); `adapter_names=` mixed
-batches in one lora_linear_rows call. Adapters that use a LoRA variant PEFT implements and we do not fuse (DoRA,
+Forward: the base linear and every active, unmerged, plain adapter in one fused call (A stacked along the rank
+axis, B concatenated, per-rank scale and dropout rates from the layer's plan, fused_lora.plan, which FusedLoRALinear
+uses too and which is rebuilt whenever a scaling, dropout rate, parameter, dtype or the active set changes);
+`adapter_names=` mixed batches in one per-row call over all the layer's plain adapters. Adapters that use a LoRA variant PEFT implements and we do not fuse (DoRA,
 aLoRA, every `lora_variant` entry) run PEFT's code; so does any call we cannot reproduce exactly (quantized or
 hooked base layer, extra forward arguments, unusual dtypes). Merge/unmerge use fused_lora.merge_/unmerge_ (in
 place, one rounding) and keep PEFT's bookkeeping (merged_adapters, lora_bias).
@@ -20,28 +21,10 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
 import fused_lora
+from fused_lora import plan
 from fused_lora.integrations._fusable import dropout_rate, fusable_base, lora_dtype_ok, mergeable_weight
 
 BASE_MODEL_NAME = "__base__"  # PEFT's name for "no adapter" in adapter_names
-
-# Every LoRA layer of a model sees the same adapter_names in a mixed-batch call (and again at every decode step):
-# build the id tensor once instead of one host-to-device copy per layer per step.
-_ROW_IDS_CACHE: dict = {}
-_ROW_IDS_CACHE_SIZE = 64
-
-
-def _row_ids(adapter_names: list[str], names: list[str], device: torch.device) -> torch.Tensor:
-    index = {n: i for i, n in enumerate(names)}
-    if torch.compiler.is_compiling():  # a constant of the graph there
-        return torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
-    key = (tuple(adapter_names), tuple(names), device)
-    ids = _ROW_IDS_CACHE.get(key)
-    if ids is None:
-        if len(_ROW_IDS_CACHE) >= _ROW_IDS_CACHE_SIZE:
-            _ROW_IDS_CACHE.clear()
-        ids = torch.tensor([index.get(n, -1) for n in adapter_names], dtype=torch.int64, device=device)
-        _ROW_IDS_CACHE[key] = ids
-    return ids
 
 
 def warn_unfused_variants(variants: dict[str, str]) -> None:
@@ -72,9 +55,8 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         if self.lora_variant:
             self._warn_unsupported_once()
         adapter_names = kwargs.get("adapter_names")
-        plain_call = not args and all(v is None for k, v in kwargs.items() if k != "adapter_names")
-        base = self.base_layer
-        if (not plain_call or self.disable_adapters or self.merged or not fusable_base(base, x)):
+        plain_call = not args and (not kwargs or all(v is None for k, v in kwargs.items() if k != "adapter_names"))
+        if not plain_call or self.disable_adapters or self.merged or not fusable_base(self.base_layer, x):
             return super().forward(x, *args, **kwargs)
         if adapter_names is not None:
             out = self._fused_mixed_batch(x, adapter_names)
@@ -82,53 +64,53 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             out = self._fused_active(x)
         return super().forward(x, *args, **kwargs) if out is None else out
 
-    def _stack(self, names: list[str], x: torch.Tensor):
-        """(A [R,K], B [N,R], scalings, ranks, dropout rates) of `names`, or None when PEFT must run them."""
-        a_weights = [self.lora_A[n].weight for n in names]
-        b_weights = [self.lora_B[n].weight for n in names]
-        dtype = a_weights[0].dtype
-        if any(w.dtype != dtype for w in a_weights + b_weights):
-            return None
-        if not lora_dtype_ok(x, self.base_layer.weight, dtype, self.cast_input_dtype_enabled):
-            return None
-        rates = [dropout_rate(self.lora_dropout[n]) for n in names]
-        if any(p is None for p in rates):
-            return None
-        lora_a = a_weights[0] if len(names) == 1 else torch.cat(a_weights, 0)
-        lora_b = b_weights[0] if len(names) == 1 else torch.cat(b_weights, 1)
-        scalings = [float(self.scaling[n]) for n in names]
-        ranks = [w.shape[0] for w in a_weights]
-        return lora_a, lora_b, scalings, ranks, rates
+    def _plan(self, attr: str, names: tuple, x: torch.Tensor):
+        """(plan, adapters, weight, bias, autocast) for `names`; plan.usable is False when PEFT must run them."""
+        base = self.base_layer
+        weight, bias = plan.param(base, "weight"), plan.param(base, "bias")
+        adapters = plan.read_lora(self, names, dropout_rate)
+        compute = plan.compute_dtype(x)
+        cast_input = self.cast_input_dtype_enabled
+        key = plan.call_key(adapters, weight, bias, x.device, compute, cast_input)
+        current = plan.cached_plan(self, attr, key)
+        if current is None:
+            dtype, why = self._adapter_dtype(adapters, x, weight, cast_input)
+            current = plan.store(self, attr, plan.build(key, adapters, weight, bias, x, dtype, compute[1], why))
+        return current, adapters, weight, bias, compute[1]
+
+    @staticmethod
+    def _adapter_dtype(adapters, x, weight, cast_input):
+        """The adapters' dtype when the op reproduces PEFT's call with them, else (None, why)."""
+        dtype = adapters.a[0].dtype
+        if any(t.dtype != dtype for t in adapters.a + adapters.b):
+            return None, "adapters of several dtypes"
+        if not lora_dtype_ok(x, weight, dtype, cast_input):
+            return None, f"adapter dtype {dtype} over x {x.dtype}"
+        if any(p is None for p in adapters.rates):
+            return None, "a dropout module other than nn.Dropout"
+        return dtype, None
 
     def _fused_active(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        active = [n for n in self.active_adapters if n in self.lora_A]
+        present = self.lora_A._modules
+        active = [n for n in self.active_adapters if n in present]
+        variants = self.lora_variant
         plain = []
         for n in active:
-            if n in self.lora_variant:
+            if n in variants:
                 break
             plain.append(n)
-        variants = active[len(plain):]
+        later = active[len(plain):]
         # PEFT adds adapters in order and a variant (DoRA) may read the running result as the base output: we
         # match it only when every plain adapter comes before every variant one
-        if not plain or any(n not in self.lora_variant for n in variants):
+        if not plain or any(n not in variants for n in later):
             return None
-        stacked = self._stack(plain, x)
-        if stacked is None:
+        current, adapters, weight, bias, autocast = self._plan(plan.PLAN_ATTR, tuple(plain), x)
+        if not current.usable:
             return None
-        lora_a, lora_b, scalings, ranks, rates = stacked
-        base = self.base_layer
-        bias = base.bias
-        for n, s in zip(plain, scalings):
-            if self.lora_bias.get(n, False) and self.lora_B[n].bias is not None:
-                term = self.lora_B[n].bias * s
-                bias = term if bias is None else bias + term
-        if bias is not None:
-            bias = bias.to(base.weight.dtype)
-        result = fused_lora.lora_linear(x, base.weight, bias, lora_a, lora_b, scalings, dropout_p=rates,
-                                        training=self.training, rank_splits=ranks)
-        if variants:
+        result = plan.dense_call(current, adapters, x, weight, bias, self.training, autocast)
+        if later:
             result_dtype = result.dtype
-            for n in variants:
+            for n in later:
                 xn = x.to(self.lora_A[n].weight.dtype) if self.cast_input_dtype_enabled else x
                 result = self.lora_variant[n].forward(self, active_adapter=n, x=xn, result=result)
             result = result.to(result_dtype)
@@ -138,22 +120,23 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         if len(x) != len(adapter_names):
             raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {len(x)} respectively.")
-        names = []
-        for n in adapter_names:
-            if n != BASE_MODEL_NAME and n in self.lora_A and n not in names:
-                names.append(n)
-        # variants need PEFT's per-sub-batch code (and its DoRA error); a per-adapter lora bias is per row
-        if not names or any(n in self.lora_variant or self.lora_bias.get(n, False) for n in names):
+        variants = self.lora_variant
+        # variants need PEFT's per-sub-batch code (and its DoRA error)
+        if variants and any(n in variants for n in adapter_names):
             return None
-        stacked = self._stack(names, x)
-        if stacked is None:
+        names = tuple(n for n in self.lora_A._modules if n not in variants)
+        if not names:
             return None
-        lora_a, lora_b, scalings, ranks, rates = stacked
-        row_ids = _row_ids(adapter_names, names, x.device)
-        base = self.base_layer
+        current, adapters, weight, bias, autocast = self._plan(plan.ROWS_PLAN_ATTR, names, x)
+        if not current.usable:
+            return None
+        row_ids, used = plan.ids_for_names(current, adapter_names, x.device)
         # ids built from the layer's own names are in range: no check (it would cost a host sync per layer on CUDA)
-        return fused_lora.lora_linear_rows(x, base.weight, base.bias, lora_a, lora_b, scalings, ranks, row_ids,
-                                           dropout_p=rates, training=self.training, check_ids=False)
+        return plan.rows_call(current, adapters, x, weight, bias, row_ids, self.training, autocast, False, used)
+
+    def _apply(self, fn, recurse=True):
+        plan.invalidate(self)  # .to()/.cuda(): the plans would be rebuilt anyway; free their old-device tensors
+        return super()._apply(fn, recurse)
 
     # ---- merge / unmerge ----
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

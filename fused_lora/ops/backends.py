@@ -1,4 +1,4 @@
-"""Which implementation runs an op: decided here, once per call, from the tensors' device and FUSED_LORA_BACKEND.
+"""Which implementation runs an op: decided here, from the tensors' device and FUSED_LORA_BACKEND.
 
     FUSED_LORA_BACKEND unset/"auto": CUDA tensors -> fused_lora.ops.cuda_dispatch, which picks per shape between
                                      the Triton kernels and the cuBLAS composition (never the slower one by its
@@ -10,6 +10,10 @@
                  any device: forced, and how tests run it on CPU tensors.
     "cpp":       the C++ backend (CPU tensors only).
     "reference": plain torch (fused_lora.reference), any device.
+
+`resolve(device)` is what the ops call: the decision of `backend_for`, remembered per (FUSED_LORA_BACKEND value,
+device type), so a call costs one environment read and one dict lookup; a changed FUSED_LORA_BACKEND (tests set
+it per test) is a new key. `backend_for` decides afresh at every call (backend_info and tests use it).
 """
 from __future__ import annotations
 
@@ -111,3 +115,44 @@ def backend_info() -> str:
     cuda = "reference (plain torch, forced)" if name == "reference" else (
         "triton" if tri is not None else f"unavailable: {tri_why}")
     return f"cpu: {cpu}\ncuda: {cuda}"
+
+
+_ENV = "FUSED_LORA_BACKEND"
+_resolved: dict = {}
+
+
+def _env_reader(name: str):
+    """A function returning os.environ's current value of `name` (None when unset) at every call. On CPython it
+    reads os.environ's own dict (what os.environ[...] = / del / monkeypatch.setenv write): os.environ.get raises and
+    catches a KeyError inside when the variable is unset, and that costs more than the op call's other host work."""
+    data, encode, decode = (getattr(os.environ, attr, None) for attr in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return lambda: os.environ.get(name)
+    key = encode(name)
+
+    def read():
+        value = data.get(key)
+        return None if value is None else decode(value)
+    return read
+
+
+backend_env = _env_reader(_ENV)
+
+
+def resolve(device: "torch.device") -> ModuleType:  # noqa: F821
+    """backend_for(device), remembered per (FUSED_LORA_BACKEND, device type). Errors are not remembered (the next
+    call raises again, with the same message). Triton on CPU tensors re-checks TRITON_INTERPRET at every call, as
+    backend_for does."""
+    key = (backend_env(), device.type)
+    module = _resolved.get(key)
+    if module is None:
+        module = backend_for(device)
+        _resolved[key] = module
+    elif key[1] == "cpu" and module is _import_triton()[0]:
+        _triton_for("cpu")
+    return module
+
+
+def clear_cache() -> None:
+    """Forget resolve()'s decisions (after changing what backend_for depends on other than the environment)."""
+    _resolved.clear()
