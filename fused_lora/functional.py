@@ -68,17 +68,18 @@ def _scale_tensor_checked(scaling: torch.Tensor, total: int) -> torch.Tensor:
 
 
 # Small read-only tensors that calls with the same Python numbers share (scale vectors, the zero seed), so a call
-# does not allocate (or copy from the host) what the previous one already made. Never filled under torch.compile
-# (fake tensors) or while a CUDA graph is captured (its memory belongs to the graph); made outside inference mode.
+# does not allocate (or copy from the host) what the previous one already made. Used and filled in plain eager mode
+# only (ops.plain_eager: not under torch.compile, FakeTensorMode, `with torch.device(...)`, ...), never filled
+# while a CUDA graph is captured (its memory belongs to the graph); made outside inference mode.
 _CONSTANTS: dict = {}
 _CONSTANTS_SIZE = 256
 
 
 def _constant(key: tuple, device: torch.device, make):
     value = _CONSTANTS.get(key)
-    if value is not None:
+    if value is not None and ops.plain_eager():
         return value
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not ops.plain_eager() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return make()
     if torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
@@ -191,12 +192,12 @@ def lora_linear_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     ops' own arguments (CONTRACT.md: scale [R] float32, rank_ptr, one rate per adapter, zeros outside training,
     the seed) and optionally the backend module (fused_lora.ops.resolve's answer). x must have weight's dtype and
     device (the plan's key holds them); only its last dim is checked here."""
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+    dims = x.dim()
+    if dims < 1 or x.shape[-1] != weight.shape[1]:
         check_linear(x, weight, bias)
-    x2 = _rows_2d(x)
-    y = ops.forward(x2, weight if weight.is_contiguous() else weight.contiguous(), bias, lora_a, lora_b, scale,
-                    rank_ptr, dropout_p, seed, backend)
-    return _unflatten(y, x, weight.shape[0])
+    y = ops.forward(x if dims == 2 else _rows_2d(x), weight if weight.is_contiguous() else weight.contiguous(), bias,
+                    lora_a, lora_b, scale, rank_ptr, dropout_p, seed, backend)
+    return y if dims == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lora_linear_rows_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -238,7 +239,7 @@ def row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: i
         raise ValueError(f"{describe('adapter_ids', row_ids)} is on {row_ids.device} but x is on {x.device}")
     if check_ids:
         _check_ids_in_range(row_ids, n_adapters)
-    ids = row_ids.reshape(-1)
+    ids = row_ids if row_ids.dim() == 1 else row_ids.reshape(-1)
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
     if ids.numel() != rows:
@@ -247,7 +248,7 @@ def row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: i
         else:
             raise ValueError(f"{describe('adapter_ids', row_ids)} needs one id per row ({rows}) or per sample "
                              f"(x.shape[0] = {x.shape[0] if x.dim() else 'n/a'}) of {describe('x', x)}")
-    return ids.contiguous()
+    return ids if ids.is_contiguous() else ids.contiguous()
 
 
 def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,

@@ -256,17 +256,15 @@ class FusedLoRALinear(nn.Module):
         if adapter_names is not None:
             if isinstance(adapter_names, str):
                 raise TypeError(f"adapter_names must be a list of names (one per sample), got {adapter_names!r}")
-            if len(x) != len(adapter_names):
+            samples = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else len(x)
+            if samples != len(adapter_names):
                 raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                                 f"{len(adapter_names)} and {len(x)} respectively.")
-        if self.merged:
+                                 f"{len(adapter_names)} and {samples} respectively.")
+        if self.merged_adapters:
             which = "adapter_names" if adapter_names is not None else "adapter_ids"
             raise ValueError(f"Cannot pass `{which}` when there are merged adapters, please call `unmerge_adapter` "
                              "first.")
-        if adapter_names is not None:
-            unknown = {n for n in adapter_names if n != BASE} - set(self.lora_A.keys())
-            if unknown:
-                raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        # names the layer does not hold are refused in _rows_forward, from the ids cache (no set built per call)
 
     def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None,
                 adapter_ids: Optional[torch.Tensor] = None, *, check_ids: bool = True) -> torch.Tensor:
@@ -300,7 +298,7 @@ class FusedLoRALinear(nn.Module):
         return plan.dense_call(current, adapters, x, weight, bias, self.training, compute[1])
 
     def _active_unmerged(self) -> tuple:
-        active, present, merged = self._active_adapter, self.lora_A._modules, self.merged_adapters
+        active, present, merged = self._active_adapter, self._modules["lora_A"]._modules, self.merged_adapters
         if type(active) is str:
             return (active,) if active in present and active not in merged else ()
         return tuple(n for n in active if n in present and n not in merged)
@@ -308,7 +306,7 @@ class FusedLoRALinear(nn.Module):
     def _read(self, x: torch.Tensor, names: tuple):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        base = self.base_layer
+        base = self._modules["base_layer"]
         weight, bias = plan.param(base, "weight"), plan.param(base, "bias")
         return plan.read_lora(self, names, _dropout_rate), weight, bias, plan.compute_dtype(x)
 
@@ -324,9 +322,10 @@ class FusedLoRALinear(nn.Module):
             self, plan.ROWS_PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute))
         used = None
         if adapter_names is not None:
-            # built from known names: in range, no check (on CUDA it would cost a host sync)
-            adapter_ids, used = plan.ids_for_names(current, adapter_names, x.device)
-            check_ids = False
+            adapter_ids, used, unknown = plan.ids_for_names(current, adapter_names, x.device)
+            if unknown:
+                raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+            check_ids = False  # built from known names: in range (a check would cost a host sync on CUDA)
         return plan.rows_call(current, adapters, x, weight, bias, adapter_ids, self.training, compute[1], check_ids,
                               used)
 

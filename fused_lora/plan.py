@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from fused_lora import ops
+from fused_lora import functional, ops
+from fused_lora.functional import autocast_dtype, draw_dropout_seed
 from fused_lora.ops.backends import backend_env
 from fused_lora.validate import check_adapters, check_linear
 
@@ -43,6 +44,7 @@ PLAN_ATTR = "_fused_lora_plan"          # layer.__dict__ entries: the dense plan
 ROWS_PLAN_ATTR = "_fused_lora_rows_plan"
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
+_plain_eager = ops.plain_eager
 
 
 def _dropped_on_copy():
@@ -77,12 +79,15 @@ class Plan:
         return None
 
     # ---- cached tensors derived from live ones, valid while the sources are unchanged ----
-    def derived(self, slot: str, sources: Sequence[Optional[Tensor]], make: Callable[[], Tensor]) -> Tensor:
+    def derived(self, slot: str, sources: Sequence[Optional[Tensor]], make: Callable[[], object]):
         """make(), cached in `slot` while every source is the same tensor object with the same storage and version
         counter. Only for calls that need no gradient through `sources` (the caller decides)."""
-        stamp = tuple((t._version, t.data_ptr()) if t is not None else None for t in sources)
+        stamp = []
+        for t in sources:
+            stamp.append(None if t is None else (id(t), t._version, t.data_ptr()))
         entry = self._cache.get(slot)
-        if entry is not None and entry[0] == stamp and all(a is b for a, b in zip(entry[1], sources)):
+        # the entry holds the sources themselves, so their ids cannot be reused by other tensors while it lives
+        if entry is not None and entry[0] == stamp:
             return entry[2]
         value = _persistent(make)
         self._cache[slot] = (stamp, tuple(sources), value)
@@ -94,7 +99,6 @@ class Plan:
 
     def seed(self, training: bool) -> Tensor:
         if training and self.any_dropout:
-            from fused_lora.functional import draw_dropout_seed
             return draw_dropout_seed(self.device)
         return self.zero_seed
 
@@ -133,7 +137,8 @@ def _number(value) -> float:
 def read_lora(layer: nn.Module, names: Tuple[str, ...], rate_of: Callable[[nn.Module], Optional[float]]) -> Adapters:
     """LoRA layers whose lora_A/lora_B are nn.Linear modules in ModuleDicts (FusedLoRALinear, PEFT's Linear).
     `rate_of(dropout module)`: its rate, or None for a module the fused op cannot reproduce."""
-    mods_a, mods_b, mods_d = layer.lora_A._modules, layer.lora_B._modules, layer.lora_dropout._modules
+    children = layer._modules
+    mods_a, mods_b, mods_d = children["lora_A"]._modules, children["lora_B"]._modules, children["lora_dropout"]._modules
     scaling, with_bias = layer.scaling, layer.lora_bias
     a_list, b_list, biases, scales, rates, key = [], [], [], [], [], [names]
     for n in names:
@@ -161,8 +166,6 @@ def base_key(weight: Tensor, bias: Optional[Tensor]) -> tuple:
 def compute_dtype(x: Tensor) -> Tuple[torch.dtype, bool]:
     """(the dtype the op computes x in, whether torch.autocast is on for x's device): under autocast the autocast
     dtype replaces float32/float16/bfloat16 (float64 stays), as for nn.Linear."""
-    from fused_lora.functional import autocast_dtype
-
     cast_to = autocast_dtype(x.device)
     if cast_to is None:
         return x.dtype, False
@@ -170,7 +173,10 @@ def compute_dtype(x: Tensor) -> Tuple[torch.dtype, bool]:
 
 
 def call_key(adapters: Adapters, weight: Tensor, bias: Optional[Tensor], x_device: torch.device,
-             compute: Tuple[torch.dtype, bool], extra=None) -> tuple:
+             compute: Tuple[torch.dtype, bool], extra=None) -> Optional[tuple]:
+    """The key of a plan for this call; None where plans are not kept (see cached_plan)."""
+    if not _plain_eager():
+        return None
     return (adapters.key, base_key(weight, bias), x_device, compute, backend_env(), extra)
 
 
@@ -218,13 +224,17 @@ def build(key: tuple, adapters: Adapters, weight: Tensor, bias: Optional[Tensor]
     # is never rounded to 16 bits (PEFT adds lora_B(...) * scaling in the adapters' dtype, too).
     lora_biases = [t for t in adapters.bias if t is not None]
     plan.fold_bias = bool(lora_biases) and all(t.dtype == weight.dtype for t in lora_biases)
-    if not _is_compiling():
+    if key is not None:
         plan.backend = ops.resolve(x.device)
     return plan
 
 
-def cached_plan(layer: nn.Module, attr: str, key: tuple) -> Optional[Plan]:
-    """The layer's stored plan when its key is `key` (never under torch.compile)."""
+def cached_plan(layer: nn.Module, attr: str, key: Optional[tuple]) -> Optional[Plan]:
+    """The layer's stored plan when its key is `key`. Plans are kept and used in plain eager mode only
+    (ops.plain_eager): under torch.compile dynamo's guards do that job, and under FakeTensorMode or
+    `with torch.device("meta")` a plan's tensors would be fake or on the wrong device."""
+    if key is None:
+        return None
     plan = layer.__dict__.get(attr)
     if plan is not None and plan.key == key:
         return plan
@@ -232,7 +242,7 @@ def cached_plan(layer: nn.Module, attr: str, key: tuple) -> Optional[Plan]:
 
 
 def store(layer: nn.Module, attr: str, plan: Plan) -> Plan:
-    if not _is_compiling():
+    if plan.key is not None:
         layer.__dict__[attr] = plan
     return plan
 
@@ -262,14 +272,16 @@ def adapter_operands(plan: Plan, adapters: Adapters, grad: bool,
     a_list, b_list, dtype = adapters.a, adapters.b, plan.adapter_dtype
     if len(a_list) == 1 and a_list[0].dtype == dtype and b_list[0].dtype == dtype:
         a, b = a_list[0], b_list[0]
-    elif grad or _is_compiling():
+    elif grad or plan.key is None:
         if frozen is not None:
             a_list = [t.detach() if f else t for t, f in zip(a_list, frozen)]
             b_list = [t.detach() if f else t for t, f in zip(b_list, frozen)]
         a, b = _stack(a_list, b_list, dtype)
     else:
-        a = plan.derived("a", a_list, lambda: _stack(a_list, b_list, dtype)[0].contiguous())
-        b = plan.derived("b", b_list, lambda: _stack(a_list, b_list, dtype)[1].contiguous())
+        def stacked():
+            a, b = _stack(a_list, b_list, dtype)
+            return a.contiguous(), b.contiguous()
+        a, b = plan.derived("ab", a_list + b_list, stacked)
     return (a if a.is_contiguous() else a.contiguous()), (b if b.is_contiguous() else b.contiguous())
 
 
@@ -303,8 +315,8 @@ def dense_bias(plan: Plan, adapters: Adapters, bias: Optional[Tensor], weight: T
         return _bias_terms(adapters, weight.shape[0], weight).sum(0)
 
     if plan.fold_bias:
-        return (folded() if grad or _is_compiling() else plan.derived("bias", sources, folded)), None
-    return bias, (term() if grad or _is_compiling() else plan.derived("bias", sources, term))
+        return (folded() if grad or plan.key is None else plan.derived("bias", sources, folded)), None
+    return bias, (term() if grad or plan.key is None else plan.derived("bias", sources, term))
 
 
 def rows_bias_table(plan: Plan, adapters: Adapters, weight: Tensor, grad: bool) -> Optional[Tensor]:
@@ -317,7 +329,7 @@ def rows_bias_table(plan: Plan, adapters: Adapters, weight: Tensor, grad: bool) 
         terms = _bias_terms(adapters, weight.shape[0], weight)
         return torch.cat([terms, terms.new_zeros(1, weight.shape[0])])
 
-    return table() if grad or _is_compiling() else plan.derived("bias_table", list(adapters.bias), table)
+    return table() if grad or plan.key is None else plan.derived("bias_table", list(adapters.bias), table)
 
 
 def add_row_bias(y: Tensor, table: Tensor, ids: Tensor, n: int) -> Tensor:
@@ -327,25 +339,32 @@ def add_row_bias(y: Tensor, table: Tensor, ids: Tensor, n: int) -> Tensor:
 
 
 # ---- mixed batches: adapter_names -> ids ----------------------------------------------------------------------------
-_IDS_CACHE: Dict[tuple, Tuple[Tensor, frozenset]] = {}
+NO_ADAPTER = "__base__"  # PEFT's name for "no adapter" in adapter_names
+_IDS_CACHE: Dict[tuple, Tuple[Tensor, frozenset, tuple]] = {}
 _IDS_CACHE_SIZE = 64
 
 
-def ids_for_names(plan: Plan, adapter_names: Sequence[str], device: torch.device) -> Tuple[Tensor, frozenset]:
-    """(int64 ids [len(adapter_names)] on `device`, the set of ids used). Every LoRA layer of a model sees the same
-    adapter_names at a decode step, so the ids are built once for all of them (keyed on the names and the layer's
-    adapter order), not one host-to-device copy per layer per step."""
+def _ids_entry(index: Dict[str, int], adapter_names: Sequence[str], make_tensor):
+    ids = [index.get(n, -1) for n in adapter_names]
+    unknown = tuple(sorted({n for n in adapter_names if n != NO_ADAPTER and n not in index}))
+    return make_tensor(ids), frozenset(ids), unknown
+
+
+def ids_for_names(plan: Plan, adapter_names: Sequence[str], device: torch.device) -> Tuple[Tensor, frozenset, tuple]:
+    """(int64 ids [len(adapter_names)] on `device` (-1 for "__base__" and names the layer does not hold), the set
+    of ids used, the names the layer does not hold). Every LoRA layer of a model sees the same adapter_names at a
+    decode step, so this is built once for all of them (keyed on the names and the layer's adapter order), not one
+    host-to-device copy per layer per step."""
     index = plan.index
-    if _is_compiling():  # a constant of the graph
-        ids = [index.get(n, -1) for n in adapter_names]
-        return torch.tensor(ids, dtype=torch.int64, device=device), frozenset(ids)
+    if plan.key is None:  # not plain eager: under torch.compile, a constant of the graph
+        return _ids_entry(index, adapter_names, lambda ids: torch.tensor(ids, dtype=torch.int64, device=device))
     key = (tuple(adapter_names), plan.names, device)
     entry = _IDS_CACHE.get(key)
     if entry is None:
         if len(_IDS_CACHE) >= _IDS_CACHE_SIZE:
             _IDS_CACHE.clear()
-        ids = [index.get(n, -1) for n in adapter_names]
-        entry = (_persistent(lambda: torch.tensor(ids, dtype=torch.int64, device=device)), frozenset(ids))
+        entry = _ids_entry(index, adapter_names, lambda ids: _persistent(
+            lambda: torch.tensor(ids, dtype=torch.int64, device=device)))
         _IDS_CACHE[key] = entry
     return entry
 
@@ -366,8 +385,6 @@ def dense_call(plan: Plan, adapters: Adapters, x: Tensor, weight: Tensor, bias: 
                autocast: bool, scale: Optional[Tensor] = None) -> Tensor:
     """y = x W^T + bias + the plan's adapters, all rows; `scale`: a per-call per-rank scale (AdaLoRA) instead of
     the plan's. Under autocast the operands go to fused_lora.lora_linear, which applies nn.Linear's casts."""
-    from fused_lora import functional
-
     grad = adapters.need_grad()
     if grad:
         plan.drop_cached()
@@ -388,8 +405,6 @@ def rows_call(plan: Plan, adapters: Adapters, x: Tensor, weight: Tensor, bias: O
               training: bool, autocast: bool, check_ids: bool, used: Optional[frozenset] = None) -> Tensor:
     """Row m of x.reshape(-1, K) uses adapter row_ids[m] (ids per row or per sample; -1: none). `used`: the ids
     present, when known (adapter_names): the other adapters get no gradient, as in PEFT's mixed batch."""
-    from fused_lora import functional
-
     grad = adapters.need_grad()
     if grad:
         plan.drop_cached()

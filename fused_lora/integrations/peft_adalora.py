@@ -82,7 +82,7 @@ class FusedSVDLinear(PeftSVDLinear):
             return (per_adapter[0] if len(names) == 1 else torch.cat(per_adapter)).to(torch.float32).contiguous()
 
         trains = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
-        per_rank = scale() if trains or torch.compiler.is_compiling() else current.derived("scale", sources, scale)
+        per_rank = scale() if trains or current.key is None else current.derived("scale", sources, scale)
         return plan.dense_call(current, adapters, x, weight, bias, self.training, compute[1], scale=per_rank)
 
     def _apply(self, fn, recurse=True):

@@ -130,7 +130,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         current, adapters, weight, bias, autocast = self._plan(plan.ROWS_PLAN_ATTR, names, x)
         if not current.usable:
             return None
-        row_ids, used = plan.ids_for_names(current, adapter_names, x.device)
+        row_ids, used, _unknown = plan.ids_for_names(current, adapter_names, x.device)  # unknown: no adapter
         # ids built from the layer's own names are in range: no check (it would cost a host sync per layer on CUDA)
         return plan.rows_call(current, adapters, x, weight, bias, row_ids, self.training, autocast, False, used)
 

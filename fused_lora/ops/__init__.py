@@ -199,12 +199,18 @@ _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
 
+def plain_eager() -> bool:
+    """Plain eager execution: not traced by torch.compile or torch.jit, no dispatch or function mode (FakeTensorMode,
+    `with torch.device(...)`, ...), no functorch transform. Only then may tensors made now be kept for later calls
+    (plans, cached constants), and only then may a call skip torch.library's layers."""
+    return not (_is_compiling() or _dispatch_modes() or _function_modes() or _functorch_levels() is not None
+                or _jit_tracing() is not None)
+
+
 def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
-    """True when a call may skip torch.library's layers: not traced by torch.compile or torch.jit, no dispatch or
-    function mode (FakeTensorMode, DeviceContext, ...), no functorch transform, and only plain tensors (not
-    DTensor, FakeTensor or other subclasses, which need the registered op)."""
-    if _is_compiling() or _dispatch_modes() or _function_modes() or _functorch_levels() is not None \
-            or _jit_tracing() is not None:
+    """True when a call may skip torch.library's layers: plain_eager(), and only plain tensors (not DTensor,
+    FakeTensor or other subclasses, which need the registered op)."""
+    if not plain_eager():
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:
