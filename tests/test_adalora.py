@@ -105,3 +105,33 @@ def test_setting_r_on_adalora_warns_toward_init_r():
         AdaLoraConfig(r=16, total_step=10, target_modules=["up"])
     with pytest.raises(TypeError, match="patch_model"):
         register(AdaLoraConfig(total_step=10, target_modules=["up"]))
+
+
+def _fresh(model, x):
+    twin = copy.deepcopy(model)  # a copy builds its plans from the current state
+    with torch.no_grad():
+        return twin(x)
+
+
+@pytest.mark.parametrize("change", ["mask a rank in place", "lora_E replaced", "ranknum", "scaling"])
+def test_eval_plan_follows_lora_e_ranknum_and_scaling(change):
+    """In eval the per-rank scale lora_E * scaling / ranknum is cached between calls; the RankAllocator masks
+    ranks of lora_E in place under no_grad, and every such change must reach the next call."""
+    model, _, _ = adalora_models()
+    model.eval()
+    layer = model.base_model.model.up
+    x = torch.randn(5, 13)
+    with torch.no_grad():
+        before = model(x)
+        model(x)
+        if change == "mask a rank in place":
+            layer.lora_E["default"][0] = 0.0
+        elif change == "lora_E replaced":
+            layer.lora_E["default"] = nn.Parameter(torch.randn_like(layer.lora_E["default"]))
+        elif change == "ranknum":
+            layer.ranknum["default"].fill_(2.0)
+        else:
+            layer.scaling["default"] = 0.25
+        after = model(x)
+    torch.testing.assert_close(after, _fresh(model, x), rtol=0, atol=0)
+    assert (after - before).abs().max() > 1e-4

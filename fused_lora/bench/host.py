@@ -15,21 +15,27 @@ Rows (calls), all on the CPU with one torch thread:
 Columns (implementations): nn.Linear (the same base layer alone: the floor), PEFT's LoRA Linear (the real peft
 class), PEFT patched (that layer after fused_lora.integrations.peft.patch_model), FusedLoRALinear, and the
 functional fused_lora.lora_linear / lora_linear_rows with operands prepared once. Every row times all of them in
-interleaved rounds (fused_lora.bench.timing); the median per call is printed, with fused/PEFT taken per round
+interleaved rounds (A B C, then B C A, ...); the median per call is printed, with fused/PEFT taken per round
 (paired) and then its median, so machine load hits both sides of the ratio alike.
+
+Clock: the calling thread's CPU time by default (`--clock thread`), which leaves out the time the thread waits
+for a core on a crowded machine; every implementation runs on this one thread (torch.set_num_threads(1)), so its
+CPU time is its cost. `--clock wall` uses time.perf_counter.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import textwrap
+import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from fused_lora.bench.tables import render
-from fused_lora.bench.timing import Timings, time_interleaved
+from fused_lora.bench.timing import Timings
 
 K = N = 64
 TOKENS = 4
@@ -191,20 +197,49 @@ def check_outputs_agree(fns: Dict[str, Callable], call: str) -> None:
                                  f"{(out - ref).abs().max().item():.3e}")
 
 
-def measure(call: str, rounds: int, min_sample_s: float) -> Timings:
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+
+
+def _per_call(fn: Callable, calls: int, clock: Callable[[], float]) -> float:
+    start = clock()
+    for _ in range(calls):
+        fn()
+    return (clock() - start) / calls
+
+
+def time_rounds(fns: Dict[str, Callable], rounds: int, min_sample_s: float, clock: Callable[[], float],
+                warmup: int = 20) -> Timings:
+    """Per-call seconds of every callable, one sample per round, rounds interleaved (round i starts at callable
+    i mod n); a sample repeats its callable until it lasts at least min_sample_s on `clock`."""
+    names = list(fns)
+    calls = {}
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+        probe = _per_call(fns[name], 10, clock)
+        calls[name] = max(10, math.ceil(min_sample_s / max(probe, 1e-7)))
+    timings = Timings({name: [] for name in names})
+    for i in range(rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            timings.samples[name].append(_per_call(fns[name], calls[name], clock))
+    return timings
+
+
+def measure(call: str, rounds: int, min_sample_s: float, clock: str = "thread") -> Timings:
     fns = build(call)
     check_outputs_agree(fns, call)
     if call.startswith("eval"):
         with torch.no_grad():
-            return time_interleaved(fns, torch.device("cpu"), rounds=rounds, warmup=20, min_sample_s=min_sample_s)
-    return time_interleaved(fns, torch.device("cpu"), rounds=rounds, warmup=20, min_sample_s=min_sample_s)
+            return time_rounds(fns, rounds, min_sample_s, CLOCKS[clock])
+    return time_rounds(fns, rounds, min_sample_s, CLOCKS[clock])
 
 
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f}"
 
 
-def table(results: Dict[str, Timings]) -> str:
+def table(results: Dict[str, Timings], clock: str = "thread") -> str:
     columns = ["call"] + [name.replace("FusedLoRALinear", "Fused layer") for name in IMPLS] + [
         "fused/PEFT", "target"]
     rows = []
@@ -212,8 +247,8 @@ def table(results: Dict[str, Timings]) -> str:
         ratio = timings.ratio("FusedLoRALinear", "PEFT")
         rows.append([call] + [_us(timings.spread(name).median) for name in IMPLS]
                     + [f"{ratio.median:.2f}" if ratio else "-", f"<= {TARGETS[call]:.1f}"])
-    return render(f"host time per call, us (median; K = N = {K}, {TOKENS} tokens, r = {RANK}, CPU, "
-                  f"{torch.get_num_threads()} thread)", columns, rows,
+    return render(f"host time per call, us (median, {clock} clock; K = N = {K}, {TOKENS} tokens, r = {RANK}, "
+                  f"CPU, {torch.get_num_threads()} thread)", columns, rows,
                   caption="fused/PEFT: FusedLoRALinear over PEFT's LoRA Linear, paired per round, median")
 
 
@@ -232,12 +267,13 @@ def extra_lines(results: Dict[str, Timings]) -> List[str]:
     return lines
 
 
-def run(calls=CALLS, rounds: int = 15, min_sample_s: float = 0.01, echo=print) -> Dict[str, Timings]:
+def run(calls=CALLS, rounds: int = 15, min_sample_s: float = 0.01, clock: str = "thread",
+        echo=print) -> Dict[str, Timings]:
     torch.set_num_threads(1)
     results = {}
     for call in calls:
-        results[call] = measure(call, rounds, min_sample_s)
-    echo(table(results))
+        results[call] = measure(call, rounds, min_sample_s, clock)
+    echo(table(results, clock))
     for line in extra_lines(results):
         echo(textwrap.fill(line, width=100, subsequent_indent="  "))
     try:
@@ -254,10 +290,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--min-sample-seconds", type=float, default=0.01,
                    help="each sample repeats a call until it lasts this long")
     p.add_argument("--calls", default=",".join(CALLS), help=f"comma list of: {', '.join(CALLS)}")
+    p.add_argument("--clock", choices=list(CLOCKS), default="thread",
+                   help="thread: this thread's CPU time (default; steadier on a shared machine); wall: perf_counter")
     args = p.parse_args(argv)
     calls = [c.strip() for c in args.calls.split(",") if c.strip()]
     for call in calls:
         if call not in CALLS:
             p.error(f"unknown call {call!r}; expected one of {', '.join(CALLS)}")
-    run(calls, rounds=args.rounds, min_sample_s=args.min_sample_seconds)
+    run(calls, rounds=args.rounds, min_sample_s=args.min_sample_seconds, clock=args.clock)
     return 0

@@ -13,6 +13,7 @@ from torch import nn
 from fused_lora.functional import autocast_dtype
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_LINEAR_FORWARD = nn.Linear.forward
 
 
 def _linear_dtype(t: torch.Tensor, autocast: Optional[torch.dtype]) -> torch.dtype:
@@ -26,20 +27,25 @@ def _plain_tensor(t) -> bool:
 
 
 def fusable_base(base: nn.Module, x: torch.Tensor) -> bool:
-    """base(x) is exactly F.linear(x, base.weight, base.bias) and the op takes those tensors."""
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+    """base(x) is exactly F.linear(x, base.weight, base.bias) and the op takes those tensors. Read at every call
+    (hooks and parameters can change at any time), so it reads the module's dicts directly."""
+    if type(base).forward is not _LINEAR_FORWARD or not isinstance(base, nn.Linear):
         return False
     # module hooks would be skipped by reading the weight directly (FSDP unshard, user hooks)
     if base._forward_hooks or base._forward_pre_hooks:
         return False
-    weight, bias = base.weight, base.bias
-    if not _plain_tensor(weight) or weight.dim() != 2 or (bias is not None and not _plain_tensor(bias)):
+    params = base._parameters
+    weight, bias = params.get("weight"), params.get("bias")
+    if weight is None or not _plain_tensor(weight) or weight.dim() != 2 or (bias is not None
+                                                                          and not _plain_tensor(bias)):
         return False
     if not isinstance(x, torch.Tensor) or x.device != weight.device:
         return False
     # under autocast, fused_lora.functional casts exactly as F.linear does; where F.linear would then see two dtypes
     # (float64 x over float32 weights) PEFT's own call raises its own error
     autocast = autocast_dtype(x.device)
+    if autocast is None:
+        return x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype)
     compute = _linear_dtype(weight, autocast)
     return _linear_dtype(x, autocast) == compute and (bias is None or _linear_dtype(bias, autocast) == compute)
 

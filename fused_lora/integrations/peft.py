@@ -30,6 +30,7 @@ LORA_LINEAR_API = (
     "base_layer", "get_base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "r", "lora_alpha",
     "use_rslora", "lora_bias", "lora_variant", "active_adapters", "merged", "merged_adapters", "disable_adapters",
     "fan_in_fan_out", "cast_input_dtype_enabled", "forward", "merge", "unmerge", "get_delta_weight",
+    "_active_adapter", "_disable_adapters",  # read directly by the fused forward (what the properties return)
 )
 ADALORA_API = (
     "base_layer", "get_base_layer", "lora_A", "lora_B", "lora_E", "ranknum", "lora_dropout", "scaling",

@@ -56,7 +56,8 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             self._warn_unsupported_once()
         adapter_names = kwargs.get("adapter_names")
         plain_call = not args and (not kwargs or all(v is None for k, v in kwargs.items() if k != "adapter_names"))
-        if not plain_call or self.disable_adapters or self.merged or not fusable_base(self.base_layer, x):
+        if (not plain_call or self._disable_adapters or self.merged_adapters
+                or not fusable_base(self._modules["base_layer"], x)):
             return super().forward(x, *args, **kwargs)
         if adapter_names is not None:
             out = self._fused_mixed_batch(x, adapter_names)
@@ -66,7 +67,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
 
     def _plan(self, attr: str, names: tuple, x: torch.Tensor):
         """(plan, adapters, weight, bias, autocast) for `names`; plan.usable is False when PEFT must run them."""
-        base = self.base_layer
+        base = self._modules["base_layer"]
         weight, bias = plan.param(base, "weight"), plan.param(base, "bias")
         adapters = plan.read_lora(self, names, dropout_rate)
         compute = plan.compute_dtype(x)
@@ -91,8 +92,9 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         return dtype, None
 
     def _fused_active(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        present = self.lora_A._modules
-        active = [n for n in self.active_adapters if n in present]
+        present = self._modules["lora_A"]._modules
+        active = self._active_adapter
+        active = ([active] if active in present else []) if type(active) is str else [n for n in active if n in present]
         variants = self.lora_variant
         plain = []
         for n in active:
