@@ -77,3 +77,47 @@ def test_backend_info_names_the_cpu_backend(monkeypatch):
     line = backends.backend_info().splitlines()[0]
     assert line.startswith("cpu: ")
     assert ("cpu: cpp (fused_lora._C)" == line) == (backends._import_cpp()[0] is not None)
+
+
+# ---- resolve(): backend_for's decision, remembered per FUSED_LORA_BACKEND -----------------------------------------
+def test_resolve_follows_the_environment_at_every_call(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "reference")
+    assert backends.backend_env() == "reference"
+    assert backends.resolve(cpu).__name__ == "fused_lora.reference"
+    monkeypatch.delenv("FUSED_LORA_BACKEND")
+    assert backends.backend_env() is None
+    assert backends.resolve(cpu) is backends.backend_for(cpu)
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "cuda-magic")
+    for _ in range(2):  # errors are not remembered: every call says it
+        with pytest.raises(ValueError, match="cuda-magic"):
+            backends.resolve(cpu)
+
+
+def test_resolve_rechecks_the_interpreter_for_triton_on_cpu(monkeypatch):
+    pytest.importorskip("triton")
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.resolve(cpu) is backends._import_triton()[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(backends.BackendUnavailable, match="TRITON_INTERPRET=1"):
+        backends.resolve(cpu)
+
+
+def test_eager_entry_and_registered_op_agree_and_eager_skips_torch_library(monkeypatch):
+    x, w, b, a, bb, scale, ptr, ps, seed = _fwd_args()
+    y_registered, _ = ops.lora_fwd(x, w, b, a, bb, scale, ptr, [0.0, 0.0], seed)
+    monkeypatch.setattr(ops, "lora_fwd", lambda *args: pytest.fail("the eager entry went through torch.library"))
+    y_eager = ops.forward(x, w, b, a, bb, scale, ptr, [0.0, 0.0], seed)
+    torch.testing.assert_close(y_eager, y_registered, rtol=0, atol=0)
+
+
+def test_eager_entry_uses_the_registered_op_under_a_dispatch_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, w, b, a, bb, scale, ptr, ps, seed = _fwd_args()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) if t is not None else None for t in (x, w, b, a, bb, scale)]
+        y = ops.forward(*fake, ptr, ps, mode.from_tensor(seed))
+    assert y.shape == (x.shape[0], w.shape[0]) and not ops.eager_call_ok(*fake)
+    assert ops.eager_call_ok(x, w, b, a, bb)
