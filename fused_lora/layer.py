@@ -2,14 +2,21 @@
 
 Attribute and state_dict names follow peft.tuners.lora.layer.Linear (base_layer, lora_A[name], lora_B[name],
 lora_dropout[name], r, lora_alpha, scaling, use_rslora, lora_bias, merged_adapters, ...), so checkpoints move
-between the two. The layer holds no kernel code: its plan (fused_lora.plan) stacks the adapters and calls fused_lora.functional.
+between the two. The layer holds no kernel code: its plan (fused_lora.plan: stacked adapters, per-rank scale
+vector, rank offsets, dropout rates, name -> id map, backend; rebuilt whenever one of them would change) feeds
+fused_lora.functional, as for PEFT's own layers patched by fused_lora.integrations.peft.
 
 Forward, by case (PEFT's order of precedence):
   adapters disabled        -> base layer only (merged adapters are unmerged first, as PEFT does)
-  adapter_names/adapter_ids -> one adapter per row via lora_linear_rows, over ALL adapters of the layer
+  adapter_names/adapter_ids -> one adapter per row (the per-row op), over ALL adapters of the layer; with
+                              adapter_names, adapters no row uses get no gradient (None, as PEFT's mixed batch);
+                              adapter_ids are not read on the host, so every adapter gets one (zero if unused)
   otherwise                -> the active adapters that are not merged, stacked along the rank axis, in one
-                              lora_linear call (PEFT skips every adapter once any is merged; we keep the
+                              fused call (PEFT skips every adapter once any is merged; we keep the
                               unmerged active ones, so merging one adapter does not silently drop the others)
+lora_B biases (lora_bias=True): added as s_i * bias_i, folded into the op's bias when they have the base weight's
+dtype, else (float32 biases over a 16-bit base) added to the output in float32 so their gradient stays float32;
+the same rule as the patched PEFT layer (fused_lora.plan.dense_bias).
 
 Adapter ids (adapter_ids=..., adapter_index(name)) index the adapters in the order of `self.lora_A` keys, i.e.
 the order they were added; deleting an adapter shifts the ids of those after it.
@@ -23,7 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fused_lora import functional, layer_merge, plan
+from fused_lora import layer_merge, plan
 from fused_lora.layer_options import adapter_dtype, check_adapter_args, check_variant_options
 from fused_lora.layer_replace import replace_linear  # noqa: F401  (public: fused_lora.replace_linear)
 

@@ -180,7 +180,7 @@ def call_key(adapters: Adapters, weight: Tensor, bias: Optional[Tensor], x_devic
     return (adapters.key, base_key(weight, bias), x_device, compute, backend_env(), extra)
 
 
-# ---- building ---------------------------------------------------------------------------------------------------------
+# ---- building -------------------------------------------------------------------------------------------------------
 def _scale_vector(scales: Sequence[float], ranks: Sequence[int], device: torch.device) -> Tensor:
     per_rank = [s for s, r in zip(scales, ranks) for _ in range(r)]
     return _persistent(lambda: torch.tensor(per_rank, dtype=torch.float32, device=device))

@@ -487,3 +487,15 @@ def test_layers_with_plans_copy_and_pickle(kind):
     assert current_plan(layer) is not None
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         torch.testing.assert_close(run(twin, x), y, rtol=0, atol=0)
+
+
+def test_unpatching_drops_the_plans():
+    from fused_lora.integrations.peft import unpatch_model
+    layer = make("peft")
+    x = torch.randn(3, K)
+    run(layer, x)
+    assert current_plan(layer) is not None
+    assert unpatch_model(layer) == 1 and current_plan(layer) is None
+    layer.lora_B["a1"].weight.data.mul_(2)   # PEFT's code owns the layer meanwhile
+    assert patch_model(layer) == 1
+    torch.testing.assert_close(run(layer, x), fresh(layer, x), rtol=0, atol=0)

@@ -15,6 +15,7 @@ from torch import nn
 from peft.tuners.adalora.layer import SVDLinear as PeftSVDLinear
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+from fused_lora import plan
 from fused_lora.integrations.peft_adalora import FusedSVDLinear
 from fused_lora.integrations.peft_lora_linear import FusedPeftLoraLinear, warn_unfused_variants
 
@@ -65,6 +66,7 @@ def unpatch_model(model: nn.Module) -> int:
         if peft_cls is not None:
             module.__class__ = peft_cls
             module.__dict__.pop("_fused_warned_variants", None)
+            plan.invalidate(module)  # PEFT's code may change the adapters in ways a kept plan would not see
             count += 1
     return count
 

@@ -6,9 +6,10 @@ It is PEFT's own class with two methods replaced, so a model's modules can switc
 Forward: the base linear and every active, unmerged, plain adapter in one fused call (A stacked along the rank
 axis, B concatenated, per-rank scale and dropout rates from the layer's plan, fused_lora.plan, which FusedLoRALinear
 uses too and which is rebuilt whenever a scaling, dropout rate, parameter, dtype or the active set changes);
-`adapter_names=` mixed batches in one per-row call over all the layer's plain adapters. Adapters that use a LoRA variant PEFT implements and we do not fuse (DoRA,
-aLoRA, every `lora_variant` entry) run PEFT's code; so does any call we cannot reproduce exactly (quantized or
-hooked base layer, extra forward arguments, unusual dtypes). Merge/unmerge use fused_lora.merge_/unmerge_ (in
+`adapter_names=` mixed batches in one per-row call over all the layer's plain adapters (lora_B biases per row).
+Adapters that use a LoRA variant PEFT implements and we do not fuse (DoRA, aLoRA, every `lora_variant` entry) run
+PEFT's code; so does any call we cannot reproduce exactly (quantized or hooked base layer, extra forward arguments,
+unusual dtypes). Merge/unmerge use fused_lora.merge_/unmerge_ (in
 place, one rounding) and keep PEFT's bookkeeping (merged_adapters, lora_bias).
 """
 from __future__ import annotations
