@@ -20,6 +20,11 @@ Rank term (RANK_MODE):
     DENSE_T   dense, wider ranks: t comes from the split shrink launched before (kernels/shrink.py).
     ROWS_T    per row: compact t from the per-row shrink, placed at each row's adapter ranks (blocks.rank_term).
     NONE      no rank term (every adapter has rank 0).
+
+PDL consumer (USE_GDC; DENSE_T and ROWS_T after their shrink, sm_90 with FUSED_LORA_PDL=1, kernels/config.py):
+launched with launch_pdl=True, the programs start while the shrink runs and stream their share of W and x; the
+gdc_wait right after the K loop comes before every access to memory the shrink may have written or used (t, the
+split partials, which may reuse the shrink's freed partial buffer, and the split counters).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from fused_lora.kernels import config
 from fused_lora.kernels.blocks import arrive_last, dot_k_range, rank_term, row_adapters, split_range, sum_splits
 from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, \
     keep_mask_tile
-from fused_lora.kernels.spec import SPLIT_REDUCTION_PTX, KernelSpec
+from fused_lora.kernels.spec import PDL_CONSUMER_PTX, SPLIT_REDUCTION_PTX, KernelSpec
 
 DECODE_M_MAX = 64
 IN_PASS_MAX_RANK = 32  # beyond it, A's L2 re-reads (R / BLOCK_N of W's bytes per program) cost more than a launch
@@ -49,7 +54,7 @@ def decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, table_ptr, ro
                   stride_xm, stride_xk, stride_ym, stride_tm,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                   RANK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  PACKED: tl.constexpr, PRECISION: tl.constexpr):
+                  PACKED: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False):
     pid_n = tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
     pid_m = tl.program_id(1)
@@ -104,6 +109,8 @@ def decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, table_ptr, ro
         acc = dot_k_range(acc, w_ptrs, xt_ptrs, None, None, k_begin, k_end, K, 1, stride_xk,
                           None, None, None, None, False, False, BLOCK_K, PRECISION)
 
+    if USE_GDC:  # PDL consumer: W is streamed; from here on t, partials and counters may be the shrink's
+        tl.extra.cuda.gdc_wait()
     last = n_splits == 1
     if n_splits > 1:  # split reduction (blocks.py); y's and t's partials share the tile's counter
         tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
@@ -184,11 +191,18 @@ def decode_grid(M: int, N: int, K: int, cfg: dict, device) -> tuple:
     return (tiles_n * splits, tiles_m), splits
 
 
+def pdl_consumer(mode: int, after_shrink: bool) -> bool:
+    """Whether a decode launch overlaps its producer where PDL is enabled (config.pdl_enabled): only when it reads
+    t and the launch just before it on the stream is the shrink that writes t."""
+    return after_shrink and mode in (DENSE_T, ROWS_T)
+
+
 def launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n_segs, seed, y, t, has_dropout, precision, *,
-                  row_ids=None, n_adapters=0):
+                  row_ids=None, n_adapters=0, after_shrink=False):
     """y (and t for IN_PASS) of the decode forward. Dense: `table` is the segment table; t is [M, R], written here
     (IN_PASS) or already holding the shrink (wider ranks). Per row (row_ids given): `table` is the adapter table and
-    t the compact per-row shrink. M > 0, N > 0."""
+    t the compact per-row shrink. M > 0, N > 0. after_shrink: the caller launched the shrink writing t right before
+    (on this stream, nothing launched in between but allocations): then this launch may overlap it (PDL)."""
     M, K = x.shape
     N = weight.shape[0]
     R = lora_a.shape[0]
@@ -204,6 +218,7 @@ def launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n_segs, seed, y
     part_y = x.new_empty((splits * stride_y,), dtype=torch.float32) if splits > 1 else t
     part_t = x.new_empty((splits * stride_t,), dtype=torch.float32) if splits > 1 and stride_t else part_y
     counters = config.split_counters(x.device, tiles) if splits > 1 else table
+    pdl = pdl_consumer(mode, after_shrink) and config.pdl_enabled(x.device)
     decode_kernel[grid](
         x, weight, bias if bias is not None else y, lora_a, lora_b, scale, table, row_ids if per_row else table,
         seed, y, t, part_y, part_t, counters,
@@ -211,8 +226,33 @@ def launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n_segs, seed, y
         x.stride(0), x.stride(1), y.stride(0), t.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, RANK_MODE=mode,
         HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout and mode == IN_PASS,
-        PACKED=has_dropout and K % 4 == 0, PRECISION=precision, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        PACKED=has_dropout and K % 4 == 0, PRECISION=precision, USE_GDC=pdl, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **config.pdl_launch(pdl))
+
+
+def _spec(dt: str, M: int, mode: int, R: int, dropout: bool, packed: bool, bias: bool, gdc: bool) -> KernelSpec:
+    cfg = decode_config(M, 2, mode, dropout)
+    block_r = rank_block(mode, R)
+    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+           "b_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32", "row_ids_ptr": "*i64",
+           "seed_ptr": "*i64", "y_ptr": f"*{dt}", "t_ptr": "*fp32", "part_y_ptr": "*fp32",
+           "part_t_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "R": "i32", "n_segs": "i32", "n_adapters": "i32", "n_splits": "i32",
+           "split_stride_y": "i32", "split_stride_t": "i32", "stride_xm": "i32",
+           "stride_xk": "constexpr", "stride_ym": "i32", "stride_tm": "i32"}
+    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                 BLOCK_R=block_r, RANK_MODE=mode, HAS_BIAS=bias, HAS_DROPOUT=dropout,
+                 PACKED=packed, PRECISION="ieee", USE_GDC=gdc)
+    sig.update({n: "constexpr" for n in const if n != "stride_xk"})
+    mode_name = ("in_pass", "dense_t", "rows_t", "none")[mode]
+    extra = {"ptx_patterns": {**SPLIT_REDUCTION_PTX, **(PDL_CONSUMER_PTX if gdc else {})}}
+    if gdc:  # programmatic dependent launch exists from sm_90 on
+        extra["arches"] = [90]
+    return KernelSpec(
+        name=(f"decode[{mode_name},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BK={cfg['BLOCK_K']},"
+              f"BR={block_r},bias={bias},dropout={dropout},packed={packed},{dt}{',gdc' if gdc else ''}]"),
+        fn=decode_kernel, signature=sig, constexprs=const,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], extra=extra)
 
 
 def codegen_specs() -> list[KernelSpec]:
@@ -225,24 +265,8 @@ def codegen_specs() -> list[KernelSpec]:
         for M in (1, 64):
             for mode, dropout, packed, bias in variants:
                 for R in ((16, 32) if mode == IN_PASS else (16,)):
-                    cfg = decode_config(M, 2, mode, dropout)
-                    block_r = rank_block(mode, R)
-                    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
-                           "b_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32", "row_ids_ptr": "*i64",
-                           "seed_ptr": "*i64", "y_ptr": f"*{dt}", "t_ptr": "*fp32", "part_y_ptr": "*fp32",
-                           "part_t_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                           "R": "i32", "n_segs": "i32", "n_adapters": "i32", "n_splits": "i32",
-                           "split_stride_y": "i32", "split_stride_t": "i32", "stride_xm": "i32",
-                           "stride_xk": "constexpr", "stride_ym": "i32", "stride_tm": "i32"}
-                    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                 BLOCK_R=block_r, RANK_MODE=mode, HAS_BIAS=bias, HAS_DROPOUT=dropout,
-                                 PACKED=packed, PRECISION="ieee")
-                    sig.update({n: "constexpr" for n in const if n != "stride_xk"})
-                    mode_name = ("in_pass", "dense_t", "rows_t", "none")[mode]
-                    specs.append(KernelSpec(
-                        name=(f"decode[{mode_name},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BK={cfg['BLOCK_K']},"
-                              f"BR={block_r},bias={bias},dropout={dropout},packed={packed},{dt}]"),
-                        fn=decode_kernel, signature=sig, constexprs=const,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                        extra={"ptx_patterns": SPLIT_REDUCTION_PTX}))
+                    specs.append(_spec(dt, M, mode, R, dropout, packed, bias, False))
+            # the t-reading modes as PDL consumers (sm_90 only)
+            for mode in (DENSE_T, ROWS_T):
+                specs.append(_spec(dt, M, mode, 16, False, False, True, True))
     return specs

@@ -6,6 +6,8 @@ for any shape without running them):
     forward, M <= 64 (decode):  decode_kernel, one launch split over K; the shrink rides in its K loop
                                 (R <= 32), else a split shrink first
     forward, M > 64:            shrink_kernel (split over K) then fused_gemm_kernel (rank term in the accumulator)
+    (a launch that reads the t of the shrink launched just before it overlaps that shrink on sm_90 when
+    FUSED_LORA_PDL=1: kernels/config.py)
     backward:                   ds_kernel, db_kernel, da_kernel (each split, fixed-order reductions), then
                                 fused_gemm_kernel for dX
 No host synchronisation anywhere: the seed stays on the device, descriptors are cached device tensors.
@@ -65,16 +67,18 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, 
     has_dropout = any(float(p) > 0.0 for p in dropout_p)
     precision = config.precision(x, lora_a)
     if path == "small_m" and N > 0:
-        if rank_mode(False, R, n_segs) == DENSE_T:
+        shrunk = rank_mode(False, R, n_segs) == DENSE_T
+        if shrunk:
             launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
-        launch_decode(x, weight, bias, lora_a, lora_b, scale, seg_table, n_segs, seed, y, t, has_dropout, precision)
+        launch_decode(x, weight, bias, lora_a, lora_b, scale, seg_table, n_segs, seed, y, t, has_dropout, precision,
+                      after_shrink=shrunk)
         return y, t
     if n_segs > 0:
         launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
     if N > 0:
         launch_fused_gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, t, lora_b,
                           (lora_b.stride(0), lora_b.stride(1)), R, seg_table, n_segs, seed, y, block_r,
-                          lora_dropout=False, precision=precision)
+                          lora_dropout=False, precision=precision, after_shrink=n_segs > 0)
     return y, t
 
 

@@ -2,7 +2,7 @@
 needs (fused_lora/bench reads them), computed by the launchers' own config, grid and split functions, so a plan
 cannot drift from the launches (tests/test_kernel_counts.py checks plan == interpreter counts on small shapes).
 
-    plan(op, shape, *, path=None, device=None) -> list[Launch]       the launchers of today
+    plan(op, shape, *, path=None, device=None, pdl=None) -> list[Launch]   the launchers of today
     plan_before(op, shape) -> list[Launch]                            main at dd3ed58, before issue 13 (a frozen
                                                                       copy of that code's config/grid logic, checked
                                                                       against interpreter counts of that code)
@@ -13,6 +13,9 @@ cannot drift from the launches (tests/test_kernel_counts.py checks plan == inter
            interleaved(M, n) and single(M) build the usual distributions.
     device None plans for an H100 (132 SMs; config.H100_SMS); a CUDA device plans for that GPU (SM count and
            its tuned configs, kernels/tuned.py).
+    pdl    None: what the launchers do on `device` (config.pdl_enabled: off unless a CUDA sm_90+ device and
+           FUSED_LORA_PDL=1); True/False: plan as if programmatic dependent launch were on/off (the sm_90 rows of
+           the MODEL table). A consumer launch that overlaps the launch before it has Launch.pdl True.
 
 Launch (one kernel launch):
     kernel    the @triton.jit function's name (what the interpreter and profilers show)
@@ -25,6 +28,9 @@ Launch (one kernel launch):
     flops     tensor-core work, 2 per multiply-add, tile padding included (what the MMA units execute)
     hbm_bytes compulsory DRAM traffic: each tensor's distinct bytes read once, plus every byte written
     l2_bytes  bytes of `loads` plus bytes of `writes`
+    pdl       launched with launch_pdl=True: it starts while the launch before it (its shrink) runs and waits for it
+              (gdc_wait) only before its tail; tail_bytes / tail_latencies: the bytes it moves after that wait and
+              the dependent memory round trips there (what MODEL adds after the producer's completion)
 Element sizes: x w bias a b y dy dx da db in the shape's dtype; t ds part scale in fp32.
 """
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Optional, Sequence
 
 import triton
 
-from fused_lora.kernels import config, dense
+from fused_lora.kernels import config, decode, dense, fused_gemm
 from fused_lora.kernels.decode import DENSE_T, IN_PASS, NONE, ROWS_T, decode_config, decode_grid, rank_block, \
     rank_mode
 from fused_lora.kernels.fused_gemm import RANK_CHUNK, gemm_config, gemm_grid
@@ -106,6 +112,9 @@ class Launch:
     note: str = ""
     step_bytes: int = 0     # operand bytes one program loads per pipelined step (what stays in flight)
     steps: int = 0          # pipelined steps of the longest program
+    pdl: bool = False       # overlaps the launch before it (programmatic dependent launch)
+    tail_bytes: float = 0.0  # L2 bytes moved after its gdc_wait (pdl only)
+    tail_latencies: int = 0  # dependent memory round trips after its gdc_wait (pdl only)
 
     @property
     def programs(self) -> int:
@@ -204,7 +213,15 @@ def _plan_shrink(shape: Shape, device, per_row: bool) -> Launch:
                    (bm + block_r) * cfg["BLOCK_K"] * e, triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), splits))
 
 
-def _plan_decode(shape: Shape, device, per_row: bool) -> Launch:
+def _tail(launch: Launch, e: int, tensors: Sequence[str], latencies: int) -> None:
+    """Mark a launch as a PDL consumer whose work after gdc_wait moves `tensors` in `latencies` round trips."""
+    launch.pdl = True
+    launch.tail_bytes = float(sum(v * launch.elem_bytes(k, e) for k, v in launch.loads.items() if k in tensors) +
+                              sum(v * launch.elem_bytes(k, e) for k, v in launch.writes.items() if k in tensors))
+    launch.tail_latencies = latencies
+
+
+def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False, pdl: bool = False) -> Launch:
     M, N, K, R, e = shape.M, shape.N, shape.K, shape.R, shape.e
     has_dropout = any(p > 0 for p in shape.dropout_p)
     n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr,
@@ -254,12 +271,18 @@ def _plan_decode(shape: Shape, device, per_row: bool) -> Launch:
     writes["part"] = part
     mode_name = {IN_PASS: "shrink in the K loop", DENSE_T: "t from the shrink launch",
                  ROWS_T: "per-row t", NONE: "no rank term"}[mode]
-    return _launch("decode_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits, "mode": mode}, shape,
-                   loads, writes, flops, reads, f"decode, {splits} split(s) of K, {mode_name}",
-                   (bn + bm + (block_r if mode == IN_PASS else 0)) * bk * e, triton.cdiv(triton.cdiv(K, bk), splits))
+    launch = _launch("decode_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits, "mode": mode}, shape,
+                     loads, writes, flops, reads, f"decode, {splits} split(s) of K, {mode_name}",
+                     (bn + bm + (block_r if mode == IN_PASS else 0)) * bk * e,
+                     triton.cdiv(triton.cdiv(K, bk), splits))
+    if pdl and decode.pdl_consumer(mode, after_shrink):
+        # after the wait: store the partial, take the ticket, (last program) read the partials, then t and B, y
+        _tail(launch, e, ("part", "t", "b", "bias", "y"), 3 if splits > 1 else 1)
+    return launch
 
 
-def _plan_fused_gemm(shape: Shape, device, per_row: bool, backward: bool) -> Launch:
+def _plan_fused_gemm(shape: Shape, device, per_row: bool, backward: bool, after_shrink: bool = False,
+                     pdl: bool = False) -> Launch:
     """Forward: out = x W^T (+ t B^T); backward: dX = dY W (+ drop'(dS A)). Reduction length K_red."""
     M, R, e = shape.M, shape.R, shape.e
     n_out, k_red = (shape.K, shape.N) if backward else (shape.N, shape.K)
@@ -294,9 +317,13 @@ def _plan_fused_gemm(shape: Shape, device, per_row: bool, backward: bool) -> Lau
     if shape.bias and not backward:
         loads["bias"] = tiles * bn
         reads["bias"] = n_out
-    return _launch("fused_gemm_kernel", grid, cfg, shape, loads, {"dx" if backward else "y": M * n_out}, flops,
-                   reads, f"fused GEMM {'dX' if backward else 'y'}{' per row' if per_row else ''}",
-                   (bm + bn) * bk * e, triton.cdiv(k_red, bk))
+    launch = _launch("fused_gemm_kernel", grid, cfg, shape, loads, {"dx" if backward else "y": M * n_out}, flops,
+                     reads, f"fused GEMM {'dX' if backward else 'y'}{' per row' if per_row else ''}",
+                     (bm + bn) * bk * e, triton.cdiv(k_red, bk))
+    if pdl and fused_gemm.pdl_consumer(after_shrink, has_lora, lora_dropout):
+        # after the wait: t and B^T (one round trip), then the tile's store
+        _tail(launch, e, ("t", "b", "bias", "y"), 2)
+    return launch
 
 
 def _plan_ds(shape: Shape, device, per_row: bool) -> Launch:
@@ -378,9 +405,10 @@ def _plan_da(shape: Shape, device, per_row: bool) -> Launch:
                    bm * bk * shape.e + bm * block_r * 4, triton.cdiv(triton.cdiv(M, bm), splits))
 
 
-def plan(op: str, shape: Shape, *, path: Optional[str] = None, device=None) -> list:
+def plan(op: str, shape: Shape, *, path: Optional[str] = None, device=None, pdl: Optional[bool] = None) -> list:
     """The launches today's launchers make for `op` at `shape` (see the module docstring)."""
     device = "cpu" if device is None else device
+    pdl = config.pdl_enabled(device) if pdl is None else bool(pdl)
     M, N, K, R = shape.M, shape.N, shape.K, shape.R
     if M == 0:
         return []
@@ -388,16 +416,17 @@ def plan(op: str, shape: Shape, *, path: Optional[str] = None, device=None) -> l
         n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr,
                                                                                           shape.dropout_p)))
         if dense.forward_path(M, path) == "small_m" and N > 0:
-            out = [_plan_shrink(shape, device, False)] if rank_mode(False, R, n_segs) == DENSE_T else []
-            return out + [_plan_decode(shape, device, False)]
+            shrunk = rank_mode(False, R, n_segs) == DENSE_T
+            out = [_plan_shrink(shape, device, False)] if shrunk else []
+            return out + [_plan_decode(shape, device, False, shrunk, pdl)]
         out = [_plan_shrink(shape, device, False)] if n_segs else []
-        return out + ([_plan_fused_gemm(shape, device, False, False)] if N else [])
+        return out + ([_plan_fused_gemm(shape, device, False, False, n_segs > 0, pdl)] if N else [])
     if op == "rows_forward":
         out = [_plan_shrink(shape, device, True)] if R else []
         if N and M <= dense.DECODE_M_MAX:
-            out.append(_plan_decode(shape, device, True))
+            out.append(_plan_decode(shape, device, True, R > 0, pdl))
         elif N:
-            out.append(_plan_fused_gemm(shape, device, True, False))
+            out.append(_plan_fused_gemm(shape, device, True, False, R > 0, pdl))
         return out
     if op in ("backward", "rows_backward"):
         per_row = op == "rows_backward"
@@ -578,8 +607,12 @@ def summary(launches: list, e: int) -> dict:
 # ~0.8 us loaded HBM latency, 228 KiB shared memory and 64 warps per SM, 2 us between back-to-back launches, and an
 # SM drawing at most 1.5x its fair share of HBM bandwidth (a copy needs about two thirds of the SMs to reach the
 # copy rate): the assumption behind "a launch that streams W needs every SM busy".
+# Programmatic dependent launch (assumed, not measured on any GPU here): a consumer's first programs run pdl_start
+# after its producer's (the producer's programs signal as they start; the dependent grid still has to be scheduled
+# onto the SMs the producer leaves free), and its gdc_wait returns pdl_release after the producer's last program
+# ends (completion and memory flush, the part of the 2 us launch gap PDL cannot hide).
 H100_MODEL = dict(sms=132, hbm=3.0e12, l2=5.5e12, tensor=800e12, latency=0.8e-6, smem=228 * 1024, warps=64,
-                  launch_gap=2e-6, sm_share=1.5)
+                  launch_gap=2e-6, sm_share=1.5, pdl_start=1.0e-6, pdl_release=0.5e-6)
 
 
 def model(launch: Launch, e: int, gpu: dict = H100_MODEL) -> dict:
@@ -604,9 +637,40 @@ def model(launch: Launch, e: int, gpu: dict = H100_MODEL) -> dict:
             "waves": triton.cdiv(launch.programs, gpu["sms"] * per_sm)}
 
 
+def overlap(producer: Launch, consumer: Launch, e: int, gpu: dict = H100_MODEL) -> dict:
+    """MODEL of a producer and a PDL consumer that overlaps it, from the producer's first program to the consumer's
+    end (the producer's own launch gap is not included). The pair takes the longest of:
+        dependency  producer alone + pdl_release + the consumer's tail after gdc_wait (tail_latencies x latency +
+                    tail_bytes at HBM rate): the consumer cannot finish before the producer has completed and flushed
+        consumer    pdl_start + the consumer alone (model())
+        HBM         both launches' HBM bytes at the bandwidth the consumer reaches alone (they share HBM; the
+                    consumer's stream sets the pace; conservative, as the pair keeps more bytes in flight than it)
+        L2, FLOPs   both launches' L2 -> SM bytes at the L2 rate, both launches' FLOPs at the tensor peak
+    Returns {"seconds", "bound": the name of the longest, "terms": every term}."""
+    alone_p, alone_c = model(producer, e, gpu), model(consumer, e, gpu)
+    tail = consumer.tail_latencies * gpu["latency"] + consumer.tail_bytes / gpu["hbm"]
+    pace = alone_c["bandwidth"] * gpu["hbm"]
+    terms = {"dependency": alone_p["seconds"] + gpu["pdl_release"] + tail,
+             "consumer": gpu["pdl_start"] + alone_c["seconds"],
+             "HBM": (producer.hbm_bytes + consumer.hbm_bytes) / pace,
+             "L2": (producer.l2_bytes(e) + consumer.l2_bytes(e)) / gpu["l2"],
+             "FLOPs": (producer.flops + consumer.flops) / gpu["tensor"]}
+    bound = max(terms, key=terms.get)
+    return {"seconds": terms[bound], "bound": bound, "terms": terms}
+
+
 def model_seconds(launches: list, e: int, gpu: dict = H100_MODEL) -> float:
-    """MODEL of an op: its launches back to back, plus gpu["launch_gap"] per launch."""
-    return sum(model(lc, e, gpu)["seconds"] + gpu["launch_gap"] for lc in launches)
+    """MODEL of an op: its launches back to back, plus gpu["launch_gap"] per launch; a PDL consumer (Launch.pdl)
+    has no gap of its own and overlaps the launch before it (overlap())."""
+    total = 0.0
+    for i, lc in enumerate(launches):
+        if i + 1 < len(launches) and launches[i + 1].pdl:
+            continue  # the pair is counted at its consumer
+        if lc.pdl and i > 0:
+            total += overlap(launches[i - 1], lc, e, gpu)["seconds"] + gpu["launch_gap"]
+        else:
+            total += model(lc, e, gpu)["seconds"] + gpu["launch_gap"]
+    return total
 
 
 def _regimes() -> list:
@@ -632,25 +696,35 @@ def _regimes() -> list:
 
 def table() -> str:
     """Issue 13's regimes before (dd3ed58) and after, bf16, K = 4096. Counts come from the plans (equal to
-    interpreter counts, tests/test_kernel_counts.py); bandwidth and times are a MODEL (see model())."""
+    interpreter counts, tests/test_kernel_counts.py); bandwidth and times are a MODEL (see model(), overlap()).
+    "after" is every GPU with FUSED_LORA_PDL unset (the default) and sm_80; "after, PDL" (only where a launch
+    reads what the launch before it wrote) is sm_90 with FUSED_LORA_PDL=1, judged against the reference planned
+    the same way."""
     lines = ["MODEL: H100 SXM, 3.0 TB/s HBM, 5.5 TB/s L2->SM, 800 TFLOP/s, 0.8 us latency, an SM at most 1.5x its "
-             "share of HBM, 2 us per launch. Counts (launches, programs, W loads, partials) are exact.",
+             "share of HBM, 2 us per launch; PDL: the consumer starts 1 us after its producer, its wait returns "
+             "0.5 us after the producer ends (assumed, unmeasured). Counts (launches, programs, W loads, partials) "
+             "are exact.",
              "| regime | version | launches: programs | W loads / W | partials MiB | MODEL BW, widest launch | "
              "MODEL us | vs reference |", "|---|---|---|---|---|---|---|---|"]
     for name, op, shape, ref_op, ref_shape in _regimes():
         e = shape.e
-        reference = model_seconds(plan(ref_op, ref_shape), e)
-        for version, launches in (("before", plan_before(op, shape)), ("after", plan(op, shape))):
+        versions = [("before", plan_before(op, shape), False), ("after", plan(op, shape, pdl=False), False)]
+        with_pdl = plan(op, shape, pdl=True)
+        if any(lc.pdl for lc in with_pdl):
+            versions.append(("after, PDL", with_pdl, True))
+        for version, launches, pdl in versions:
+            reference = model_seconds(plan(ref_op, ref_shape, pdl=pdl), e)
             widest = max(launches, key=lambda lc: lc.hbm_bytes)
             parts = sum(lc.writes.get("part", 0) for lc in launches) * 4 / 2 ** 20
-            grids = ", ".join(f"{lc.kernel.replace('_kernel', '')}: {lc.programs}" for lc in launches)
+            grids = ", ".join(f"{lc.kernel.replace('_kernel', '')}: {lc.programs}{' (PDL)' if lc.pdl else ''}"
+                              for lc in launches)
             seconds = model_seconds(launches, e)
             lines.append(f"| {name} | {version} | {grids} | "
                          f"{sum(lc.loads.get('w', 0) for lc in launches) / (shape.N * shape.K):.2f} | {parts:.1f} | "
                          f"{model(widest, e)['bandwidth']:.0%} | {seconds * 1e6:.1f} | {seconds / reference:.2f}x |")
     lines.append("reference: decode and prefill: the same GEMM without LoRA (merged weights, GEMM core at parity); "
                  "mixed decode: one adapter's dense decode; mixed prefill: the same rows on one adapter; backward: "
-                 "dX alone.")
+                 "dX alone. (PDL): launched with launch_pdl=True, overlapping the launch before it (overlap()).")
     return "\n".join(lines)
 
 

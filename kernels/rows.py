@@ -53,13 +53,14 @@ def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dro
         t.zero_()
     if N == 0:
         return y, t
+    # after_shrink: the shrink writing t was the last launch on the stream (t.zero_() is not ours: no overlap)
     if M <= DECODE_M_MAX:
         launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n, seed, y, t, False, precision,
-                      row_ids=row_ids, n_adapters=n)
+                      row_ids=row_ids, n_adapters=n, after_shrink=R > 0)
     else:
         # W^T as [K, N]: element (k, n) at n*K + k; B^T as [R, N]: element (r, n) at n*R + r
         launch_fused_gemm(x, weight, (1, K), bias, t, lora_b, (R, 1), R, table, 0, seed, y, RANK_CHUNK, False,
-                          precision, row_ids=row_ids, n_adapters=n)
+                          precision, row_ids=row_ids, n_adapters=n, after_shrink=R > 0)
     return y, t
 
 

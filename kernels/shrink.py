@@ -12,6 +12,10 @@ Split over K: each split reduces a contiguous share of K; partials are combined 
 last program to arrive (kernels/blocks.py), so t is bit-reproducible. The split count brings the launch to
 config.target_programs (2 per SM): at M = 512, 8 row tiles become 256 programs instead of 8.
 fp32 accumulation; the scale and 1/(1-p) apply to the fp32 sum (one rounding less than scaling x).
+
+PDL producer (USE_GDC, sm_90 with FUSED_LORA_PDL=1, kernels/config.py): every program calls gdc_launch_dependents
+first, so the consumer launched after it (decode or fused GEMM, launch_pdl=True) starts streaming W at once; the
+consumer's gdc_wait still waits for this whole launch to complete and flush before it reads t.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import triton.language as tl
 from fused_lora.kernels import config
 from fused_lora.kernels.blocks import dot_k_range, reduce_splits, row_adapters, row_dropout, split_range
 from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD
-from fused_lora.kernels.spec import SPLIT_REDUCTION_PTX, KernelSpec
+from fused_lora.kernels.spec import PDL_PRODUCER_PTX, SPLIT_REDUCTION_PTX, KernelSpec
 
 
 @triton.jit
@@ -30,7 +34,10 @@ def shrink_kernel(x_ptr, a_ptr, scale_ptr, table_ptr, row_ids_ptr, seed_ptr, t_p
                   M, K, R, n_adapters, r_out, n_splits, split_stride,
                   stride_xm, stride_xk, stride_tm,
                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr):
+                  HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr,
+                  USE_GDC: tl.constexpr = False):
+    if USE_GDC:  # PDL producer: let the consumer launch now (it waits for this launch before it reads t)
+        tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
     group = tl.program_id(1)
     split = tl.program_id(2)
@@ -136,11 +143,32 @@ def launch_shrink(x, lora_a, scale, table, groups, seed, t, block_r, has_dropout
                         x.stride(0), x.stride(1), t.stride(0),
                         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, PER_ROW=per_row,
                         HAS_DROPOUT=has_dropout, PACKED=packed,
-                        PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                        PRECISION=precision, USE_GDC=config.pdl_enabled(x.device), num_warps=cfg["num_warps"],
+                        num_stages=cfg["num_stages"])
 
 
 # (has_dropout, packed) pairs a launch can use: PACKED only matters with dropout
 DROPOUT_VARIANTS = ((False, False), (True, True), (True, False))
+
+
+def _spec(dt: str, per_row: bool, block_r: int, dropout: bool, packed: bool, gdc: bool) -> KernelSpec:
+    cfg = shrink_config(2, dropout, packed)
+    sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32",
+           "row_ids_ptr": "*i64" if per_row else "*i32", "seed_ptr": "*i64", "t_ptr": "*fp32",
+           "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32",
+           "n_adapters": "i32", "r_out": "i32", "n_splits": "i32", "split_stride": "i32",
+           "stride_xm": "i32", "stride_xk": "constexpr", "stride_tm": "i32"}
+    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
+                 PER_ROW=per_row, HAS_DROPOUT=dropout, PACKED=packed, PRECISION="ieee", USE_GDC=gdc)
+    sig.update({n: "constexpr" for n in const if n != "stride_xk"})
+    extra = {"ptx_patterns": {**SPLIT_REDUCTION_PTX, **(PDL_PRODUCER_PTX if gdc else {})}}
+    if gdc:  # programmatic dependent launch exists from sm_90 on
+        extra["arches"] = [90]
+    return KernelSpec(
+        name=(f"shrink[{'rows' if per_row else 'dense'},BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},"
+              f"BR={block_r},dropout={dropout},packed={packed},{dt}{',gdc' if gdc else ''}]"),
+        fn=shrink_kernel, signature=sig, constexprs=const,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], extra=extra)
 
 
 def codegen_specs() -> list[KernelSpec]:
@@ -149,20 +177,7 @@ def codegen_specs() -> list[KernelSpec]:
         for per_row in (False, True):
             for block_r in (16, 64):
                 for dropout, packed in DROPOUT_VARIANTS:
-                    cfg = shrink_config(2, dropout, packed)
-                    sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32",
-                           "row_ids_ptr": "*i64" if per_row else "*i32", "seed_ptr": "*i64", "t_ptr": "*fp32",
-                           "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32",
-                           "n_adapters": "i32", "r_out": "i32", "n_splits": "i32", "split_stride": "i32",
-                           "stride_xm": "i32", "stride_xk": "constexpr", "stride_tm": "i32"}
-                    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
-                                 PER_ROW=per_row, HAS_DROPOUT=dropout, PACKED=packed,
-                                 PRECISION="ieee")
-                    sig.update({n: "constexpr" for n in const if n != "stride_xk"})
-                    specs.append(KernelSpec(
-                        name=(f"shrink[{'rows' if per_row else 'dense'},BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},"
-                              f"BR={block_r},dropout={dropout},packed={packed},{dt}]"),
-                        fn=shrink_kernel, signature=sig, constexprs=const,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                        extra={"ptx_patterns": SPLIT_REDUCTION_PTX}))
+                    specs.append(_spec(dt, per_row, block_r, dropout, packed, False))
+            # the PDL producer (sm_90 only): its signal is one instruction at the start, compiled once per layout
+            specs.append(_spec(dt, per_row, 16, False, False, True))
     return specs

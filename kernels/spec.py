@@ -29,3 +29,13 @@ class KernelSpec:
     num_stages: int = 3
     uses_tensor_cores: bool = True  # a GEMM that must show HMMA (sm_80) / HGMMA (sm_90)
     extra: dict = field(default_factory=dict)
+
+# Programmatic dependent launch (kernels/config.py), checked in the PTX of the sm_90 specs that use it. A consumer
+# must wait (griddepcontrol.wait) after its K loop's MMAs and before the rank term's; before the wait it may read
+# global memory only through the K loop's pipelined copies (cp.async of x and W): no plain load (t, the tables,
+# partials) and no atomic (the split counters may be the producer's). A producer must signal.
+PDL_PRODUCER_PTX = {"griddepcontrol.launch_dependents": r"griddepcontrol\.launch_dependents"}
+PDL_CONSUMER_PTX = {
+    "griddepcontrol.wait between the K loop's MMAs and the rank term's": r"mma[\s\S]*griddepcontrol\.wait[\s\S]*mma",
+    "no ld.global or atom before griddepcontrol.wait": r"\A(?:(?!ld\.global|atom\.)[\s\S])*griddepcontrol\.wait",
+}

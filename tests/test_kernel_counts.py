@@ -186,6 +186,36 @@ def test_rows_read_w_as_often_as_one_adapter_counted(cpu_only, M, n):
     assert w_mixed == w_one == _w_loads("rows_forward", mixed_shape)
 
 
+PDL_REGIMES = [  # (op, shape, reference op, reference shape, issue 13's bound on the MODEL ratio)
+    ("rows_forward", S(16, 4096, 4096, [16] * 16, row_ids=lp.interleaved(16, 16)), "forward",
+     S(16, 4096, 4096, [16]), 1.15),
+    ("forward", S(512, 4096, 4096, [16]), "forward", S(512, 4096, 4096, []), 1.10),
+    ("forward", S(2048, 4096, 4096, [16]), "forward", S(2048, 4096, 4096, []), 1.05),
+]
+
+
+@pytest.mark.parametrize("op,shape,ref_op,ref_shape,bound", PDL_REGIMES, ids=["mixed_decode", "prefill512",
+                                                                               "prefill2048"])
+def test_pdl_model_overlaps_honestly_and_meets_issue_13(op, shape, ref_op, ref_shape, bound):
+    """MODEL (kernels/launch_plan.overlap): the consumer overlapping its shrink can neither finish before the shrink
+    has completed and flushed, nor run faster than alone; the pair shares HBM. Issue 13's bounds hold with PDL."""
+    gpu = lp.H100_MODEL
+    producer, consumer = lp.plan(op, shape, pdl=True)
+    assert consumer.pdl and not producer.pdl and consumer.tail_latencies > 0 and consumer.tail_bytes > 0
+    pair = lp.overlap(producer, consumer, shape.e)
+    alone_p, alone_c = lp.model(producer, shape.e), lp.model(consumer, shape.e)
+    assert pair["seconds"] >= alone_c["seconds"] + gpu["pdl_start"]
+    assert pair["seconds"] >= alone_p["seconds"] + gpu["pdl_release"] + consumer.tail_latencies * gpu["latency"]
+    assert pair["seconds"] >= (producer.hbm_bytes + consumer.hbm_bytes) / (alone_c["bandwidth"] * gpu["hbm"])
+    with_pdl = lp.model_seconds([producer, consumer], shape.e)
+    without = lp.model_seconds(lp.plan(op, shape, pdl=False), shape.e)
+    assert with_pdl == pytest.approx(pair["seconds"] + gpu["launch_gap"])
+    assert with_pdl < without - gpu["launch_gap"] / 2, "PDL hides most of the consumer's launch gap"
+    reference = lp.model_seconds(lp.plan(ref_op, ref_shape, pdl=True), shape.e)
+    assert with_pdl / reference <= bound
+    assert [lc.kernel for lc in lp.plan(op, shape, pdl=True)] == [lc.kernel for lc in lp.plan(op, shape)]
+
+
 def _partials(launches) -> int:
     return sum(lc.writes.get("part", 0) for lc in launches)
 
