@@ -13,8 +13,10 @@ Rows (calls), all on the CPU with one torch thread:
     train fwd+bwd          forward + backward of one adapter, base frozen, x requires grad, grads reset each call
 
 Columns (implementations): nn.Linear (the same base layer alone: the floor), PEFT's LoRA Linear (the real peft
-class), PEFT patched (that layer after fused_lora.integrations.peft.patch_model), FusedLoRALinear, and the
-functional fused_lora.lora_linear / lora_linear_rows with operands prepared once. Every row times all of them in
+class), PEFT patched (that layer after fused_lora.integrations.peft.patch_model), FusedLoRALinear, the functional
+fused_lora.lora_linear / lora_linear_rows with operands prepared once, and "backend op": the backend module that
+serves the call (fused_lora.ops.resolve) called directly with prepared operands, its lora_fwd/lora_rows_fwd (and
+lora_bwd for training, without autograd): what the fused call costs below the Python layers. Every row times all of them in
 interleaved rounds (A B C, then B C A, ...); the median per call is printed, with fused/PEFT taken per round
 (paired) and then its median, so machine load hits both sides of the ratio alike.
 
@@ -42,7 +44,7 @@ TOKENS = 4
 RANK = 8
 ALPHA = 16.0
 CALLS = ("eval 1 adapter", "eval 2 active", "eval adapter_names", "train fwd+bwd")
-IMPLS = ("nn.Linear", "PEFT", "PEFT patched", "FusedLoRALinear", "functional")
+IMPLS = ("nn.Linear", "PEFT", "PEFT patched", "FusedLoRALinear", "functional", "backend op")
 MIXED_NAMES = ["a", "b", "__base__", "a"]
 
 # issue 14's targets for FusedLoRALinear / PEFT (benchmarks, not tests)
@@ -110,25 +112,40 @@ class Layers:
         return a, b, [float(self.fused.scaling[n]) for n in self.active], [RANK] * len(self.active)
 
 
+def _op_operands(scalings: List[float], ranks: List[int]):
+    """(backend module, per-rank scale, rank_ptr, zero dropout rates, seed) as the ops take them."""
+    from fused_lora.ops import resolve
+
+    scale = torch.tensor([s for s, r in zip(scalings, ranks) for _ in range(r)], dtype=torch.float32)
+    ptr = [0]
+    for r in ranks:
+        ptr.append(ptr[-1] + r)
+    return resolve(torch.device("cpu")), scale, ptr, [0.0] * len(ranks), torch.zeros(1, dtype=torch.int64)
+
+
 def _eval_fns(layers: Layers, x: torch.Tensor, adapter_names: Optional[List[str]]) -> Dict[str, Callable]:
     import fused_lora
 
     base = layers.fused.base_layer
+    weight, bias = base.weight.detach(), base.bias.detach()
     if adapter_names is None:
         a, b, scalings, ranks = layers.stacked()
         scaling = scalings[0] if len(scalings) == 1 else scalings
         splits = None if len(ranks) == 1 else ranks
+        impl, scale, ptr, rates, seed = _op_operands(scalings, ranks)
 
         def functional():
             return fused_lora.lora_linear(x, base.weight, base.bias, a, b, scaling, rank_splits=splits)
         return {"nn.Linear": lambda: layers.linear(x), "PEFT": lambda: layers.peft(x),
                 "PEFT patched": lambda: layers.patched(x), "FusedLoRALinear": lambda: layers.fused(x),
-                "functional": functional}
+                "functional": functional,
+                "backend op": lambda: impl.lora_fwd(x, weight, bias, a, b, scale, ptr, rates, seed)}
     a = torch.cat([layers.fused.lora_A[n].weight for n in ("a", "b")], 0).detach()
     b = torch.cat([layers.fused.lora_B[n].weight for n in ("a", "b")], 1).detach()
     index = {"a": 0, "b": 1}
     ids = torch.tensor([index.get(n, -1) for n in adapter_names])
     scalings = [float(layers.fused.scaling[n]) for n in ("a", "b")]
+    impl, scale, ptr, rates, seed = _op_operands(scalings, [RANK, RANK])
 
     def rows():
         return fused_lora.lora_linear_rows(x, base.weight, base.bias, a, b, scalings, [RANK, RANK], ids,
@@ -137,7 +154,8 @@ def _eval_fns(layers: Layers, x: torch.Tensor, adapter_names: Optional[List[str]
             "PEFT": lambda: layers.peft(x, adapter_names=adapter_names),
             "PEFT patched": lambda: layers.patched(x, adapter_names=adapter_names),
             "FusedLoRALinear": lambda: layers.fused(x, adapter_names=adapter_names),
-            "functional": rows}
+            "functional": rows,
+            "backend op": lambda: impl.lora_rows_fwd(x, weight, bias, a, b, scale, ptr, ids, rates, seed)}
 
 
 def _train_fns(layers: Layers) -> Dict[str, Callable]:
@@ -162,12 +180,20 @@ def _train_fns(layers: Layers) -> Dict[str, Callable]:
     def lora_params(layer):
         return [p for p in layer.parameters() if p.requires_grad]
 
+    impl, scale, ptr, rates, seed = _op_operands(scalings, [RANK])
+    x_op, weight, bias = torch.randn(TOKENS, K, generator=gen), base.weight.detach(), base.bias.detach()
+
+    def op_step():
+        y, t = impl.lora_fwd(x_op, weight, bias, a0, b0, scale, ptr, rates, seed)
+        return impl.lora_bwd(dy, x_op, weight, a0, b0, scale, t, ptr, rates, seed, True)
+
     return {"nn.Linear": step(layers.linear, []),
             "PEFT": step(layers.peft, lora_params(layers.peft)),
             "PEFT patched": step(layers.patched, lora_params(layers.patched)),
             "FusedLoRALinear": step(layers.fused, lora_params(layers.fused)),
             "functional": step(lambda x: fused_lora.lora_linear(x, base.weight, base.bias, lora_a, lora_b,
-                                                                 scalings[0], training=True), [lora_a, lora_b])}
+                                                                 scalings[0], training=True), [lora_a, lora_b]),
+            "backend op": op_step}
 
 
 def build(call: str) -> Dict[str, Callable]:
@@ -190,6 +216,7 @@ def check_outputs_agree(fns: Dict[str, Callable], call: str) -> None:
         return
     with torch.no_grad():
         outs = {name: fn() for name, fn in fns.items() if name != "nn.Linear"}
+    outs["backend op"] = outs["backend op"][0]
     ref = outs["PEFT"]
     for name, out in outs.items():
         if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
@@ -240,8 +267,8 @@ def _us(seconds: float) -> str:
 
 
 def table(results: Dict[str, Timings], clock: str = "thread") -> str:
-    columns = ["call"] + [name.replace("FusedLoRALinear", "Fused layer") for name in IMPLS] + [
-        "fused/PEFT", "target"]
+    short = {"FusedLoRALinear": "Fused", "PEFT patched": "patched", "backend op": "op alone"}
+    columns = ["call"] + [short.get(name, name) for name in IMPLS] + ["fused/PEFT", "target"]
     rows = []
     for call, timings in results.items():
         ratio = timings.ratio("FusedLoRALinear", "PEFT")
@@ -249,7 +276,8 @@ def table(results: Dict[str, Timings], clock: str = "thread") -> str:
                     + [f"{ratio.median:.2f}" if ratio else "-", f"<= {TARGETS[call]:.1f}"])
     return render(f"host time per call, us (median, {clock} clock; K = N = {K}, {TOKENS} tokens, r = {RANK}, "
                   f"CPU, {torch.get_num_threads()} thread)", columns, rows,
-                  caption="fused/PEFT: FusedLoRALinear over PEFT's LoRA Linear, paired per round, median")
+                  caption="Fused: FusedLoRALinear; patched: PEFT's layer after patch_model; op alone: the backend's "
+                          "op called directly; fused/PEFT: Fused over PEFT, paired per round, median")
 
 
 def extra_lines(results: Dict[str, Timings]) -> List[str]:
