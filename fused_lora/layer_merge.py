@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from fused_lora import functional
+from fused_lora import functional, plan
 
 # rows of the weight copied per probe when looking for the adapter that broke a safe merge (bounds the temporary)
 _PROBE_ELEMENTS = 1 << 20
@@ -67,10 +67,8 @@ def _factor_dtype(weight: torch.Tensor, dtypes) -> torch.dtype:
 def _stacked_factors(layer, names, weight):
     a_list = [layer.lora_A[n].weight.detach() for n in names]
     b_list = [layer.lora_B[n].weight.detach() for n in names]
-    dtype = _factor_dtype(weight, [t.dtype for t in a_list + b_list])
-    a = torch.cat([t.to(dtype) for t in a_list], 0).contiguous()
-    b = torch.cat([t.to(dtype) for t in b_list], 1).contiguous()
-    return a, b
+    a, b = plan.stack(a_list, b_list, _factor_dtype(weight, [t.dtype for t in a_list + b_list]))
+    return a.contiguous(), b.contiguous()
 
 
 def _bias_delta(layer, names, scales, base_bias) -> Optional[torch.Tensor]:

@@ -255,7 +255,9 @@ def invalidate(layer: nn.Module) -> None:
 
 
 # ---- operands -------------------------------------------------------------------------------------------------------
-def _stack(a_list: List[Tensor], b_list: List[Tensor], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+def stack(a_list: List[Tensor], b_list: List[Tensor], dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """A [sum r_i, K] and B [N, sum r_i] of adapters stacked along the rank axis in `dtype` (one adapter already in
+    `dtype`: the tensors themselves). Forward and merge (fused_lora.layer_merge) stack the same way."""
     if len(a_list) == 1:
         a, b = a_list[0], b_list[0]
         return (a if a.dtype == dtype else a.to(dtype)), (b if b.dtype == dtype else b.to(dtype))
@@ -276,10 +278,10 @@ def adapter_operands(plan: Plan, adapters: Adapters, grad: bool,
         if frozen is not None:
             a_list = [t.detach() if f else t for t, f in zip(a_list, frozen)]
             b_list = [t.detach() if f else t for t, f in zip(b_list, frozen)]
-        a, b = _stack(a_list, b_list, dtype)
+        a, b = stack(a_list, b_list, dtype)
     else:
         def stacked():
-            a, b = _stack(a_list, b_list, dtype)
+            a, b = stack(a_list, b_list, dtype)
             return a.contiguous(), b.contiguous()
         a, b = plan.derived("ab", a_list + b_list, stacked)
     return (a if a.is_contiguous() else a.contiguous()), (b if b.is_contiguous() else b.contiguous())
