@@ -224,7 +224,7 @@ def build(key: tuple, adapters: Adapters, weight: Tensor, bias: Optional[Tensor]
     # is never rounded to 16 bits (PEFT adds lora_B(...) * scaling in the adapters' dtype, too).
     lora_biases = [t for t in adapters.bias if t is not None]
     plan.fold_bias = bool(lora_biases) and all(t.dtype == weight.dtype for t in lora_biases)
-    if key is not None:
+    if key is not None and not x.is_meta:  # meta tensors take the registered op's fake impl (ops.eager_call_ok)
         plan.backend = ops.resolve(x.device)
     return plan
 

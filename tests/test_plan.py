@@ -499,3 +499,13 @@ def test_unpatching_drops_the_plans():
     layer.lora_B["a1"].weight.data.mul_(2)   # PEFT's code owns the layer meanwhile
     assert patch_model(layer) == 1
     torch.testing.assert_close(run(layer, x), fresh(layer, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_device_layers_give_shapes(kind):
+    """A layer on the meta device (shape inference, init_empty_weights) runs the registered op's fake impl."""
+    layer = make(kind).to("meta")
+    y = run(layer, torch.randn(5, K, device="meta"))
+    assert y.device.type == "meta" and y.shape == (5, N)
+    y = run(layer, torch.randn(4, K, device="meta"), adapter_names=["a0", "a1", "__base__", "a0"])
+    assert y.device.type == "meta" and y.shape == (4, N)

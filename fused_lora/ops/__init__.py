@@ -208,12 +208,12 @@ def plain_eager() -> bool:
 
 
 def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
-    """True when a call may skip torch.library's layers: plain_eager(), and only plain tensors (not DTensor,
-    FakeTensor or other subclasses, which need the registered op)."""
+    """True when a call may skip torch.library's layers: plain_eager(), and only plain tensors with data (not
+    DTensor, FakeTensor or other subclasses, nor meta tensors: they need the registered op and its fake impl)."""
     if not plain_eager():
         return False
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
             return False
     return True
 
