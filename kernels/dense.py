@@ -19,7 +19,8 @@ import triton
 
 from fused_lora.kernels import config
 from fused_lora.kernels.decode import DECODE_M_MAX, DENSE_T, launch_decode, rank_mode
-from fused_lora.kernels.fused_gemm import launch_fused_gemm
+# the Hopper (TMA, persistent) core where it is selected (sm_90, tuned or forced), else the tutorial core
+from fused_lora.kernels.fused_gemm_tma import launch_fused_gemm_selected as launch_fused_gemm
 from fused_lora.kernels.lora_backward import launch_da, launch_db, launch_ds
 from fused_lora.kernels.philox import DROPOUT_KEEP_BLOCK, _dropout_keep_kernel, dropout_params, segment_runs, \
     segment_table

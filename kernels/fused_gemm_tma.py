@@ -171,13 +171,16 @@ def launch_fused_gemm_tma(a, b, b_strides, bias, lt, lr, lr_strides, R, table, n
 
 
 def launch_fused_gemm_selected(a, b, b_strides, bias, lt, lr, lr_strides, R, table, n_segs, seed, out, block_r,
-                               lora_dropout, precision, *, row_ids=None, n_adapters=0):
-    """The one entry the launchers call: the Hopper core where `selected_core` says so, else the tutorial core."""
+                               lora_dropout, precision, *, row_ids=None, n_adapters=0, after_shrink=False):
+    """The one entry the launchers call: the Hopper core where `selected_core` says so, else the tutorial core.
+    after_shrink (the launch may overlap the shrink by PDL, kernels/config.py) is the tutorial core's only: the
+    Hopper core reads the rank term before its K loop, so it is never a PDL consumer."""
     if selected_core(a.device, a.dtype, a.shape[0]) == "tma":
         return launch_fused_gemm_tma(a, b, b_strides, bias, lt, lr, lr_strides, R, table, n_segs, seed, out,
                                      block_r, lora_dropout, precision, row_ids=row_ids, n_adapters=n_adapters)
     return launch_fused_gemm(a, b, b_strides, bias, lt, lr, lr_strides, R, table, n_segs, seed, out, block_r,
-                             lora_dropout, precision, row_ids=row_ids, n_adapters=n_adapters)
+                             lora_dropout, precision, row_ids=row_ids, n_adapters=n_adapters,
+                             after_shrink=after_shrink)
 
 
 # ---- ahead-of-time compilation (benchmarks/codegen.py): the gate requires UTMALDG and HGMMA on sm_90 ------------

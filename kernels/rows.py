@@ -18,7 +18,9 @@ import triton
 
 from fused_lora.kernels import config
 from fused_lora.kernels.decode import DECODE_M_MAX, launch_decode
-from fused_lora.kernels.fused_gemm import RANK_CHUNK, launch_fused_gemm
+from fused_lora.kernels.fused_gemm import RANK_CHUNK
+# the Hopper (TMA, persistent) core where it is selected (sm_90, tuned or forced), else the tutorial core
+from fused_lora.kernels.fused_gemm_tma import launch_fused_gemm_selected as launch_fused_gemm
 from fused_lora.kernels.lora_backward import launch_da, launch_db, launch_ds, rank_chunk
 from fused_lora.kernels.philox import adapter_table
 from fused_lora.kernels.shrink import launch_shrink, per_row_block_r

@@ -17,7 +17,8 @@ from typing import Dict, List
 from fused_lora.gpu_check.context import FAILED, OK, Context, result, write_json
 
 DEVICE_TEST_FILES = ("tests/test_triton_dense.py", "tests/test_triton_rows.py", "tests/test_triton_merge.py",
-                     "tests/test_training.py", "tests/test_contract.py")
+                     "tests/test_training.py", "tests/test_contract.py", "tests/test_triton_decode.py",
+                     "tests/test_triton_pdl.py")
 CONTRACT = "tests/test_contract.py::"
 
 
