@@ -25,7 +25,7 @@ arguments that are not known to be multiples of 16 in extra["unaligned"], or giv
 Every compile is a real one (Triton's cache is not read): a cached binary is looked up by a key that misses some
 inputs (benchmarks/codegen_key.py), and the sample check below must see the compiler's output of today.
 
-The snapshot (fused_lora/bench/codegen_gate.json; the cost model's occupancy data too) holds one row per (spec,
+The snapshot (fused_lora/perf/codegen_gate.json; the cost model's occupancy data too) holds one row per (spec,
 arch): the measured result under a content key that changes whenever the compiled code could (what it hashes:
 benchmarks/codegen_key.py). The gate's requirements (tensor cores, TMA) are not in it: they are read from the
 specs of today and applied to each row.
@@ -62,7 +62,7 @@ if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # also when load
 import codegen_key  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SNAPSHOT = os.path.join(ROOT, "fused_lora", "bench", "codegen_gate.json")
+SNAPSHOT = os.path.join(ROOT, "fused_lora", "perf", "codegen_gate.json")
 SNAPSHOT_SCHEMA = 1
 REFRESH = "python benchmarks/codegen.py --arch 80 90 --update-snapshot"
 # What a compile measures: stored in the snapshot, compared by the sample check. "error" is compared by presence.
@@ -310,7 +310,7 @@ def write_snapshot(rows: list[dict], path: str = SNAPSHOT) -> None:
     import triton
     rows = sorted(rows, key=lambda r: (r["module"], r["name"], r["arch"]))
     head = {"schema": SNAPSHOT_SCHEMA, "about": "codegen gate results per (spec, arch) under a content key; written "
-            "by benchmarks/codegen.py --update-snapshot, read by its --check-snapshot and fused_lora.bench.occupancy",
+            "by benchmarks/codegen.py --update-snapshot, read by its --check-snapshot and fused_lora.perf.occupancy",
             "refresh": REFRESH, "triton": triton.__version__}
     lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
     body = ",\n".join("  " + json.dumps(r) for r in rows)

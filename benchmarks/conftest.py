@@ -78,7 +78,7 @@ def run_case(benchmark, bench_device, pytestconfig):
 def pytest_terminal_summary(terminalreporter):
     if not _RESULTS:
         return
-    from fused_lora.bench.cost_model import model_records
+    from fused_lora.perf.cost_model import model_records
     from fused_lora.bench.report import format_case
 
     terminalreporter.section("fused_lora overhead (paired ratios within each case; MODEL rows are not measured)")

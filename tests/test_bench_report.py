@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from fused_lora.bench import cost_model, gpu_model, memory
-from fused_lora.bench.gpu_model import Launch, Occupancy, launch_time
-from fused_lora.bench.plans import Shape
+from fused_lora.perf import cost_model, gpu_model
+from fused_lora.bench import memory
+from fused_lora.perf.gpu_model import Launch, Occupancy, launch_time
+from fused_lora.perf.plans import Shape
 from fused_lora.bench.report import main as bench_main
 from fused_lora.bench.timing import Timings, quantile, time_interleaved
 

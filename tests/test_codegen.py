@@ -1,6 +1,6 @@
 """Ahead-of-time compilation gate of every Triton kernel config (benchmarks/codegen.py), sm_80 and sm_90.
 
-The gate reads a committed snapshot (fused_lora/bench/codegen_gate.json) under content keys (benchmarks/codegen_key.py)
+The gate reads a committed snapshot (fused_lora/perf/codegen_gate.json) under content keys (benchmarks/codegen_key.py)
 and compiles only the (spec, arch) pairs whose key it lacks, plus a rotating sample of the others that must equal
 their rows: under 2 minutes on 2 cores when no kernel changed; a changed kernel is compiled and gated for real.
 Marker "codegen" (compiles; deselect with `-m "not codegen"`). The key tests compile nothing.
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "benchmarks" / "codegen.py"
-SNAPSHOT = ROOT / "fused_lora" / "bench" / "codegen_gate.json"
+SNAPSHOT = ROOT / "fused_lora" / "perf" / "codegen_gate.json"
 ARCHES = (80, 90)
 SAMPLE = 12
 
@@ -139,9 +139,9 @@ def test_check_gates_recorded_rows_without_compiling(tmp_path):
 
 
 def test_cost_model_reads_the_gate_snapshot_for_every_config_it_looks_up():
-    """fused_lora.bench.occupancy reads the sm_90 rows of the same snapshot; a renamed spec would leave the model
+    """fused_lora.perf.occupancy reads the sm_90 rows of the same snapshot; a renamed spec would leave the model
     on estimates without this."""
-    from fused_lora.bench import occupancy
+    from fused_lora.perf import occupancy
     rows = [r for r in json.loads(SNAPSHOT.read_text())["rows"] if r["arch"] == 90 and "error" not in r]
     assert occupancy.SNAPSHOT == str(SNAPSHOT) and set(occupancy.snapshot()) == {r["name"] for r in rows}
     row = rows[0]

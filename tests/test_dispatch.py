@@ -243,8 +243,8 @@ def test_model_gives_compute_bound_prefill_to_cublas_with_the_tutorial_core():
 
 
 def test_margin_inside_the_uncertainty_goes_to_cublas():
-    from fused_lora.bench.cost_model import compare
-    from fused_lora.bench.plans import Shape
+    from fused_lora.perf.cost_model import compare
+    from fused_lora.perf.plans import Shape
     shape = Shape("forward", 8192, 4096, 4096, 16)
     cmp = compare(shape, "H100", core="tma")
     assert cmp.fused_s < cmp.cublas_s  # the central estimate favours the Hopper core...
@@ -255,8 +255,8 @@ def test_margin_inside_the_uncertainty_goes_to_cublas():
 
 @pytest.mark.parametrize("op", ["forward", "backward", "mixed_forward", "mixed_backward"])
 def test_model_picks_fused_only_when_it_wins_at_the_pessimistic_end(op):
-    from fused_lora.bench.cost_model import compare
-    from fused_lora.bench.plans import Shape
+    from fused_lora.perf.cost_model import compare
+    from fused_lora.perf.plans import Shape
     for M in (1, 16, 64, 65, 512, 2048, 8192):
         for N, K in ((4096, 4096), (1024, 4096), (14336, 4096)):
             cmp = compare(Shape(op, M, K, N, 16, n_adapters=4 if op.startswith("mixed") else 1), "H100")

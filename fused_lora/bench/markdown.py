@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, Iterable, List
 
-from fused_lora.bench import cost_model
+from fused_lora.perf import cost_model
 
 MIB = cost_model.MIB
 

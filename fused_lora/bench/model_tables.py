@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from fused_lora.bench import cost_model, plans
-from fused_lora.bench.gpu_model import describe_assumptions
-from fused_lora.bench.occupancy import SNAPSHOT, snapshot
-from fused_lora.bench.plans import Shape
+from fused_lora.perf import cost_model, plans
+from fused_lora.perf.gpu_model import describe_assumptions
+from fused_lora.perf.occupancy import SNAPSHOT, snapshot
+from fused_lora.perf.plans import Shape
 from fused_lora.bench.tables import render
 
 # (regime, op, tokens M, adapters)

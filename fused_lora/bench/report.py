@@ -4,7 +4,7 @@
 
 Prints, per case, a table (at most 100 columns) of every implementation's median time with its p20-p80 spread and
 its time relative to merged (and to PEFT), both ratios paired round by round within this run, with the H100 MODEL
-time beside each (fused: the path the CUDA dispatch would take; fused_lora/bench/cost_model.py). `--model-only`
+time beside each (fused: the path the CUDA dispatch would take; fused_lora/perf/cost_model.py). `--model-only`
 prints the model per regime and its assumptions. Custom grids: --ops/--tokens/--shapes/--ranks/--dtypes.
 `--ops host` prints host time per call instead (fused_lora/bench/host.py; its own options: --rounds, --calls).
 """
@@ -22,7 +22,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fused_lora.bench import cost_model, grid, memory
+from fused_lora.perf import cost_model
+from fused_lora.bench import grid, memory
 from fused_lora.bench.impls import OPS, Case
 from fused_lora.bench.runner import Budget, backend_name, measure_case
 from fused_lora.bench.tables import render

@@ -12,7 +12,7 @@ Who decides, first match wins (`decide`):
     3. A measurement: the GPU check kit's tuned file for this GPU (kernels/tuned.py), kernel "dispatch", shape
        class `shape_class(...)`, entry config {"path": "fused" | "cublas"}. Where a GPU has timed a shape class,
        that timing decides.
-    4. The cost model (fused_lora/bench/cost_model.compare): the Triton plan is taken only if it is modelled
+    4. The cost model (fused_lora/perf/cost_model.compare): the Triton plan is taken only if it is modelled
        faster even with every uncertain assumption at the end of its range that favours cuBLAS (Triton core at
        0.75x cuBLAS, the lowest per-SM bandwidth, ...). A margin inside that uncertainty goes to cuBLAS, so an
        unmeasured shape is never slower than cuBLAS by construction. Memory-bound decode stays fused: one launch
@@ -96,7 +96,7 @@ def _tuned_path(device, key: str) -> Optional[str]:
 
 def _plan_shape(op: str, M: int, N: int, K: int, r: int, dtype: torch.dtype, dropout: bool, n_adapters: int,
                 adapters_fp32: bool):
-    from fused_lora.bench.plans import Shape
+    from fused_lora.perf.plans import Shape
     dt = str(dtype).replace("torch.", "")
     if dt not in ("float32", "float16", "bfloat16"):
         dt = "float32"  # float64 goes to the reference on either path; model it as fp32
@@ -115,7 +115,7 @@ def _decide(op: str, device_type: str, device_name: Optional[str], dtype: torch.
     if tuned is not None:
         return Decision(tuned, "tuned", f"measured on {device_name} by the GPU check kit (kernels/tuned.py, "
                                         f"kernel {TUNED_KERNEL!r})")
-    from fused_lora.bench.cost_model import compare
+    from fused_lora.perf.cost_model import compare
     gpu = model_gpu(device_name)
     cmp = compare(_plan_shape(op, M, N, K, r, dtype, dropout, n_adapters, adapters_fp32), gpu, core)
     modelled = gpu if gpu in (device_name or "").upper() else f"{gpu} (as a stand-in for {device_name})"
@@ -232,7 +232,7 @@ def explain(M: int, N: int, K: int, r: int, dtype: torch.dtype, n_adapters: int 
     """The decision for each op at this shape, why, and both plans launch by launch (MODEL figures)."""
     import textwrap
 
-    from fused_lora.bench import cost_model
+    from fused_lora.perf import cost_model
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else None

@@ -9,7 +9,7 @@
 Timing: fused_lora.gpu_check.timers (interleaved rounds, CUDA events, L2 flushed before every call); every case's
 fused kernels are compiled first by parallel warm-up processes. Cases run most important first and stop when the
 budget is spent (the detail says how many ran). Records have fused_lora.bench's schema (runner.records_for) plus
-"timer"; MODEL rows from fused_lora.bench.cost_model sit beside them. Writes bench.json, bench.md, bench.png.
+"timer"; MODEL rows from fused_lora.perf.cost_model sit beside them. Writes bench.json, bench.md, bench.png.
 Dry run: the CPU at tiny shapes (float32), to prove the plumbing; the numbers mean nothing.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import torch
 
-from fused_lora.bench import cost_model
+from fused_lora.perf import cost_model
 from fused_lora.bench.impls import LORA_ALPHA, Case, _peft_layer, build
 from fused_lora.bench.runner import backend_name, records_for
 from fused_lora.gpu_check import timers, warm

@@ -17,7 +17,7 @@ import os
 from functools import lru_cache
 from typing import Dict, Iterable, Optional
 
-from fused_lora.bench.gpu_model import KIB, Occupancy
+from fused_lora.perf.gpu_model import KIB, Occupancy
 
 SNAPSHOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "codegen_gate.json")
 

@@ -78,9 +78,10 @@ ASSUMPTIONS: Dict[str, Assumption] = {
     "launch_gap_s": Assumption(3e-6, 2e-6, 4e-6, "s", "GPU time a kernel boundary costs on a busy stream"),
     "host_torch_op_s": Assumption(5e-6, 3e-6, 8e-6, "s", "host time of one eager torch op (dispatcher + launch)"),
     "host_triton_launch_s": Assumption(10e-6, 5e-6, 20e-6, "s", "host time of one Triton launch from Python"),
-    "host_fused_call_s": Assumption(150e-6, 30e-6, 150e-6, "s",
-                                    "fused_lora layer call before its launches (DESIGN.md 6: 150 us measured "
-                                    "at tiny shapes; `bench --ops host` will replace it)"),
+    "host_fused_call_s": Assumption(15e-6, 10e-6, 30e-6, "s",
+                                    "fused_lora layer call before its launches: `bench --ops host` measured the "
+                                    "plan + eager op path at ~2-3 us over nn.Linear's with the backend stubbed "
+                                    "(benchmarks/PERFORMANCE.md, CPU, loaded machine); 150 us before issue 14"),
     "host_peft_call_s": Assumption(45e-6, 40e-6, 50e-6, "s", "PEFT LoRA Linear call (DESIGN.md 6)"),
     "host_linear_call_s": Assumption(9e-6, 8e-6, 10e-6, "s", "nn.Linear call (DESIGN.md 6)"),
 }

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
-from fused_lora.bench import plans
-from fused_lora.bench.gpu_model import AGAINST_TRITON, ASSUMPTIONS, GPUS, MIB, Gpu, Launch, describe_assumptions, \
+from fused_lora.perf import plans
+from fused_lora.perf.gpu_model import AGAINST_TRITON, ASSUMPTIONS, GPUS, MIB, Gpu, Launch, describe_assumptions, \
     launch_time, plan_seconds, scenario, value
-from fused_lora.bench.plans import DTYPE_BYTES, IMPLS, Shape
+from fused_lora.perf.plans import DTYPE_BYTES, IMPLS, Shape
 
 __all__ = ["GPUS", "MIB", "DTYPE_BYTES", "IMPLS", "Shape", "Estimate", "estimate", "compare", "Comparison",
            "chosen", "host_seconds", "merge_estimate", "merge_peak_extra_bytes", "model_records",

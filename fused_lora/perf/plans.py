@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import List
 
-from fused_lora.bench import occupancy
-from fused_lora.bench.gpu_model import KIB, Launch, Occupancy
+from fused_lora.perf import occupancy
+from fused_lora.perf.gpu_model import KIB, Launch, Occupancy
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 IMPLS = ("merged", "peft", "addmm", "cublas", "fused", "fused_before", "vllm")
@@ -340,7 +340,7 @@ def launch_plan_source() -> str:
     if _launch_plan_module() is not None:
         return ("kernels/launch_plan.py (the launchers' own config, grid and split functions; before = its frozen "
                 "copy of dd3ed58)")
-    return "fused_lora/bench/plans.py (own mirror of the launchers; kernels/launch_plan.py unavailable)"
+    return "fused_lora/perf/plans.py (own mirror of the launchers; kernels/launch_plan.py unavailable)"
 
 
 _OPS = {"forward": ["forward"], "backward": ["backward"], "forward_backward": ["forward", "backward"],
