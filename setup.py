@@ -48,9 +48,12 @@ ext_modules, cmdclass = _cpp_extension()
 
 setup(
     packages=["fused_lora", "fused_lora.kernels", "fused_lora.ops", "fused_lora.integrations",
-              "fused_lora.bench", "fused_lora.merge_cli"],
+              "fused_lora.bench", "fused_lora.perf", "fused_lora.merge_cli", "fused_lora.gpu_check",
+              "fused_lora.gpu_check.steps"],
     package_dir={"fused_lora.kernels": "kernels"},
-    package_data={"fused_lora.ops": ["CONTRACT.md"]},
+    # the op contract; the codegen snapshot the cost model reads; tuned configs a GPU check left (kernels/tuned.py)
+    package_data={"fused_lora.ops": ["CONTRACT.md"], "fused_lora.perf": ["codegen_gate.json"],
+                  "fused_lora.kernels": ["tuned/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
