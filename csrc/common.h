@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "gemm_choice.h"
 #include "isa.h"
 
 namespace fused_lora_cpu {
@@ -55,6 +56,17 @@ void scatter_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, co
 // Same rows, dst[row] = round(dst[row] + src[i]): the sum taken in fp32, rounded once.
 void add_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, const int64_t* rows, int64_t row0);
 
+// Rows of a 2-D matrix as fp32 with unit column stride: the matrix itself where it is fp32 with unit column stride
+// (any row stride), else a converted copy in `buf` (ld = columns).
+struct RowsF32 {
+  const float* p;
+  int64_t ld;
+};
+RowsF32 rows_as_fp32(const at::Tensor& t, std::vector<float>& buf);
+
+// t itself where its columns are adjacent (stride(1) == 1, or a single column), else a contiguous copy.
+at::Tensor unit_columns(const at::Tensor& t);
+
 // fp32 view of a contiguous buffer as a tensor (no copy).
 at::Tensor fp32_view(float* data, int64_t rows, int64_t cols);
 
@@ -69,33 +81,43 @@ at::Tensor gemm_operand(const at::Tensor& t);
 // (float32, float16, bfloat16, float64). Undefined tensors (an absent bias) pass.
 void check_float_operands(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> operands);
 
-// An output being assembled in fp32-accumulate semantics from the base GEMM and the LoRA term (+ bias).
-//   fp32:                acc is the output itself: the LoRA term is written first, then the GEMM adds onto it
-//                        (beta = 1), one rounding.
-//   fp16/bf16 "exact":   acc is an fp32 buffer: the LoRA term first, then the GEMM accumulates into it in fp32
-//                        (MKL mixed precision); finish() rounds once.
-//   fp16/bf16 "fast":    acc is the low-precision output itself and the base goes FIRST: the vendor GEMM writes
-//                        x W^T rounded once (beta = 0: oneDNN's bf16 GEMM with a C read costs ~5% more than
-//                        without), then the rank kernels load each row back as fp32, add bias + rank term and
-//                        round once more. Two roundings, as CONTRACT.md documents.
+// An output being assembled from the base GEMM and the LoRA term (+ bias), the base computed by the strategy the
+// call chose (gemm_choice.h):
+//   vendor, fp32:  acc is the output itself: the LoRA term is written first, then the GEMM adds onto it (beta = 1).
+//   vendor, 16-bit: acc is the output itself and the base goes FIRST: the vendor GEMM writes x W^T rounded once
+//                  (beta = 0: oneDNN's bf16 GEMM with a C read costs ~5% more than without), then the rank kernels
+//                  load each row back as fp32, add bias + rank term and round once more. Two roundings, as
+//                  CONTRACT.md documents.
+//   mixed (16-bit): acc is an fp32 buffer: the LoRA term first, then MKL's mixed GEMM accumulates into it in fp32
+//                  (beta = 1); finish() rounds once.
+//   direct:        the base goes first, into acc in fp32 (the output itself for fp32, an fp32 buffer for 16-bit),
+//                  by the skinny kernels; the LoRA term is added onto it; finish() rounds once.
 struct LoraOutput {
   at::Tensor out;   // [M, N] in the output dtype
   at::Tensor acc;   // where the LoRA term goes (fp32 buffer or `out`)
-  bool exact = true;
-  // The base GEMM runs before the LoRA term, which is then added to it (16-bit "fast" mode).
-  bool base_first() const { return !exact; }
+  BaseGemm gemm = BaseGemm::kVendor;
+  bool first = false;
+  // The base GEMM runs before the LoRA term, which is then added to it.
+  bool base_first() const { return first; }
   at::Tensor finish();
 };
 
-// Chooses the accumulation strategy for an [M, N] output of `dtype` (see LoraOutput).
-LoraOutput make_lora_output(int64_t M, int64_t N, at::ScalarType dtype);
+// Chooses the base GEMM (choose_base_gemm) and the accumulation for an [M, N] output of `dtype` (see LoraOutput).
+LoraOutput make_lora_output(int64_t M, int64_t N, at::ScalarType dtype, GemmForm form);
 
 // The base GEMM, a @ b^T (b_transposed = true: b is [N, Kc]) or a @ b (b is [Kc, N]); a and b share one dtype.
 // Call both around the LoRA-term loop: the one that matches the output's mode runs, the other does nothing.
-//   before: base_first() outputs: out = a @ op(b), rounded once.
+//   before: base_first() outputs: vendor: out = a @ op(b), rounded once; direct: acc = a @ op(b) in fp32.
 //   after:  the others: acc += a @ op(b).
 void base_gemm_before_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed);
 void base_gemm_after_lora(LoraOutput& o, const at::Tensor& a, const at::Tensor& b, bool b_transposed);
+
+// Whether MKL's mixed-precision GEMM for 16-bit `dtype` inputs with fp32 output is in this process.
+bool mixed_gemm_available(at::ScalarType dtype);
+// c (fp32, [M, N], unit column stride) = beta * c + a @ op(b) with MKL's mixed GEMM (a, b: 16-bit, one dtype).
+void mixed_gemm(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool b_transposed, float beta);
+// c (fp32, [M, N], unit column stride) = a @ op(b) with the skinny kernels (a, b: fp32/bf16/fp16, any strides).
+void direct_gemm(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool b_transposed);
 
 // Puts fp32 LoRA-term rows into o (given by index list or contiguous range): written into acc (rounded if acc is
 // low precision), or, for base_first() outputs, added onto the base already there.

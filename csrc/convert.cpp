@@ -77,6 +77,20 @@ void add_rows_from_fp32(const float* src, int64_t nrows, at::Tensor& dst, const 
   }
 }
 
+RowsF32 rows_as_fp32(const at::Tensor& t, std::vector<float>& buf) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.scalar_type() == at::kFloat && (t.stride(1) == 1 || cols <= 1)) {
+    return RowsF32{t.const_data_ptr<float>(), t.stride(0)};
+  }
+  buf.resize(static_cast<size_t>(rows * cols));
+  rows_fp32(t, 0, rows, buf.data());
+  return RowsF32{buf.data(), cols};
+}
+
+at::Tensor unit_columns(const at::Tensor& t) {
+  return (t.stride(1) == 1 || t.size(1) <= 1) ? t : t.contiguous();
+}
+
 at::Tensor fp32_view(float* data, int64_t rows, int64_t cols) {
   return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(at::kFloat));
 }

@@ -10,8 +10,8 @@ namespace fused_lora_cpu {
 namespace {
 
 constexpr const char* kNames[kIsaLevels] = {"baseline", "avx2", "avx512", "avx512_bf16"};
-constexpr const char* kKernelNames[static_cast<int>(IsaKernel::kCount)] = {"convert", "dropout",   "merge",
-                                                                           "expand",  "outer_acc", "shrink_bf16"};
+constexpr const char* kKernelNames[static_cast<int>(IsaKernel::kCount)] = {
+    "convert", "dropout", "merge", "expand", "outer_acc", "shrink_bf16", "skinny"};
 
 Isa detect_cpu_isa() {
 #ifdef FUSED_LORA_X86_LEVELS

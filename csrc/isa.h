@@ -1,6 +1,7 @@
 // Which ISA-specific code the C++ backend runs. Levels, lowest first, named after the code that exists for them:
 //   baseline     portable x86-64 (SSE2) builds of the generic loops (or the only build off x86-64 / off GCC)
-//   avx2         the generic loops compiled for x86-64-v3 (AVX2, FMA, F16C)
+//   avx2         the generic loops compiled for x86-64-v3 (AVX2, FMA, F16C), plus the AVX2 skinny GEMM tiles
+//                (skinny.h), which every higher level runs too
 //   avx512       the generic loops compiled for x86-64-v4, plus the hand-written AVX-512 expand and dA/dB kernels
 //   avx512_bf16  avx512 plus the AVX512-BF16 dot-product shrink (bf16 x and A, bf16 dy and B)
 // The active level is the best one the CPU (and this build) supports, capped by FUSED_LORA_CPU_ISA (read once when
@@ -27,7 +28,7 @@ enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 constexpr int kIsaLevels = 4;
 
 // Families of kernels whose code differs per level; the trace counts which level each dispatch picked.
-enum class IsaKernel : int { kConvert = 0, kDropout, kMerge, kExpand, kOuterAcc, kShrinkBf16, kCount };
+enum class IsaKernel : int { kConvert = 0, kDropout, kMerge, kExpand, kOuterAcc, kShrinkBf16, kSkinny, kCount };
 
 namespace isa_detail {
 extern std::atomic<int> active;

@@ -1,18 +1,21 @@
-// lora_fwd / lora_bwd (CONTRACT.md): every row uses every adapter stacked along the rank axis.
+// lora_fwd / lora_bwd (CONTRACT.md): every row uses every adapter stacked along the rank axis. Up to kSmallRows
+// rows the calls go to lora_small.cpp; this file serves larger batches.
 //
 // Forward, per block of 64 rows (parallel over blocks): t = x A^T (bf16 x and A without dropout: AVX512-BF16
 // dot products straight from x; otherwise x staged in fp32, one GEMM for the adapters without dropout and one
 // per dropout adapter on a masked copy of the block), scaled; then t B^T + bias goes into the output
-// (rank_kernels.cpp). The base x W^T is one vendor GEMM over all rows, so the [M, N] output is written by
-// one side and read+written once by the other, as a bias would be:
-//   fp32 and 16-bit "exact": the rank term first, then the GEMM adds onto it (beta = 1);
-//   16-bit "fast": the GEMM first (beta = 0), then the expand adds the rank term onto the rounded base
+// (rank_kernels.cpp). The base x W^T is one GEMM over all rows (the strategy of gemm_choice.h), so the [M, N]
+// output is written by one side and read+written once by the other, as a bias would be:
+//   fp32 vendor and 16-bit mixed: the rank term first, then the GEMM adds onto it (beta = 1);
+//   16-bit vendor: the GEMM first (beta = 0), then the expand adds the rank term onto the rounded base;
+//   direct: the skinny kernels write the base into the fp32 accumulator first, the rank term is added onto it
 //   (see LoraOutput in common.h).
 // Backward reads each row block of dy and x once for dB, dS, dA and dx's rank term; dx's base term dy W
 // meets it the same way.
 #include "common.h"
 #include "lora_float64.h"
 #include "lora_ops.h"
+#include "lora_small.h"
 
 #include <algorithm>
 
@@ -80,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const auto plans = make_dropout_plans(seed, dropout_p);
   const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
+  if (takes_small_path(M, N, K)) return lora_fwd_small(x, weight, bias, lora_a, lora_b, scale, rank_ptr, plans);
   const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
   const at::Tensor bt32 = lora_b.to(at::kFloat).t().contiguous();  // [R, N]
   const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
@@ -91,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   const at::Tensor a_c = direct_bf16 ? lora_a.contiguous() : at::Tensor();
 
   at::Tensor t = at::zeros({M, R}, at::kFloat);
-  LoraOutput o = make_lora_output(M, N, x.scalar_type());
+  LoraOutput o = make_lora_output(M, N, x.scalar_type(), GemmForm::kNT);
   const int64_t nblocks = (M + kRowBlock - 1) / kRowBlock;
 
   base_gemm_before_lora(o, x, weight, /*b_transposed=*/true);
@@ -137,6 +141,9 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const auto plans = make_dropout_plans(seed, dropout_p);
   const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
+  if (takes_small_path(M, N, K)) {
+    return lora_bwd_small(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, plans, need_dx);
+  }
   const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
   const at::Tensor b32 = lora_b.to(at::kFloat).contiguous();
   const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
@@ -154,8 +161,9 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
   // dB is accumulated transposed ([R, N]): every row block adds t_blk^T @ dy_blk, read straight from dy.
   Partials da_part(R, K), dbt_part(R, N);
   LoraOutput ox;
-  if (need_dx) ox = make_lora_output(M, K, x.scalar_type());
-  const bool dx_acc_fp32 = need_dx && ox.acc.scalar_type() == at::kFloat;
+  if (need_dx) ox = make_lora_output(M, K, x.scalar_type(), GemmForm::kNN);
+  // dx's rank term written straight into an fp32 accumulator that the GEMM adds onto afterwards (beta = 1)
+  const bool dx_acc_fp32 = need_dx && ox.acc.scalar_type() == at::kFloat && !ox.base_first();
   // bf16 dy and bf16 B: dS from AVX512-BF16 dot products over dy's rows, no fp32 staging.
   const bool direct_ds = dy.scalar_type() == at::kBFloat16 && lora_b.scalar_type() == at::kBFloat16 &&
                          dy.stride(1) == 1 && bf16_shrink_available();

@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd(const at::Tensor& x, const at::
   const RowGroups g = group_rows(row_ids, n);
 
   at::Tensor t = at::zeros({M, r_max}, at::kFloat);
-  LoraOutput o = make_lora_output(M, N, x.scalar_type());
+  LoraOutput o = make_lora_output(M, N, x.scalar_type(), GemmForm::kNT);
   const int64_t nblocks = static_cast<int64_t>(g.blocks.size());
 
   base_gemm_before_lora(o, x, weight, /*b_transposed=*/true);
@@ -154,7 +154,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
 
   Partials da_part(R, K), dbt_part(R, N);  // dB accumulated transposed, as in lora_bwd
   LoraOutput ox;
-  if (need_dx) ox = make_lora_output(M, K, x.scalar_type());
+  if (need_dx) ox = make_lora_output(M, K, x.scalar_type(), GemmForm::kNN);
   const int64_t nblocks = static_cast<int64_t>(g.blocks.size());
 
   if (need_dx) base_gemm_before_lora(ox, dy, weight, /*b_transposed=*/false);

@@ -230,8 +230,11 @@ class Backend:
     unavailable: Optional[str] = None   # why it cannot run here (its cases skip, or fail on CI)
     env_extra: tuple[tuple[str, str], ...] = ()   # further environment switches while the case runs
     only_16bit: bool = False        # a variant of the 16-bit base GEMM of lora_linear(_rows): runs only those cases
+    only_gemm: bool = False         # a variant of the base GEMM of lora_linear(_rows): runs only those cases
 
     def runs(self, case: Case) -> bool:
+        if self.only_gemm and case.api not in ("linear", "rows"):
+            return False
         if not self.only_16bit:
             return True
         return case.api in ("linear", "rows") and bool(case.dtypes_in_kernels() & {F16, BF16})
@@ -267,6 +270,10 @@ def _cpp_backends() -> list[Backend]:
         # the other 16-bit base GEMM of each dtype (CONTRACT.md): fp16 with two roundings, bf16 with one
         out.append(Backend(f"cpp[{isa},alt_16bit_gemm]", "cpp", isa=isa, only_16bit=True,
                            env_extra=(("FUSED_LORA_CPU_FP16_FAST", "1"), ("FUSED_LORA_CPU_BF16_EXACT", "1"))))
+        if hasattr(module, "BASE_GEMMS"):  # each base GEMM forced (csrc/gemm_choice.h), whatever the rule picks here
+            for gemm in module.BASE_GEMMS:
+                out.append(Backend(f"cpp[{isa},gemm={gemm}]", "cpp", isa=isa, only_gemm=True,
+                                   only_16bit=gemm == "mixed", env_extra=(("FUSED_LORA_CPU_GEMM", gemm),)))
     return out
 
 

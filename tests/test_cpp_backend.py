@@ -332,6 +332,7 @@ def test_safe_merge_with_inf_leaves_weight_untouched(dtype, fan_in_fan_out):
 
 def test_bf16_exact_mode_rounds_once(monkeypatch):
     """FUSED_LORA_CPU_BF16_EXACT=1: x W^T and the rank term meet in fp32 and are rounded once."""
+    monkeypatch.delenv("FUSED_LORA_CPU_GEMM", raising=False)
     monkeypatch.setenv("FUSED_LORA_CPU_BF16_EXACT", "1")
     x, w, b, a, bb, scale = _case(40, 96, 52, [5], torch.bfloat16)
     rp, dps, seed = [0, 5], [0.0], _seed()
@@ -349,15 +350,20 @@ def test_fp16_rounds_once():
     assert (y == y64.to(torch.float16)).double().mean().item() >= 0.99
 
 
-# ---- 16-bit "fast" mode (bf16 by default, fp16 with FUSED_LORA_CPU_FP16_FAST=1): the base GEMM first, rounded,
+# ---- 16-bit "fast" mode, the vendor base GEMM (bf16 with FUSED_LORA_CPU_GEMM=vendor, the default for larger
+# batches where torch runs bf16 GEMMs on oneDNN; fp16 with FUSED_LORA_CPU_FP16_FAST=1): the base GEMM first, rounded,
 # then bias + rank term added onto it in fp32 and rounded once more. N and K above 64 reach the kernels' full
-# 64-column steps as well as their tails.
-FAST_MODES = {"bf16": (torch.bfloat16, {}), "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"})}
+# 64-column steps as well as their tails. tests/test_cpp_strategies.py covers the other base GEMMs.
+FAST_MODES = {"bf16": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "vendor"}),
+              "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"})}
+GEMM_SWITCHES = ("FUSED_LORA_CPU_GEMM", "FUSED_LORA_CPU_DIRECT_MAX_ROWS", "FUSED_LORA_CPU_FP16_FAST",
+                 "FUSED_LORA_CPU_BF16_EXACT")
 
 
 def _fast_mode(monkeypatch, mode):
     dtype, env = FAST_MODES[mode]
-    monkeypatch.delenv("FUSED_LORA_CPU_BF16_EXACT", raising=False)
+    for name in GEMM_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return dtype
@@ -580,11 +586,15 @@ def test_float64_adapters_merge_into_float32_weight_rounded_once():
 # operand a vendor GEMM sees must be packed; our own kernels must honour strides. K, N and the ranks are not
 # multiples of 32 (nor of 16). A machine without AMX cannot show the leak itself: tests/test_cpp_isa_gemm.py runs
 # these layouts against a GEMM that reads past the K tail the way the AMX kernel does.
-STRIDE_MODES = {
+STRIDE_MODES = {  # the rule's choice at M = 37 (direct for 16-bit where torch has no oneDNN), and each forced
     "fp32": (torch.float32, {}),
+    "fp32_vendor": (torch.float32, {"FUSED_LORA_CPU_GEMM": "vendor"}),
+    "fp32_direct": (torch.float32, {"FUSED_LORA_CPU_GEMM": "direct"}),
     "fp16": (torch.float16, {}),
     "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"}),
     "bf16": (torch.bfloat16, {}),
+    "bf16_vendor": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "vendor"}),
+    "bf16_mixed": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "mixed"}),
     "bf16_exact": (torch.bfloat16, {"FUSED_LORA_CPU_BF16_EXACT": "1"}),
 }
 STRIDED_OPERANDS = ("x", "dy", "weights", "t", "bias", "all")  # weights: weight, lora_a and lora_b
@@ -599,7 +609,7 @@ def _nan_strided_1d(v: torch.Tensor) -> torch.Tensor:
 
 def _set_mode(monkeypatch, mode):
     dtype, env = STRIDE_MODES[mode]
-    for name in ("FUSED_LORA_CPU_FP16_FAST", "FUSED_LORA_CPU_BF16_EXACT"):
+    for name in GEMM_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)

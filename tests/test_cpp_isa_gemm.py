@@ -16,6 +16,7 @@ the first wrong output.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -24,13 +25,19 @@ import warnings
 import pytest
 import torch
 
-MODES = {  # name: (dtype, environment of the C++ backend)
+MODES = {  # name: (dtype, environment of the C++ backend); every base GEMM of csrc/gemm_choice.h
     "fp32": (torch.float32, {}),
+    "fp32_vendor": (torch.float32, {"FUSED_LORA_CPU_GEMM": "vendor"}),
+    "fp32_direct": (torch.float32, {"FUSED_LORA_CPU_GEMM": "direct"}),
     "fp16": (torch.float16, {}),
     "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"}),
     "bf16": (torch.bfloat16, {}),
+    "bf16_vendor": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "vendor"}),
+    "bf16_direct": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "direct"}),
     "bf16_exact": (torch.bfloat16, {"FUSED_LORA_CPU_BF16_EXACT": "1"}),
 }
+SWITCHES = ("FUSED_LORA_CPU_GEMM", "FUSED_LORA_CPU_DIRECT_MAX_ROWS", "FUSED_LORA_CPU_FP16_FAST",
+            "FUSED_LORA_CPU_BF16_EXACT")
 EMULATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -122,48 +129,48 @@ def run_cases(levels: list[str] | None = None) -> list[str]:
     from fused_lora.ops import cpp_backend as cb
 
     gen = torch.Generator().manual_seed(7)
-    M, K, N, ranks = 37, 45, 29, [1, 7, 4]  # K, N and every rank off multiples of 32 (and of 16)
+    K, N, ranks = 45, 29, [1, 7, 4]  # K, N and every rank off multiples of 32 (and of 16)
     rank_ptr = [0, 1, 8, 12]
     seed = torch.tensor([11], dtype=torch.int64)
-    row_ids = torch.randint(-1, len(ranks), (M,), generator=gen)
     failures, count = [], 0
-    for level in levels or cb.isa_paths():
-        for mode, (dtype, env) in MODES.items():
-            for key in ("FUSED_LORA_CPU_FP16_FAST", "FUSED_LORA_CPU_BF16_EXACT"):
-                os.environ.pop(key, None)
-            os.environ.update(env)
-            x = torch.randn(M, K, generator=gen).to(dtype)
-            w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
-            b = torch.randn(N, generator=gen).to(dtype)
-            a = (torch.randn(sum(ranks), K, generator=gen) / K ** 0.5).to(dtype)
-            bb = torch.randn(N, sum(ranks), generator=gen).to(dtype)
-            dy = torch.randn(M, N, generator=gen).to(dtype)
-            scale = torch.rand(sum(ranks), generator=gen) + 0.5
-            d64 = [v.to(torch.float64) for v in (x, w, b, a, bb, dy)]
-            strided = [_padded(v) for v in (x, w, b, a, bb, dy)]
-            xs, ws, bs, as_, bbs, dys = strided
-            x64, w64, b64, a64, bb64, dy64 = d64
-            for dps in ([0.0, 0.0, 0.0], [0.0, 0.3, 0.0]):
-                tag = f"{level}/{mode}/dropout={dps}"
-                with cb.use_isa(level):
-                    y, t = cb.lora_fwd(xs, ws, bs, as_, bbs, scale, rank_ptr, dps, seed)
-                    grads = cb.lora_bwd(dys, xs, ws, as_, bbs, scale, _padded(t), rank_ptr, dps, seed, True)
-                    y_r, t_r = cb.lora_rows_fwd(xs, ws, bs, as_, bbs, scale, rank_ptr, row_ids, dps, seed)
-                    grads_r = cb.lora_rows_bwd(dys, xs, ws, as_, bbs, scale, _padded(t_r), rank_ptr, row_ids, dps,
-                                               seed, True)
-                want_y, _ = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rank_ptr, dps, seed)
-                want_g = ref.lora_bwd(dy64, x64, w64, a64, bb64, scale, t.double(), rank_ptr, dps, seed, True)
-                want_yr, _ = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rank_ptr, row_ids, dps, seed)
-                want_gr = ref.lora_rows_bwd(dy64, x64, w64, a64, bb64, scale, t_r.double(), rank_ptr, row_ids, dps,
-                                            seed, True)
-                outputs = [("y", y, want_y), ("rows y", y_r, want_yr)]
-                outputs += [(n, g, r) for n, g, r in zip(("dx", "dA", "dB"), grads, want_g)]
-                outputs += [(f"rows {n}", g, r) for n, g, r in zip(("dx", "dA", "dB"), grads_r, want_gr)]
-                for name, ours, want in outputs:
-                    count += 1
-                    problem = _check(name, ours, want.to(torch.float64), dtype)
-                    if problem:
-                        failures.append(f"{tag}: {problem}")
+    # 37 rows: the few-rows path (csrc/lora_small.cpp); 70: the row-block loops
+    for level, M, (mode, (dtype, env)) in itertools.product(levels or cb.isa_paths(), (37, 70), MODES.items()):
+        row_ids = torch.randint(-1, len(ranks), (M,), generator=gen)
+        for key in SWITCHES:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+        b = torch.randn(N, generator=gen).to(dtype)
+        a = (torch.randn(sum(ranks), K, generator=gen) / K ** 0.5).to(dtype)
+        bb = torch.randn(N, sum(ranks), generator=gen).to(dtype)
+        dy = torch.randn(M, N, generator=gen).to(dtype)
+        scale = torch.rand(sum(ranks), generator=gen) + 0.5
+        d64 = [v.to(torch.float64) for v in (x, w, b, a, bb, dy)]
+        strided = [_padded(v) for v in (x, w, b, a, bb, dy)]
+        xs, ws, bs, as_, bbs, dys = strided
+        x64, w64, b64, a64, bb64, dy64 = d64
+        for dps in ([0.0, 0.0, 0.0], [0.0, 0.3, 0.0]):
+            tag = f"{level}/{mode}/M={M}/dropout={dps}"
+            with cb.use_isa(level):
+                y, t = cb.lora_fwd(xs, ws, bs, as_, bbs, scale, rank_ptr, dps, seed)
+                grads = cb.lora_bwd(dys, xs, ws, as_, bbs, scale, _padded(t), rank_ptr, dps, seed, True)
+                y_r, t_r = cb.lora_rows_fwd(xs, ws, bs, as_, bbs, scale, rank_ptr, row_ids, dps, seed)
+                grads_r = cb.lora_rows_bwd(dys, xs, ws, as_, bbs, scale, _padded(t_r), rank_ptr, row_ids, dps,
+                                           seed, True)
+            want_y, _ = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rank_ptr, dps, seed)
+            want_g = ref.lora_bwd(dy64, x64, w64, a64, bb64, scale, t.double(), rank_ptr, dps, seed, True)
+            want_yr, _ = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rank_ptr, row_ids, dps, seed)
+            want_gr = ref.lora_rows_bwd(dy64, x64, w64, a64, bb64, scale, t_r.double(), rank_ptr, row_ids, dps,
+                                        seed, True)
+            outputs = [("y", y, want_y), ("rows y", y_r, want_yr)]
+            outputs += [(n, g, r) for n, g, r in zip(("dx", "dA", "dB"), grads, want_g)]
+            outputs += [(f"rows {n}", g, r) for n, g, r in zip(("dx", "dA", "dB"), grads_r, want_gr)]
+            for name, ours, want in outputs:
+                count += 1
+                problem = _check(name, ours, want.to(torch.float64), dtype)
+                if problem:
+                    failures.append(f"{tag}: {problem}")
     print(f"{count} outputs checked, {len(failures)} wrong")
     return failures
 

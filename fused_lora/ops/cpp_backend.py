@@ -12,13 +12,27 @@ read once when the extension loads; a level beyond the CPU, or an unknown name, 
 instead and says so with a RuntimeWarning when this module is imported. `use_isa` caps the level for a block of
 code (tests, benchmarks). AMX is no level of ours: torch's bf16 GEMMs reach it through oneDNN, which reads its own
 cap, ONEDNN_MAX_CPU_ISA (e.g. AVX512_CORE_BF16), once, at its first use in the process.
+
+Base GEMM strategies (csrc/gemm_choice.h): the big product of a call (x @ W^T forward, dy @ W for dx) is computed by
+  "vendor"  torch's own GEMM, the one nn.Linear and PEFT get (MKL sgemm; oneDNN for 16-bit where torch routes 16-bit
+            GEMMs there, its reference kernel elsewhere); 16-bit outputs are rounded by it, then bias + rank term are
+            added and rounded again (CONTRACT.md),
+  "mixed"   MKL's 16-bit -> fp32 GEMM, the rank term accumulated with it in fp32, one rounding (16-bit only),
+  "direct"  the skinny kernels (csrc/skinny.h): W streamed once in its own dtype, x W^T + t B^T + bias summed in fp32
+            and rounded once; for few rows, where vendor GEMMs spend their time packing W or run a reference kernel.
+Which one a call takes follows a rule fixed once per process from the CPU (vendor, ISA level) and torch's routing
+of 16-bit GEMMs, by dtype, layout and rows (`gemm_rule()` says what it decided here and why; `base_gemm_for` answers
+per call shape). Forcing, read at every call: FUSED_LORA_CPU_GEMM=auto|vendor|mixed|direct (`use_base_gemm`),
+FUSED_LORA_CPU_DIRECT_MAX_ROWS=<n> (replaces the rule's row limits for direct), and the older
+FUSED_LORA_CPU_BF16_EXACT=1 (bf16 never vendor) / FUSED_LORA_CPU_FP16_FAST=1 (fp16 always vendor).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -73,6 +87,54 @@ def trace_isa_kernels() -> Iterator[dict[str, dict[str, int]]]:
     finally:
         counts.update(_C.isa_trace_counts())
         _C.isa_trace(False)
+
+
+BASE_GEMMS = ("vendor", "mixed", "direct")
+
+
+def gemm_rule() -> str:
+    """What the base-GEMM rule decided on this machine (per dtype: row limits of the direct kernels, the GEMM above
+    them) and why."""
+    return str(_C.gemm_rule())
+
+
+def base_gemm_for(dtype: torch.dtype, rows: int, backward: bool = False) -> str:
+    """The base GEMM ("vendor", "mixed" or "direct") a call with `dtype` inputs and `rows` rows of x takes now, for
+    its forward (x @ W^T) or, with backward=True, its dx (dy @ W); the environment switches included."""
+    return str(_C.base_gemm_for(dtype, int(rows), bool(backward)))
+
+
+@contextlib.contextmanager
+def use_base_gemm(name: Optional[str]) -> Iterator[None]:
+    """Runs the block with FUSED_LORA_CPU_GEMM=`name` ("vendor", "mixed", "direct", or "auto"/None for the rule),
+    then restores the variable. For tests and benchmarks: the environment is process-wide."""
+    if name not in (None, "auto") + BASE_GEMMS:
+        raise ValueError(f"base GEMM {name!r} is not one of auto, {', '.join(BASE_GEMMS)}")
+    previous = os.environ.get("FUSED_LORA_CPU_GEMM")
+    if name is None:
+        os.environ.pop("FUSED_LORA_CPU_GEMM", None)
+    else:
+        os.environ["FUSED_LORA_CPU_GEMM"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FUSED_LORA_CPU_GEMM", None)
+        else:
+            os.environ["FUSED_LORA_CPU_GEMM"] = previous
+
+
+@contextlib.contextmanager
+def trace_base_gemms() -> Iterator[dict[str, int]]:
+    """Counts the base GEMMs the ops ran inside the block ({"vendor": n, "mixed": n, "direct": n}, one per forward
+    and one per dx), filled when the block ends."""
+    counts: dict[str, int] = {}
+    _C.gemm_trace(True)
+    try:
+        yield counts
+    finally:
+        counts.update(_C.gemm_trace_counts())
+        _C.gemm_trace(False)
 
 
 def _detached(*tensors):
