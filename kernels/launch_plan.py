@@ -1,11 +1,13 @@
-"""What the Triton launchers WOULD launch for an op and a shape, without running anything: the facts a cost model
-needs (fused_lora/bench reads them), computed by the launchers' own config, grid and split functions, so a plan
+"""What the Triton launchers WOULD launch for an op and a shape, without running anything: grids, configs and the
+elements each launch loads and writes, computed by the launchers' own config, grid and split functions, so a plan
 cannot drift from the launches (tests/test_kernel_counts.py checks plan == interpreter counts on small shapes).
+Counts only: no seconds and no bandwidths here. The one timing model is fused_lora/perf (it reads these plans).
 
     plan(op, shape, *, path=None, device=None, pdl=None) -> list[Launch]   the launchers of today
     plan_before(op, shape) -> list[Launch]                            main at dd3ed58, before issue 13 (a frozen
                                                                       copy of that code's config/grid logic, checked
                                                                       against interpreter counts of that code)
+    REGIMES, counts_table()                                           issue 13's regimes and their counts
     op     "forward" | "backward" (dense lora_fwd / lora_bwd with need_dx) | "rows_forward" | "rows_backward"
     shape  Shape(M, N, K, ranks, dtype="bfloat16", dropout=0.0, row_ids=None, bias=False)
            ranks: one rank per adapter (stacked on the rank axis); dropout: one p for all or one per adapter;
@@ -14,8 +16,8 @@ cannot drift from the launches (tests/test_kernel_counts.py checks plan == inter
     device None plans for an H100 (132 SMs; config.H100_SMS); a CUDA device plans for that GPU (SM count and
            its tuned configs, kernels/tuned.py).
     pdl    None: what the launchers do on `device` (config.pdl_enabled: off unless a CUDA sm_90+ device and
-           FUSED_LORA_PDL=1); True/False: plan as if programmatic dependent launch were on/off (the sm_90 rows of
-           the MODEL table). A consumer launch that overlaps the launch before it has Launch.pdl True.
+           FUSED_LORA_PDL=1); True/False: plan as if programmatic dependent launch were on/off. A consumer launch
+           that overlaps the launch before it has Launch.pdl True.
 
 Launch (one kernel launch):
     kernel    the @triton.jit function's name (what the interpreter and profilers show)
@@ -28,9 +30,12 @@ Launch (one kernel launch):
     flops     tensor-core work, 2 per multiply-add, tile padding included (what the MMA units execute)
     hbm_bytes compulsory DRAM traffic: each tensor's distinct bytes read once, plus every byte written
     l2_bytes  bytes of `loads` plus bytes of `writes`
+    step_bytes, steps   operand bytes one program loads per pipelined K step, and the steps of the longest program
+    tail_latencies      dependent memory round trips a program makes after its K loop that a plain GEMM does not
+                        make (the split ticket, the partials, t and B of the rank term), and tail_bytes: the bytes
+                        moved from the end of the K loop on (partials, t, B, bias, the output)
     pdl       launched with launch_pdl=True: it starts while the launch before it (its shrink) runs and waits for it
-              (gdc_wait) only before its tail; tail_bytes / tail_latencies: the bytes it moves after that wait and
-              the dependent memory round trips there (what MODEL adds after the producer's completion)
+              (gdc_wait) right after its K loop, so everything in its tail comes after the producer's completion
 Element sizes: x w bias a b y dy dx da db in the shape's dtype; t ds part scale in fp32.
 """
 from __future__ import annotations
@@ -113,8 +118,8 @@ class Launch:
     step_bytes: int = 0     # operand bytes one program loads per pipelined step (what stays in flight)
     steps: int = 0          # pipelined steps of the longest program
     pdl: bool = False       # overlaps the launch before it (programmatic dependent launch)
-    tail_bytes: float = 0.0  # L2 bytes moved after its gdc_wait (pdl only)
-    tail_latencies: int = 0  # dependent memory round trips after its gdc_wait (pdl only)
+    tail_bytes: float = 0.0  # bytes moved after the K loop (partials, t, B, bias, output)
+    tail_latencies: int = 0  # dependent round trips after the K loop that a plain GEMM does not make
 
     @property
     def programs(self) -> int:
@@ -214,8 +219,7 @@ def _plan_shrink(shape: Shape, device, per_row: bool) -> Launch:
 
 
 def _tail(launch: Launch, e: int, tensors: Sequence[str], latencies: int) -> None:
-    """Mark a launch as a PDL consumer whose work after gdc_wait moves `tensors` in `latencies` round trips."""
-    launch.pdl = True
+    """Record the work after the launch's K loop: `tensors` moved in `latencies` dependent round trips."""
     launch.tail_bytes = float(sum(v * launch.elem_bytes(k, e) for k, v in launch.loads.items() if k in tensors) +
                               sum(v * launch.elem_bytes(k, e) for k, v in launch.writes.items() if k in tensors))
     launch.tail_latencies = latencies
@@ -275,9 +279,9 @@ def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False
                      loads, writes, flops, reads, f"decode, {splits} split(s) of K, {mode_name}",
                      (bn + bm + (block_r if mode == IN_PASS else 0)) * bk * e,
                      triton.cdiv(triton.cdiv(K, bk), splits))
-    if pdl and decode.pdl_consumer(mode, after_shrink):
-        # after the wait: store the partial, take the ticket, (last program) read the partials, then t and B, y
-        _tail(launch, e, ("part", "t", "b", "bias", "y"), 3 if splits > 1 else 1)
+    # after the K loop: store the partial and take the ticket, (last program) read the partials, then t and B, y
+    _tail(launch, e, ("part", "t", "b", "bias", "y"), (2 if splits > 1 else 0) + (mode != NONE))
+    launch.pdl = pdl and decode.pdl_consumer(mode, after_shrink)  # its gdc_wait sits right after the K loop
     return launch
 
 
@@ -320,9 +324,9 @@ def _plan_fused_gemm(shape: Shape, device, per_row: bool, backward: bool, after_
     launch = _launch("fused_gemm_kernel", grid, cfg, shape, loads, {"dx" if backward else "y": M * n_out}, flops,
                      reads, f"fused GEMM {'dX' if backward else 'y'}{' per row' if per_row else ''}",
                      (bm + bn) * bk * e, triton.cdiv(k_red, bk))
-    if pdl and fused_gemm.pdl_consumer(after_shrink, has_lora, lora_dropout):
-        # after the wait: t and B^T (one round trip), then the tile's store
-        _tail(launch, e, ("t", "b", "bias", "y"), 2)
+    # the rank term after the K loop (no dropout on it): t and B^T in one round trip, then the tile's store
+    _tail(launch, e, ("t", "b", "bias", "y"), int(has_lora and not lora_dropout))
+    launch.pdl = pdl and fused_gemm.pdl_consumer(after_shrink, has_lora, lora_dropout)
     return launch
 
 
@@ -467,9 +471,13 @@ def _before_small_m(shape: Shape) -> Launch:
     # the W loop reads x once, then the shrink loop reads x again per segment
     loads = {"x": tiles * bm * K * (1 + n_segs), "w": tiles * 64 * K, "a": tiles * R * K, "b": tiles * 64 * R}
     flops = 2.0 * tiles * 64 * bm * k_pad + 2.0 * tiles * n_segs * 16 * bm * k_pad + 2.0 * tiles * 64 * bm * R
-    return _launch("small_m_kernel", (tiles_n, tiles_m), cfg, shape, loads, {"y": M * N, "t": M * R}, flops,
-                   {"x": M * K, "w": N * K, "a": R * K, "b": N * R}, "decode, one program per 64 columns",
-                   (64 + bm) * bk * e, triton.cdiv(K, bk) * (1 + n_segs))
+    launch = _launch("small_m_kernel", (tiles_n, tiles_m), cfg, shape, loads, {"y": M * N, "t": M * R}, flops,
+                     {"x": M * K, "w": N * K, "a": R * K, "b": N * R}, "decode, one program per 64 columns",
+                     (64 + bm) * bk * e, triton.cdiv(K, bk) * (1 + n_segs))
+    # after the W loop and its drain: the shrink loop over x and A (num_stages - 1 steps in flight), then B
+    launch.tail_latencies = triton.cdiv(triton.cdiv(K, bk) * n_segs, cfg["num_stages"] - 1) + 1
+    launch.tail_bytes = float((tiles * bm * K * n_segs + tiles * R * K + tiles * 64 * R) * e)
+    return launch
 
 
 def _before_shrink(shape: Shape) -> Launch:
@@ -600,133 +608,51 @@ def summary(launches: list, e: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MODEL: a bandwidth/occupancy estimate per launch, from the plan alone (no GPU). Not a measurement.
+# issue 13's regimes (bf16, K = 4096): the shapes its table is about; fused_lora/perf times them
 # ---------------------------------------------------------------------------------------------------------------
 
-# H100 SXM: 132 SMs, ~3.0 TB/s HBM reached by copies, ~5.5 TB/s L2 -> SM, ~800 TFLOP/s bf16 dense (cuBLAS-class),
-# ~0.8 us loaded HBM latency, 228 KiB shared memory and 64 warps per SM, 2 us between back-to-back launches, and an
-# SM drawing at most 1.5x its fair share of HBM bandwidth (a copy needs about two thirds of the SMs to reach the
-# copy rate): the assumption behind "a launch that streams W needs every SM busy".
-# Programmatic dependent launch (assumed, not measured on any GPU here): a consumer's first programs run pdl_start
-# after its producer's (the producer's programs signal as they start; the dependent grid still has to be scheduled
-# onto the SMs the producer leaves free), and its gdc_wait returns pdl_release after the producer's last program
-# ends (completion and memory flush, the part of the 2 us launch gap PDL cannot hide).
-H100_MODEL = dict(sms=132, hbm=3.0e12, l2=5.5e12, tensor=800e12, latency=0.8e-6, smem=228 * 1024, warps=64,
-                  launch_gap=2e-6, sm_share=1.5, pdl_start=1.0e-6, pdl_release=0.5e-6)
-
-
-def model(launch: Launch, e: int, gpu: dict = H100_MODEL) -> dict:
-    """MODEL of one launch. CTAs per SM from shared memory (stages x step bytes) and warps (registers are not
-    modelled); programs spread one per SM first; each resident program keeps min(stages - 1, steps) steps loading;
-    an SM sustains min(its bytes in flight / latency, sm_share x hbm / sms); the launch min(hbm, sum over busy SMs),
-    scaled by how evenly the programs fall on the SMs. Time: max(HBM bytes / that bandwidth, L2 -> SM bytes / l2,
-    FLOPs / tensor peak)."""
-    stages = int(launch.config.get("num_stages", 3))
-    warps = int(launch.config.get("num_warps", 4))
-    smem = max(1, stages * launch.step_bytes)
-    per_sm = max(1, min(gpu["smem"] // smem, gpu["warps"] // warps))
-    busy_sms = min(launch.programs, gpu["sms"])
-    resident = min(per_sm, triton.cdiv(launch.programs, gpu["sms"]))
-    depth = max(1, min(stages - 1, launch.steps)) if launch.steps else 1
-    per_sm_rate = min(resident * depth * launch.step_bytes / gpu["latency"], gpu["sm_share"] * gpu["hbm"] / gpu["sms"])
-    bandwidth = min(gpu["hbm"], busy_sms * per_sm_rate) if launch.step_bytes else gpu["hbm"]
-    # equal programs over the SMs: the busiest SM runs ceil(programs / sms) of them, the mean is programs / sms
-    bandwidth *= launch.programs / (busy_sms * triton.cdiv(launch.programs, gpu["sms"]))
-    seconds = max(launch.hbm_bytes / bandwidth, launch.l2_bytes(e) / gpu["l2"], launch.flops / gpu["tensor"])
-    return {"seconds": seconds, "bandwidth": bandwidth / gpu["hbm"], "ctas_per_sm": per_sm,
-            "waves": triton.cdiv(launch.programs, gpu["sms"] * per_sm)}
-
-
-def overlap(producer: Launch, consumer: Launch, e: int, gpu: dict = H100_MODEL) -> dict:
-    """MODEL of a producer and a PDL consumer that overlaps it, from the producer's first program to the consumer's
-    end (the producer's own launch gap is not included). The pair takes the longest of:
-        dependency  producer alone + pdl_release + the consumer's tail after gdc_wait (tail_latencies x latency +
-                    tail_bytes at HBM rate): the consumer cannot finish before the producer has completed and flushed
-        consumer    pdl_start + the consumer alone (model())
-        HBM         both launches' HBM bytes at the bandwidth the consumer reaches alone (they share HBM; the
-                    consumer's stream sets the pace; conservative, as the pair keeps more bytes in flight than it)
-        L2, FLOPs   both launches' L2 -> SM bytes at the L2 rate, both launches' FLOPs at the tensor peak
-    Returns {"seconds", "bound": the name of the longest, "terms": every term}."""
-    alone_p, alone_c = model(producer, e, gpu), model(consumer, e, gpu)
-    tail = consumer.tail_latencies * gpu["latency"] + consumer.tail_bytes / gpu["hbm"]
-    pace = alone_c["bandwidth"] * gpu["hbm"]
-    terms = {"dependency": alone_p["seconds"] + gpu["pdl_release"] + tail,
-             "consumer": gpu["pdl_start"] + alone_c["seconds"],
-             "HBM": (producer.hbm_bytes + consumer.hbm_bytes) / pace,
-             "L2": (producer.l2_bytes(e) + consumer.l2_bytes(e)) / gpu["l2"],
-             "FLOPs": (producer.flops + consumer.flops) / gpu["tensor"]}
-    bound = max(terms, key=terms.get)
-    return {"seconds": terms[bound], "bound": bound, "terms": terms}
-
-
-def model_seconds(launches: list, e: int, gpu: dict = H100_MODEL) -> float:
-    """MODEL of an op: its launches back to back, plus gpu["launch_gap"] per launch; a PDL consumer (Launch.pdl)
-    has no gap of its own and overlaps the launch before it (overlap())."""
-    total = 0.0
-    for i, lc in enumerate(launches):
-        if i + 1 < len(launches) and launches[i + 1].pdl:
-            continue  # the pair is counted at its consumer
-        if lc.pdl and i > 0:
-            total += overlap(launches[i - 1], lc, e, gpu)["seconds"] + gpu["launch_gap"]
-        else:
-            total += model(lc, e, gpu)["seconds"] + gpu["launch_gap"]
-    return total
-
-
-def _regimes() -> list:
-    """(regime, op, shape, reference op, reference shape) rows of issue 13's table; the reference is what the
-    regime is judged against (merged: the same GEMM without a rank term, i.e. the GEMM core at parity)."""
-    out = []
-    for M in (1, 16, 64):
-        for N in (1024, 4096, 14336):
-            out.append((f"decode M={M} N={N}", "forward", Shape(M, N, 4096, [16]), "forward", Shape(M, N, 4096, [])))
-    single_decode = ("forward", Shape(16, 4096, 4096, [16]))
-    out.append(("mixed decode 16 rows x 16 adapters", "rows_forward",
-                Shape(16, 4096, 4096, [16] * 16, row_ids=interleaved(16, 16)), *single_decode))
-    out.append(("mixed prefill 2048 rows x 4 adapters", "rows_forward",
-                Shape(2048, 4096, 4096, [16] * 4, row_ids=interleaved(2048, 4)), "rows_forward",
-                Shape(2048, 4096, 4096, [16] * 4, row_ids=single(2048))))
-    for M in (512, 2048, 8192):
-        out.append((f"prefill M={M}", "forward", Shape(M, 4096, 4096, [16]), "forward", Shape(M, 4096, 4096, [])))
-    for M, r in ((8192, 16), (65536, 64)):
-        out.append((f"backward M={M} N=14336 r={r}", "backward", Shape(M, 14336, 4096, [r]), "backward",
-                    Shape(M, 14336, 4096, [])))
+def issue13_regimes() -> list:
+    """(name, op, shape) of every regime of issue 13's table."""
+    out = [(f"decode M={M} N={N}", "forward", Shape(M, N, 4096, [16]))
+           for M in (1, 16, 64) for N in (1024, 4096, 14336)]
+    out.append(("mixed decode 16 x 16 ad", "rows_forward",
+                Shape(16, 4096, 4096, [16] * 16, row_ids=interleaved(16, 16))))
+    out.append(("mixed prefill 2048 x 4 ad", "rows_forward",
+                Shape(2048, 4096, 4096, [16] * 4, row_ids=interleaved(2048, 4))))
+    out += [(f"prefill M={M}", "forward", Shape(M, 4096, 4096, [16])) for M in (512, 2048, 8192)]
+    out += [(f"backward M={M} r={r}", "backward", Shape(M, 14336, 4096, [r])) for M, r in ((8192, 16), (65536, 64))]
     return out
 
 
-def table() -> str:
-    """Issue 13's regimes before (dd3ed58) and after, bf16, K = 4096. Counts come from the plans (equal to
-    interpreter counts, tests/test_kernel_counts.py); bandwidth and times are a MODEL (see model(), overlap()).
-    "after" is every GPU with FUSED_LORA_PDL unset (the default) and sm_80; "after, PDL" (only where a launch
-    reads what the launch before it wrote) is sm_90 with FUSED_LORA_PDL=1, judged against the reference planned
-    the same way."""
-    lines = ["MODEL: H100 SXM, 3.0 TB/s HBM, 5.5 TB/s L2->SM, 800 TFLOP/s, 0.8 us latency, an SM at most 1.5x its "
-             "share of HBM, 2 us per launch; PDL: the consumer starts 1 us after its producer, its wait returns "
-             "0.5 us after the producer ends (assumed, unmeasured). Counts (launches, programs, W loads, partials) "
-             "are exact.",
-             "| regime | version | launches: programs | W loads / W | partials MiB | MODEL BW, widest launch | "
-             "MODEL us | vs reference |", "|---|---|---|---|---|---|---|---|"]
-    for name, op, shape, ref_op, ref_shape in _regimes():
-        e = shape.e
-        versions = [("before", plan_before(op, shape), False), ("after", plan(op, shape, pdl=False), False)]
+def grids(launches: list) -> str:
+    """"kernel: programs" per launch, "(PDL)" after a launch that overlaps the one before it."""
+    return ", ".join(f"{lc.kernel.replace('_kernel', '').strip('_')}: {lc.programs}{' (PDL)' if lc.pdl else ''}"
+                     for lc in launches)
+
+
+def partial_bytes(launches: list) -> int:
+    """Bytes of fp32 split partials the launches write."""
+    return 4 * sum(lc.writes.get("part", 0) for lc in launches)
+
+
+def counts_table() -> str:
+    """Issue 13's regimes before (dd3ed58), after, and after with PDL: launches, programs, W loads, partials. Exact
+    counts (tests/test_kernel_counts.py); the MODEL times of the same plans: `python -m fused_lora bench
+    --model-only` (fused_lora/perf)."""
+    lines = ["Counts (exact, from the launchers' own config/grid/split functions); MODEL times: "
+             "`python -m fused_lora bench --model-only`.",
+             "| regime | version | launches: programs | W loads / W | partials MiB |", "|---|---|---|---|---|"]
+    for name, op, shape in issue13_regimes():
+        versions = [("before", plan_before(op, shape)), ("after", plan(op, shape, pdl=False))]
         with_pdl = plan(op, shape, pdl=True)
         if any(lc.pdl for lc in with_pdl):
-            versions.append(("after, PDL", with_pdl, True))
-        for version, launches, pdl in versions:
-            reference = model_seconds(plan(ref_op, ref_shape, pdl=pdl), e)
-            widest = max(launches, key=lambda lc: lc.hbm_bytes)
-            parts = sum(lc.writes.get("part", 0) for lc in launches) * 4 / 2 ** 20
-            grids = ", ".join(f"{lc.kernel.replace('_kernel', '')}: {lc.programs}{' (PDL)' if lc.pdl else ''}"
-                              for lc in launches)
-            seconds = model_seconds(launches, e)
-            lines.append(f"| {name} | {version} | {grids} | "
-                         f"{sum(lc.loads.get('w', 0) for lc in launches) / (shape.N * shape.K):.2f} | {parts:.1f} | "
-                         f"{model(widest, e)['bandwidth']:.0%} | {seconds * 1e6:.1f} | {seconds / reference:.2f}x |")
-    lines.append("reference: decode and prefill: the same GEMM without LoRA (merged weights, GEMM core at parity); "
-                 "mixed decode: one adapter's dense decode; mixed prefill: the same rows on one adapter; backward: "
-                 "dX alone. (PDL): launched with launch_pdl=True, overlapping the launch before it (overlap()).")
+            versions.append(("after, PDL", with_pdl))
+        for version, launches in versions:
+            w = sum(lc.loads.get("w", 0) for lc in launches) / (shape.N * shape.K)
+            lines.append(f"| {name} | {version} | {grids(launches)} | {w:.2f} | "
+                         f"{partial_bytes(launches) / 2 ** 20:.1f} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(table())
+    print(counts_table())

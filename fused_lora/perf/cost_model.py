@@ -5,7 +5,9 @@
     this file     totals per implementation (GPU time, host time, eager time) and `compare`, the dispatch's rule
 
 GPU time is what a captured CUDA graph (or a stream the host keeps ahead of) sees: the sum of the launches plus a
-gap per launch. Host time is the Python side of one eager call; an eager call costs max(GPU, host).
+gap per launch (a PDL consumer overlapping its producer instead, gpu_model.overlap). Host time is the Python side
+of one eager call; an eager call costs max(GPU, host). `pdl=True` models the Triton plans as FUSED_LORA_PDL=1 runs
+them on sm_90 (off by default, as the switch is; the dispatch decides without it).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Dict, List, Optional
 
 from fused_lora.perf import plans
 from fused_lora.perf.gpu_model import AGAINST_TRITON, ASSUMPTIONS, GPUS, MIB, Gpu, Launch, describe_assumptions, \
-    launch_time, plan_seconds, scenario, value
+    launch_time, overlap, plan_seconds, scenario, value
 from fused_lora.perf.plans import DTYPE_BYTES, IMPLS, Shape
 
 __all__ = ["GPUS", "MIB", "DTYPE_BYTES", "IMPLS", "Shape", "Estimate", "estimate", "compare", "Comparison",
@@ -71,9 +73,9 @@ class Estimate:
                 "ratio_vs_peft": round(self.gpu_s / peft.gpu_s, 4) if peft else None}
 
 
-def estimate(impl: str, shape: Shape, gpu="H100", core: str = "tutorial") -> Estimate:
+def estimate(impl: str, shape: Shape, gpu="H100", core: str = "tutorial", pdl: bool = False) -> Estimate:
     g = _gpu(gpu)
-    launches = plans.launches(impl, shape, core)
+    launches = plans.launches(impl, shape, core, pdl)
     return Estimate(impl, shape, g.name, launches, plan_seconds(launches, g, shape.dtype),
                     host_seconds(impl, launches))
 
@@ -82,15 +84,20 @@ def explain_launches(est: Estimate) -> List[str]:
     """One line per launch: name, engine, programs, CTAs/SM and waves, bound, modelled microseconds."""
     g = GPUS[est.gpu]
     lines = []
-    for k in est.launches:
+    for i, k in enumerate(est.launches):
         t = launch_time(k, g, est.shape.dtype)
-        grid = ""
+        grid = f", {k.programs} tiles" if k.engine == "cublas" else ""
         if k.engine == "triton":
             occ = k.occupancy
             grid = (f", {k.programs} programs, {t.ctas_per_sm} CTA/SM ({occ.registers} regs, "
                     f"{occ.shared // 1024} KiB, {occ.source}), {t.waves:.2f} waves")
+        tail = f" incl. {t.detail['tail_s'] * 1e6:.1f} us tail" if t.detail.get("tail_s") else ""
+        pdl = ""
+        if k.pdl and i > 0:
+            pair = overlap(est.launches[i - 1], k, g, est.shape.dtype)
+            pdl = f"; PDL with the launch before: {pair['seconds'] * 1e6:.1f} us the pair, {pair['bound']}-bound"
         lines.append(f"{k.name}: {k.engine}{grid}, {k.bytes / MIB:.1f} MiB, {k.flops / 1e9:.2f} GFLOP, "
-                     f"{t.bound}-bound, {t.seconds * 1e6:.1f} us" + (f" ({k.note})" if k.note else ""))
+                     f"{t.bound}-bound, {t.seconds * 1e6:.1f} us{tail}{pdl}" + (f" ({k.note})" if k.note else ""))
     return lines
 
 
@@ -104,13 +111,13 @@ class Comparison:
     why: str
 
 
-def compare(shape: Shape, gpu="H100", core: str = "tutorial") -> Comparison:
+def compare(shape: Shape, gpu="H100", core: str = "tutorial", pdl: bool = False) -> Comparison:
     """The dispatch rule: the Triton plan is chosen only if it is faster even with every uncertain assumption at
     the end of its range that favours cuBLAS; a margin inside the model's own uncertainty goes to cuBLAS."""
-    fused = estimate("fused", shape, gpu, core).gpu_s
+    fused = estimate("fused", shape, gpu, core, pdl).gpu_s
     cub = estimate("cublas", shape, gpu).gpu_s
     with scenario(AGAINST_TRITON):
-        fused_w = estimate("fused", shape, gpu, core).gpu_s
+        fused_w = estimate("fused", shape, gpu, core, pdl).gpu_s
         cub_w = estimate("cublas", shape, gpu).gpu_s
     if fused_w < cub_w:
         why = (f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us; still faster with every "
@@ -132,19 +139,19 @@ class Chosen:
     launches: int
 
 
-def _pick(shape: Shape, gpu, core: str) -> tuple:
-    cmp = compare(shape, gpu, core)
-    return cmp.choice, estimate(cmp.choice, shape, gpu, core)
+def _pick(shape: Shape, gpu, core: str, pdl: bool) -> tuple:
+    cmp = compare(shape, gpu, core, pdl)
+    return cmp.choice, estimate(cmp.choice, shape, gpu, core, pdl)
 
 
-def chosen(shape: Shape, gpu="H100", core: str = "tutorial") -> Chosen:
+def chosen(shape: Shape, gpu="H100", core: str = "tutorial", pdl: bool = False) -> Chosen:
     """What the CUDA dispatch runs for `shape` (forward and backward decided separately, as the ops are)."""
     names = {"fused": "fused", "cublas": "cuBLAS"}
     if shape.op != "forward_backward":
-        path, est = _pick(shape, gpu, core)
+        path, est = _pick(shape, gpu, core, pdl)
         return Chosen(names[path], est.gpu_s, est.host_s, len(est.launches))
-    fwd_path, fwd = _pick(replace(shape, op="forward"), gpu, core)
-    bwd_path, bwd = _pick(replace(shape, op="backward"), gpu, core)
+    fwd_path, fwd = _pick(replace(shape, op="forward"), gpu, core, pdl)
+    bwd_path, bwd = _pick(replace(shape, op="backward"), gpu, core, pdl)
     label = names[fwd_path] if fwd_path == bwd_path else f"{names[fwd_path]}/{names[bwd_path]}"
     return Chosen(label, fwd.gpu_s + bwd.gpu_s, fwd.host_s + bwd.host_s, len(fwd.launches) + len(bwd.launches))
 

@@ -13,11 +13,13 @@ Implementations:
                   kernels at cuBLAS-like efficiency: an assumption)
 
 `fused_launches` is the one switch for the Triton plans: it takes kernels/launch_plan.py's launches (plan and
-plan_before, computed by the launchers' own config/grid/split functions) when that module is importable, and falls
-back to this file's own mirror of the launchers otherwise (own_fused_launches).
+plan_before, computed by the launchers' own config/grid/split functions; `pdl` plans the launches as with
+FUSED_LORA_PDL=1 on sm_90) when that module is importable, and falls back to this file's own mirror of the
+launchers otherwise (own_fused_launches, no PDL).
 Compulsory bytes: every operand read once per launch, every result written once. A GEMM's tile re-reads through
-L2 are part of its core efficiency assumption; l2_bytes holds the traffic that stays in L2 on top: split-K
-partials (small, written and read back at once) and abnormal re-reads (a whole W per row tile).
+L2 are part of its efficiency (gpu_model: gemm_eff and the core factors); l2_bytes holds the traffic that stays in
+L2 on top: split-K partials (small, written and read back at once) and abnormal re-reads (a whole W per row tile).
+cuBLAS GEMMs carry their programs (gpu_model.cublas_programs) so the same wave rule times them as ours.
 Activations and weights have the dtype's size, t and dS are fp32 (the op contract).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import List
 
 from fused_lora.perf import occupancy
-from fused_lora.perf.gpu_model import KIB, Launch, Occupancy
+from fused_lora.perf.gpu_model import KIB, Launch, Occupancy, cublas_programs
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 IMPLS = ("merged", "peft", "addmm", "cublas", "fused", "fused_before", "vllm")
@@ -68,7 +70,8 @@ def gemm(name: str, M: int, K: int, N: int, e: int, out_e: int = None, extra: fl
          ) -> Launch:
     """[M, K] @ [K, N] by cuBLAS: both operands read once, the result written once (+ extra bytes)."""
     out_e = e if out_e is None else out_e
-    return Launch(name, M * K * e + K * N * e + M * N * out_e + extra, 2.0 * M * N * K, engine)
+    return Launch(name, M * K * e + K * N * e + M * N * out_e + extra, 2.0 * M * N * K, engine,
+                  programs=cublas_programs(M, N, K))
 
 
 def elementwise(name: str, read: float, written: float, elements: float) -> Launch:
@@ -367,6 +370,11 @@ def _occupancy_of(lp_launch, kernel: str, dt: str, stages: int, before: bool) ->
     return fallback
 
 
+def from_launch_plan(lp_launches, e: int, core: str = "tutorial", before: bool = False) -> List[Launch]:
+    """kernels/launch_plan.py launches (of one op, in order) as this model's launches."""
+    return [_from_launch_plan(lc, e, core, before) for lc in lp_launches]
+
+
 def _from_launch_plan(lp_launch, e: int, core: str, before: bool) -> Launch:
     """kernels/launch_plan.Launch -> this model's Launch. A GEMM core's tile re-reads through L2 belong to its
     efficiency assumption; every other kernel's L2 -> SM traffic (re-reads, split partials) is bounded by L2."""
@@ -381,30 +389,32 @@ def _from_launch_plan(lp_launch, e: int, core: str, before: bool) -> Launch:
     return Launch(f"{name}: {lp_launch.note}" if lp_launch.note else name, lp_launch.hbm_bytes, lp_launch.flops,
                   "triton", programs=lp_launch.programs, occupancy=occ,
                   in_flight=max(1, depth) * lp_launch.step_bytes,
-                  l2_bytes=0.0 if gemm_core else lp_launch.l2_bytes(e), core="tma" if use_tma else "tutorial")
+                  l2_bytes=0.0 if gemm_core else lp_launch.l2_bytes(e), core="tma" if use_tma else "tutorial",
+                  tail_latencies=lp_launch.tail_latencies, tail_bytes=lp_launch.tail_bytes, pdl=lp_launch.pdl)
 
 
-def _launch_plan_launches(lp, s: Shape, before: bool, core: str) -> List[Launch]:
+def _launch_plan_launches(lp, s: Shape, before: bool, core: str, pdl: bool = False) -> List[Launch]:
     mixed = s.op.startswith("mixed")
     n = s.n_adapters if mixed else 1
     shape = lp.Shape(s.M, s.N, s.K, [s.r] * n, s.dtype, 0.1 if s.dropout else 0.0,
                      lp.interleaved(s.M, n) if mixed else None)
     out = []
     for op in _OPS[s.op]:
-        launches = lp.plan_before(op, shape) if before else lp.plan(op, shape)
-        out += [_from_launch_plan(lc, s.e, core, before) for lc in launches]
+        launches = lp.plan_before(op, shape) if before else lp.plan(op, shape, pdl=pdl)
+        out += from_launch_plan(launches, s.e, core, before)
     return out
 
 
-def fused_launches(s: Shape, core: str = "tutorial", before: bool = False) -> List[Launch]:
-    """The switch: kernels/launch_plan.py's plans when available, this file's own mirror otherwise."""
+def fused_launches(s: Shape, core: str = "tutorial", before: bool = False, pdl: bool = False) -> List[Launch]:
+    """The switch: kernels/launch_plan.py's plans when available, this file's own mirror otherwise. pdl: the
+    launches as FUSED_LORA_PDL=1 makes them on sm_90 (consumers overlapping their shrink)."""
     lp = _launch_plan_module()
     if lp is not None:
-        return _launch_plan_launches(lp, s, before, core)
+        return _launch_plan_launches(lp, s, before, core, pdl)
     return own_fused_launches(s, before=before, core=core)
 
 
-def launches(impl: str, s: Shape, core: str = "tutorial") -> List[Launch]:
+def launches(impl: str, s: Shape, core: str = "tutorial", pdl: bool = False) -> List[Launch]:
     if impl == "merged":
         return merged(s)
     if impl == "peft":
@@ -418,7 +428,7 @@ def launches(impl: str, s: Shape, core: str = "tutorial") -> List[Launch]:
             raise ValueError("the vLLM plan models mixed batches (op mixed_forward) only")
         return vllm(s)
     if impl == "fused":
-        return fused_launches(s, core)
+        return fused_launches(s, core, pdl=pdl)
     if impl == "fused_before":
         return fused_launches(s, before=True)
     raise ValueError(f"no plan for implementation {impl!r}; expected one of {', '.join(IMPLS)}")
