@@ -11,9 +11,8 @@ pytest.importorskip("triton")
 
 from fused_lora.kernels import launch_plan as lp  # noqa: E402
 from fused_lora.perf import plans, regimes  # noqa: E402
-from fused_lora.perf.gpu_model import (AGAINST_TRITON, ASSUMPTIONS, CUBLAS_TILE, GPUS, PARITY, Launch,  # noqa: E402
-                                       assumed, compute_seconds, launch_time, overlap, parity, plan_seconds,
-                                       value)
+from fused_lora.perf.gpu_model import (AGAINST_TRITON, ASSUMPTIONS, CUBLAS_TILE, GPUS, PARITY, assumed,  # noqa: E402
+                                       compute_seconds, launch_time, overlap, parity, plan_seconds, value)
 
 H100 = GPUS["H100"]
 S = lp.Shape

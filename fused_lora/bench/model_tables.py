@@ -141,7 +141,7 @@ def _wrap(line: str, width: int = 100) -> str:
 
 
 def model_report(gpu: str = "H100") -> str:
-    parts = [issue13_table(gpu), targets_table(gpu), regime_table(gpu=gpu), regime_table(K=4096, N=14336, gpu=gpu), regime_table(K=4096, N=1024, gpu=gpu),
-             regime_table(gpu=gpu, core="tma"), regime_table(dtype="float32", gpu=gpu), merge_table(gpu=gpu),
+    parts = [issue13_table(gpu), targets_table(gpu), regime_table(gpu=gpu), regime_table(K=4096, N=14336, gpu=gpu),
+             regime_table(K=4096, N=1024, gpu=gpu), regime_table(gpu=gpu, core="tma"), regime_table(dtype="float32", gpu=gpu), merge_table(gpu=gpu),
              assumptions_text()]
     return "\n\n".join(parts)

@@ -4,8 +4,10 @@
 
 Prints, per case, a table (at most 100 columns) of every implementation's median time with its p20-p80 spread and
 its time relative to merged (and to PEFT), both ratios paired round by round within this run, with the H100 MODEL
-time beside each (fused: the path the CUDA dispatch would take; fused_lora/perf/cost_model.py). `--model-only`
-prints the model per regime and its assumptions. Custom grids: --ops/--tokens/--shapes/--ranks/--dtypes.
+time beside each (fused: the path the CUDA dispatch would take; fused_lora/perf, the one performance model).
+`--model-only` prints the model only (fused_lora/bench/model_tables.py): issue 13's regimes before/after/with PDL
+and its targets, issue 15's per-regime dispatch tables, and every assumption with its range and evidence.
+Custom grids: --ops/--tokens/--shapes/--ranks/--dtypes.
 `--ops host` prints host time per call instead (fused_lora/bench/host.py; its own options: --rounds, --calls).
 """
 from __future__ import annotations
@@ -62,8 +64,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's choice); 1 is steadier on a crowded machine")
     p.add_argument("--no-model", action="store_true", help="leave out the MODEL rows")
     p.add_argument("--model-only", action="store_true",
-                   help="print the GPU MODEL per regime (the dispatch's choice vs merged, PEFT, before/after, "
-                        "cuBLAS, vLLM) with its assumptions, and measure nothing")
+                   help="print the GPU MODEL per regime (issue 13's regimes before/after/PDL and targets; the "
+                        "dispatch's choice vs merged, PEFT, cuBLAS, vLLM) with its assumptions, and measure nothing")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     custom = p.add_argument_group("custom grid (replaces --grid when --ops is given)")
     custom.add_argument("--ops", type=_csv(str), help=f"comma list of {', '.join(OPS)}")

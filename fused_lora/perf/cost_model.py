@@ -86,7 +86,7 @@ def explain_launches(est: Estimate) -> List[str]:
     lines = []
     for i, k in enumerate(est.launches):
         t = launch_time(k, g, est.shape.dtype)
-        grid = f", {k.programs} tiles" if k.engine == "cublas" else ""
+        grid = f", {k.programs} programs (tiles x K splits)" if k.engine == "cublas" else ""
         if k.engine == "triton":
             occ = k.occupancy
             grid = (f", {k.programs} programs, {t.ctas_per_sm} CTA/SM ({occ.registers} regs, "
