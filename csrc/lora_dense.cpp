@@ -16,12 +16,15 @@
 #include "lora_float64.h"
 #include "lora_ops.h"
 #include "lora_small.h"
+#include "skinny.h"
 
 #include <algorithm>
 
 namespace fused_lora_cpu {
 
 namespace {
+
+const float kOne = 1.0f;
 
 struct AdapterRanks {
   std::vector<int64_t> lo, hi;
@@ -96,6 +99,9 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
 
   at::Tensor t = at::zeros({M, R}, at::kFloat);
   LoraOutput o = make_lora_output(M, N, x.scalar_type(), GemmForm::kNT);
+  // Below the avx512 level (no hand-written AVX-512 expand), the rank term joins the output after the row-block
+  // loop, in one pass of the skinny kernels (register-tiled) instead of a generic expand per block.
+  const bool late_rank_term = !isa_at_least(Isa::kAvx512) && M > 0 && N > 0;
   const int64_t nblocks = (M + kRowBlock - 1) / kRowBlock;
 
   base_gemm_before_lora(o, x, weight, /*b_transposed=*/true);
@@ -120,11 +126,30 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
         }
       }
       tb.mul_(scale32);
+      if (late_rank_term) continue;
       // The rank term (+ bias), rounded once into the accumulator's dtype (with the base when it came first).
       expand_lora_rows(o, tb.const_data_ptr<float>(), R, rows, R, bt32.const_data_ptr<float>(), bias_ptr, nullptr,
                        row0);
     }
   });
+  if (late_rank_term && (R > 0 || bias_ptr != nullptr || o.base_first())) {
+    // acc (+)= t B^T + bias over all rows in one skinny pass (B^T in fp32: a product over R rows of N values, the
+    // bias one more row), rounded once into the accumulator's dtype
+    NnProduct p;
+    p.M = M;
+    p.N = R;
+    p.K = N;
+    p.g = StridedF32{t.const_data_ptr<float>(), R, 1};
+    p.w = MatRef{bt32.const_data_ptr<float>(), Elt::kF32, N};
+    if (bias_ptr != nullptr) {
+      p.R = 1;
+      p.e = StridedF32{&kOne, 0, 0};
+      p.E = MatRef{bias_ptr, Elt::kF32, 0};
+    }
+    if (o.base_first()) p.base = mat_ref(o.acc);
+    p.out = out_ref(o.acc);
+    skinny_nn(p);
+  }
   base_gemm_after_lora(o, x, weight, /*b_transposed=*/true);
   return {o.finish(), t};
 }

@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "common.h"
@@ -29,6 +30,22 @@ bool use_avx2() {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Runs f(0) .. f(tasks - 1), on the pool's threads when `parallel`: each thread takes the next task from a shared
+// counter, so a thread the OS deschedules (a machine shared with other jobs) holds up one task, not its static
+// share. Results never depend on which thread ran a task.
+template <typename F>
+void run_tasks(int64_t tasks, bool parallel, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  if (!parallel || tasks <= 1 || threads <= 1 || at::in_parallel_region()) {
+    for (int64_t t = 0; t < tasks; ++t) f(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) f(t);
+  });
+}
 
 float load_elt(const void* base, Elt elt, int64_t idx) {
   switch (elt) {
@@ -139,44 +156,67 @@ void skinny_nt(const NtProduct& p) {
   const bool fast = use_avx2();
   constexpr int64_t kRows = 48, kCols = 96;  // kCols: a multiple of the AVX2 kernel's 24-row chunks of w
   const int64_t row_tasks = ceil_div(p.M, kRows), col_tasks = ceil_div(p.N, kCols);
-  const int64_t work = std::min(p.M, kRows) * std::min(p.N, kCols) * std::max<int64_t>(1, p.K + p.R);
-  at::parallel_for(0, row_tasks * col_tasks, std::max<int64_t>(1, kParallelWork / work), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t i0 = (t / col_tasks) * kRows, n0 = (t % col_tasks) * kCols;
-      const int64_t i1 = std::min(p.M, i0 + kRows), n1 = std::min(p.N, n0 + kCols);
-      if (fast) {
-        nt_block_avx2(p, i0, i1, n0, n1);
-      } else {
-        nt_block_generic(p, i0, i1, n0, n1);
-      }
+  const bool parallel = p.M * p.N * std::max<int64_t>(1, p.K + p.R) >= kParallelWork;
+  run_tasks(row_tasks * col_tasks, parallel, [&](int64_t t) {
+    const int64_t i0 = (t / col_tasks) * kRows, n0 = (t % col_tasks) * kCols;
+    const int64_t i1 = std::min(p.M, i0 + kRows), n1 = std::min(p.N, n0 + kCols);
+    if (fast) {
+      nt_block_avx2(p, i0, i1, n0, n1);
+    } else {
+      nt_block_generic(p, i0, i1, n0, n1);
     }
   });
 }
+
+namespace {
+
+// One output row with a long reduction: the rows of w (and E) split into contiguous chunks, each summed into its
+// own partial row by whichever thread takes it (w streamed in big contiguous pieces), the partials then added in
+// chunk order (the same result whatever the scheduling).
+void nn_single_row_split(const NnProduct& p) {
+  constexpr int64_t kChunk = 256;  // rows of w per task
+  const int64_t chunks = ceil_div(p.N, kChunk) + (p.R > 0 ? 1 : 0);
+  const int64_t padded = ceil_div(p.K, 8) * 8;
+  std::vector<float> partial(static_cast<size_t>(chunks * padded), 0.0f);
+  run_tasks(chunks, true, [&](int64_t c) {
+    float* acc = partial.data() + c * padded;
+    if (c * kChunk < p.N) {
+      nn_row_accumulate_avx2(p.g, p.w, 0, c * kChunk, std::min(p.N, (c + 1) * kChunk), 0, p.K, acc);
+    } else {
+      nn_row_accumulate_avx2(p.e, p.E, 0, 0, p.R, 0, p.K, acc);
+    }
+  });
+  float* sum = partial.data();
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* part = partial.data() + c * padded;
+    for (int64_t k = 0; k < p.K; ++k) sum[k] += part[k];
+  }
+  nn_row_finish_avx2(p, 0, 0, p.K, sum);
+}
+
+}  // namespace
 
 void skinny_nn(const NnProduct& p) {
   if (p.M <= 0 || p.K <= 0) return;
   TORCH_CHECK(p.colscale == nullptr || p.R == 0, "fused_lora_cpu: internal: skinny_nn colscale with a second term");
   const bool fast = use_avx2();
+  const int64_t depth = std::max<int64_t>(1, p.N + p.R);
+  const bool parallel = p.M * p.K * depth >= kParallelWork;
+  if (fast && parallel && p.M == 1 && at::get_num_threads() > 1) return nn_single_row_split(p);
   constexpr int64_t kRows = 48;  // a multiple of the AVX2 tiles' row groups (3 and 4)
   const int64_t row_tasks = ceil_div(p.M, kRows);
-  const int64_t depth = std::max<int64_t>(1, p.N + p.R);
-  const int64_t total = p.M * p.K * depth;
-  // Few, wide column ranges (one per thread when the rows alone do not fill the threads): each task then reads
-  // long stretches of every row of w.
-  const int64_t threads = total < kParallelWork ? 1 : at::get_num_threads();
-  const int64_t col_tasks_wanted = std::max<int64_t>(1, ceil_div(threads, row_tasks));
+  // Wide column ranges (each task then reads long stretches of every row of w), a few per thread so that a
+  // descheduled thread's share is taken over by the others.
+  const int64_t col_tasks_wanted = parallel ? std::max<int64_t>(1, ceil_div(4 * at::get_num_threads(), row_tasks)) : 1;
   const int64_t cols = std::min(p.K, ceil_div(ceil_div(p.K, col_tasks_wanted), kNnColumnQuantum) * kNnColumnQuantum);
   const int64_t col_tasks = ceil_div(p.K, cols);
-  const int64_t work = std::min(p.M, kRows) * cols * depth;
-  at::parallel_for(0, row_tasks * col_tasks, std::max<int64_t>(1, kParallelWork / work), [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) {
-      const int64_t i0 = (t / col_tasks) * kRows, k0 = (t % col_tasks) * cols;
-      const int64_t i1 = std::min(p.M, i0 + kRows), k1 = std::min(p.K, k0 + cols);
-      if (fast) {
-        nn_block_avx2(p, i0, i1, k0, k1);
-      } else {
-        nn_block_generic(p, i0, i1, k0, k1);
-      }
+  run_tasks(row_tasks * col_tasks, parallel, [&](int64_t t) {
+    const int64_t i0 = (t / col_tasks) * kRows, k0 = (t % col_tasks) * cols;
+    const int64_t i1 = std::min(p.M, i0 + kRows), k1 = std::min(p.K, k0 + cols);
+    if (fast) {
+      nn_block_avx2(p, i0, i1, k0, k1);
+    } else {
+      nn_block_generic(p, i0, i1, k0, k1);
     }
   });
 }

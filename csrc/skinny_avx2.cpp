@@ -447,28 +447,14 @@ void nn_row_seg(float* acc, const NnSeg& s, int64_t i, int64_t k0, int64_t width
   }
 }
 
-// skinny_nn for one output row i over columns [k0, k1): the running sums in an L1-resident row.
+// Output row i over columns [k0, k1): the running sums in an L1-resident row, then colscale, base and rounding.
 void nn_one_row(const NnProduct& p, int64_t i, int64_t k0, int64_t k1) {
   const int64_t width = k1 - k0, padded = (width + 7) / 8 * 8;
   thread_local std::vector<float> row;
   row.assign(static_cast<size_t>(padded), 0.0f);
-  for (int term = 0; term < 2; ++term) {
-    const NnSeg s = term == 0 ? NnSeg{p.g, p.w, 0, p.N} : NnSeg{p.e, p.E, 0, p.R};
-    if (s.n1 == 0) continue;
-    switch (s.w.elt) {
-      case Elt::kF32: nn_row_seg<Elt::kF32>(row.data(), s, i, k0, width); break;
-      case Elt::kBF16: nn_row_seg<Elt::kBF16>(row.data(), s, i, k0, width); break;
-      case Elt::kF16: nn_row_seg<Elt::kF16>(row.data(), s, i, k0, width); break;
-    }
-  }
-  for (int64_t c = 0; c < width; c += 8) {
-    const int64_t n = std::min<int64_t>(8, width - c);
-    const int64_t col = k0 + c;
-    __m256 val = _mm256_loadu_ps(row.data() + c);
-    if (p.colscale != nullptr) val = _mm256_mul_ps(val, load_any_t<Elt::kF32>(MatRef{p.colscale, Elt::kF32, 0}, 0, col, n));
-    if (p.base.p != nullptr) val = _mm256_add_ps(load_any(p.base, i, col, n), val);
-    store_any(p.out, i, col, val, n);
-  }
+  nn_row_accumulate_avx2(p.g, p.w, i, 0, p.N, k0, width, row.data());
+  nn_row_accumulate_avx2(p.e, p.E, i, 0, p.R, k0, width, row.data());
+  nn_row_finish_avx2(p, i, k0, width, row.data());
 }
 
 template <int RM, int CV>
@@ -522,6 +508,31 @@ void nn_block_avx2(const NnProduct& p, int64_t i0, int64_t i1, int64_t k0, int64
   return nn_block_shape<3, 4>(p, i0, i1, k0, k1);
 }
 
+void nn_row_accumulate_avx2(const StridedF32& g, const MatRef& w, int64_t i, int64_t n0, int64_t n1, int64_t k0,
+                            int64_t width, float* acc) {
+  if (n1 <= n0) return;
+  isa_record(IsaKernel::kSkinny, Isa::kAvx2);
+  const NnSeg s{g, w, n0, n1};
+  switch (w.elt) {
+    case Elt::kF32: return nn_row_seg<Elt::kF32>(acc, s, i, k0, width);
+    case Elt::kBF16: return nn_row_seg<Elt::kBF16>(acc, s, i, k0, width);
+    case Elt::kF16: return nn_row_seg<Elt::kF16>(acc, s, i, k0, width);
+  }
+}
+
+void nn_row_finish_avx2(const NnProduct& p, int64_t i, int64_t k0, int64_t width, const float* acc) {
+  for (int64_t c = 0; c < width; c += 8) {
+    const int64_t n = std::min<int64_t>(8, width - c);
+    const int64_t col = k0 + c;
+    __m256 val = _mm256_loadu_ps(acc + c);
+    if (p.colscale != nullptr) {
+      val = _mm256_mul_ps(val, load_any_t<Elt::kF32>(MatRef{p.colscale, Elt::kF32, 0}, 0, col, n));
+    }
+    if (p.base.p != nullptr) val = _mm256_add_ps(load_any(p.base, i, col, n), val);
+    store_any(p.out, i, col, val, n);
+  }
+}
+
 void transpose_avx2(const MatRef& src, int64_t N, int64_t R, float* dst) {
   isa_record(IsaKernel::kSkinny, Isa::kAvx2);
   for (int64_t n0 = 0; n0 < N; n0 += 8) {
@@ -572,6 +583,12 @@ void nn_block_avx2(const NnProduct& p, int64_t i0, int64_t i1, int64_t k0, int64
   nn_block_generic(p, i0, i1, k0, k1);
 }
 void transpose_avx2(const MatRef& src, int64_t N, int64_t R, float* dst) { transpose_generic(src, N, R, dst); }
+void nn_row_accumulate_avx2(const StridedF32&, const MatRef&, int64_t, int64_t, int64_t, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "fused_lora_cpu: internal: AVX2 kernels not compiled in");
+}
+void nn_row_finish_avx2(const NnProduct&, int64_t, int64_t, int64_t, const float*) {
+  TORCH_CHECK(false, "fused_lora_cpu: internal: AVX2 kernels not compiled in");
+}
 }  // namespace fused_lora_cpu
 
 #endif

@@ -16,6 +16,12 @@ constexpr int64_t kNnColumnQuantum = 64;
 void nn_block_avx2(const NnProduct& p, int64_t i0, int64_t i1, int64_t k0, int64_t k1);
 void nn_block_generic(const NnProduct& p, int64_t i0, int64_t i1, int64_t k0, int64_t k1);
 
+// acc[0, width) += sum_{n in [n0, n1)} g(i, n) * w[n, k0 ...] (rows of w streamed whole), and the last step of an
+// output row: out[i, k0 ...] = round(base + colscale * acc).
+void nn_row_accumulate_avx2(const StridedF32& g, const MatRef& w, int64_t i, int64_t n0, int64_t n1, int64_t k0,
+                            int64_t width, float* acc);
+void nn_row_finish_avx2(const NnProduct& p, int64_t i, int64_t k0, int64_t width, const float* acc);
+
 void transpose_avx2(const MatRef& src, int64_t N, int64_t R, float* dst);
 void transpose_generic(const MatRef& src, int64_t N, int64_t R, float* dst);
 

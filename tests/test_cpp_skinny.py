@@ -91,3 +91,25 @@ def test_avx2_tiles_run_from_the_avx2_level_up(isa_level):
     expected = "baseline" if isa_level == "baseline" else "avx2"
     assert counts["skinny"][expected] >= 3, counts["skinny"]
     assert sum(counts["skinny"].values()) == counts["skinny"][expected], counts["skinny"]
+
+
+def test_one_row_long_reduction_split_over_threads():
+    """One output row over >1M multiply-adds: w's rows are split into chunks summed by whichever thread takes them,
+    then added in chunk order: right, and the same bits on every call however the threads were scheduled."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(3)
+        for dtype in DTYPES:
+            g, w = torch.randn(1, 1100), _padded(torch.randn(1100, 1001).to(dtype))
+            e, E, base = torch.randn(1, 3), torch.randn(3, 1001).to(dtype), torch.randn(1, 1001).to(dtype)
+            want = base.double() + g.double() @ w.double() + e.double() @ E.double()
+            first = _C.skinny_nn(g, w, None, e, E, base, torch.float32)
+            _check(first, want, torch.float32, f"split {dtype}")
+            for _ in range(5):
+                assert torch.equal(_C.skinny_nn(g, w, None, e, E, base, torch.float32), first)
+            cs = torch.rand(1001) + 0.5
+            _check(_C.skinny_nn(g, w, cs, None, None, None, dtype), cs.double() * (g.double() @ w.double()), dtype,
+                   f"split colscale {dtype}")
+    finally:
+        torch.set_num_threads(previous)

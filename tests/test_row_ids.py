@@ -106,4 +106,6 @@ def test_layer_unchecked_ids_act_as_no_adapter_with_lora_bias():
     expected = layer(x, adapter_ids=torch.where((bad >= 0) & (bad < 2), bad, -1))
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     with torch.no_grad():
-        assert torch.equal(ours[[1, 2, 4, 5]], layer.base_layer(x[[1, 2, 4, 5]]))
+        # no rank term and no lora_B bias (~1 each) on those rows: the base alone, to fp32 rounding (the backend's
+        # own GEMM may sum in another order than nn.Linear's)
+        torch.testing.assert_close(ours[[1, 2, 4, 5]], layer.base_layer(x[[1, 2, 4, 5]]), rtol=1e-5, atol=1e-5)
