@@ -3,6 +3,7 @@
 The C++ extension is optional at build time: where no compiler works, the package installs without it and
 fused_lora.backend_info() says that the CPU backend fell back to plain torch.
 """
+
 import glob
 import os
 import sys
@@ -29,8 +30,7 @@ def _cpp_extension():
             try:
                 super().build_extension(ext)
             except Exception as exc:
-                print(f"fused_lora: C++ backend not built ({exc}); CPU ops fall back to plain torch",
-                      file=sys.stderr)
+                print(f"fused_lora: C++ backend not built ({exc}); CPU ops fall back to plain torch", file=sys.stderr)
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     if not sources:
@@ -47,13 +47,24 @@ def _cpp_extension():
 ext_modules, cmdclass = _cpp_extension()
 
 setup(
-    packages=["fused_lora", "fused_lora.kernels", "fused_lora.ops", "fused_lora.integrations",
-              "fused_lora.bench", "fused_lora.perf", "fused_lora.merge_cli", "fused_lora.gpu_check",
-              "fused_lora.gpu_check.steps"],
+    packages=[
+        "fused_lora",
+        "fused_lora.kernels",
+        "fused_lora.ops",
+        "fused_lora.integrations",
+        "fused_lora.bench",
+        "fused_lora.perf",
+        "fused_lora.merge_cli",
+        "fused_lora.gpu_check",
+        "fused_lora.gpu_check.steps",
+    ],
     package_dir={"fused_lora.kernels": "kernels"},
     # the op contract; the codegen snapshot the cost model reads; tuned configs a GPU check left (kernels/tuned.py)
-    package_data={"fused_lora.ops": ["CONTRACT.md"], "fused_lora.perf": ["codegen_gate.json"],
-                  "fused_lora.kernels": ["tuned/*.json"]},
+    package_data={
+        "fused_lora.ops": ["CONTRACT.md"],
+        "fused_lora.perf": ["codegen_gate.json"],
+        "fused_lora.kernels": ["tuned/*.json"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

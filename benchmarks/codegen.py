@@ -37,6 +37,7 @@ specs of today and applied to each row.
                       result differs from its row (a stale or hand-edited snapshot); gates every pair on its fresh or
                       recorded result. Missing rows only warn (they were compiled and gated); --strict fails on them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,18 @@ SNAPSHOT = os.path.join(ROOT, "fused_lora", "perf", "codegen_gate.json")
 SNAPSHOT_SCHEMA = 1
 REFRESH = "python benchmarks/codegen.py --arch 80 90 --update-snapshot"
 # What a compile measures: stored in the snapshot, compared by the sample check. "error" is compared by presence.
-MEASURED = ("registers", "spill_stores", "spill_loads", "stack_frame", "shared", "mma", "tma", "tma_loads",
-            "ptx_missing", "gpu_name")
+MEASURED = (
+    "registers",
+    "spill_stores",
+    "spill_loads",
+    "stack_frame",
+    "shared",
+    "mma",
+    "tma",
+    "tma_loads",
+    "ptx_missing",
+    "gpu_name",
+)
 
 SHARED_LIMIT = {80: 164 * 1024, 90: 228 * 1024}
 MATRIX_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "OMMA", "UTCHMMA", "UTCQMMA", "UTCIMMA")
@@ -78,6 +89,7 @@ _SASS_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z
 
 def kernel_modules() -> list[str]:
     import fused_lora.kernels as package
+
     return sorted(f"fused_lora.kernels.{m.name}" for m in pkgutil.iter_modules(package.__path__))
 
 
@@ -122,10 +134,13 @@ def parse_ptxas(log: str) -> dict:
     def grab(pattern):
         m = re.search(pattern, log)
         return int(m.group(1)) if m else None
-    return {"registers": grab(r"Used (\d+) registers"),
-            "stack_frame": grab(r"(\d+) bytes stack frame"),
-            "spill_stores": grab(r"(\d+) bytes spill stores"),
-            "spill_loads": grab(r"(\d+) bytes spill loads")}
+
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "stack_frame": grab(r"(\d+) bytes stack frame"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+    }
 
 
 def count_matrix_ops(sass: str, opcodes=MATRIX_OPCODES) -> dict:
@@ -144,6 +159,7 @@ def count_tma_ops(sass: str) -> dict:
 
 def _tool(name: str) -> str:
     import triton
+
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
@@ -153,9 +169,16 @@ def _options(spec) -> dict:
 
 def spec_fields(module_name: str, spec, arch: int) -> dict:
     """What the gate reads from the spec itself (not measured): taken from today's spec for every row."""
-    return {"module": module_name, "name": spec.name, "arch": arch, "num_warps": spec.num_warps,
-            "num_stages": spec.num_stages, "uses_tensor_cores": spec.uses_tensor_cores,
-            "sm90_mma": spec.extra.get("sm90_mma", "HGMMA"), "requires_tma": bool(spec.extra.get("requires_tma"))}
+    return {
+        "module": module_name,
+        "name": spec.name,
+        "arch": arch,
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "uses_tensor_cores": spec.uses_tensor_cores,
+        "sm90_mma": spec.extra.get("sm90_mma", "HGMMA"),
+        "requires_tma": bool(spec.extra.get("requires_tma")),
+    }
 
 
 def measure(spec, arch: int) -> dict:
@@ -187,17 +210,32 @@ def measure(spec, arch: int) -> dict:
             with open(cubin, "wb") as f:
                 f.write(kernel.asm["cubin"])
             if "registers" not in log:  # same ptxas and flags as Triton's make_cubin
-                log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}",
-                                      ptx, "-o", os.path.join(tmp, "v.cubin")],
-                                     capture_output=True, text=True, check=True).stderr
-            sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
-                                  check=True).stdout
+                log = subprocess.run(
+                    [
+                        get_ptxas(arch).path,
+                        "-v",
+                        "--regAllocOptLevel=2",
+                        f"--gpu-name={gpu_name}",
+                        ptx,
+                        "-o",
+                        os.path.join(tmp, "v.cubin"),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stderr
+            sass = subprocess.run(
+                [_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
+            ).stdout
         row.update(parse_ptxas(log))
         row["mma"] = count_matrix_ops(sass)
         row["tma"] = count_tma_ops(sass)
         row["tma_loads"] = row["tma"].get("UTMALDG", 0)
-        row["ptx_missing"] = [name for name, pattern in spec.extra.get("ptx_patterns", {}).items()
-                              if not re.search(pattern, kernel.asm["ptx"])]
+        row["ptx_missing"] = [
+            name
+            for name, pattern in spec.extra.get("ptx_patterns", {}).items()
+            if not re.search(pattern, kernel.asm["ptx"])
+        ]
         row["gpu_name"] = gpu_name
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
@@ -219,9 +257,23 @@ def compile_one(module_name: str, index: int, arch: int) -> dict:
 @lru_cache(maxsize=1)
 def _tool_hash() -> str:
     """Everything that turns a compile into a row: a change here makes every recorded row suspect."""
-    return codegen_key.tool_hash([measure, _attrs, _options, parse_ptxas, count_matrix_ops, count_tma_ops,
-                                  MATRIX_OPCODES, TMA_OPCODES, _SASS_OPCODE.pattern, _INT_TYPES, MEASURED,
-                                  SNAPSHOT_SCHEMA], [_tool("cuobjdump")])
+    return codegen_key.tool_hash(
+        [
+            measure,
+            _attrs,
+            _options,
+            parse_ptxas,
+            count_matrix_ops,
+            count_tma_ops,
+            MATRIX_OPCODES,
+            TMA_OPCODES,
+            _SASS_OPCODE.pattern,
+            _INT_TYPES,
+            MEASURED,
+            SNAPSHOT_SCHEMA,
+        ],
+        [_tool("cuobjdump")],
+    )
 
 
 def spec_key(spec, arch: int) -> dict:
@@ -254,9 +306,11 @@ def _fmt_row(r: dict) -> str:
     mma = ",".join(f"{k}:{v}" for k, v in sorted(r.get("mma", {}).items())) or "-"
     spill = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
     status = "ok" if not r["failures"] else "FAIL: " + "; ".join(r["failures"])
-    return (f"  sm_{r['arch']:<3} {r['name']:<58} w{r['num_warps']} s{r['num_stages']} "
-            f"regs {str(r.get('registers', '?')):>3}  spill {spill:>7}  stack {str(r.get('stack_frame', '?')):>4}  "
-            f"smem {str(r.get('shared', '?')):>6}  {mma:<22} tma {r.get('tma_loads', '?')}  {status}")
+    return (
+        f"  sm_{r['arch']:<3} {r['name']:<58} w{r['num_warps']} s{r['num_stages']} "
+        f"regs {str(r.get('registers', '?')):>3}  spill {spill:>7}  stack {str(r.get('stack_frame', '?')):>4}  "
+        f"smem {str(r.get('shared', '?')):>6}  {mma:<22} tma {r.get('tma_loads', '?')}  {status}"
+    )
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -265,8 +319,11 @@ def summary_table(rows: list[dict]) -> str:
     groups: dict = {}
     for r in rows:
         groups.setdefault((r["name"].split("[")[0], r["arch"]), []).append(r)
-    lines = ["| kernel | arch | configs | registers (max) | spill bytes | shared KiB (max) | matrix instructions | "
-             "TMA loads (max) | gate |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | arch | configs | registers (max) | spill bytes | shared KiB (max) | matrix instructions | "
+        "TMA loads (max) | gate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (kernel, arch), mine in sorted(groups.items()):
         regs = max((r.get("registers") or 0) for r in mine)
         spills = sum((r.get("spill_stores") or 0) + (r.get("spill_loads") or 0) for r in mine)
@@ -274,8 +331,10 @@ def summary_table(rows: list[dict]) -> str:
         mma = sorted({k for r in mine for k, v in r.get("mma", {}).items() if v})
         status = "pass" if not any(r["failures"] for r in mine) else "FAIL"
         tma = max((r.get("tma_loads") or 0) for r in mine)
-        lines.append(f"| {kernel} | sm_{arch} | {len(mine)} | {regs} | {spills} | {smem:.0f} | "
-                     f"{', '.join(mma) or '-'} | {tma} | {status} |")
+        lines.append(
+            f"| {kernel} | sm_{arch} | {len(mine)} | {regs} | {spills} | {smem:.0f} | "
+            f"{', '.join(mma) or '-'} | {tma} | {status} |"
+        )
     return "\n".join(lines)
 
 
@@ -308,10 +367,15 @@ def snapshot_row(row: dict, parts: dict) -> dict:
 def write_snapshot(rows: list[dict], path: str = SNAPSHOT) -> None:
     """One row per line, sorted by module, name and arch: a kernel change shows as a change of its lines."""
     import triton
+
     rows = sorted(rows, key=lambda r: (r["module"], r["name"], r["arch"]))
-    head = {"schema": SNAPSHOT_SCHEMA, "about": "codegen gate results per (spec, arch) under a content key; written "
-            "by benchmarks/codegen.py --update-snapshot, read by its --check-snapshot and fused_lora.perf.occupancy",
-            "refresh": REFRESH, "triton": triton.__version__}
+    head = {
+        "schema": SNAPSHOT_SCHEMA,
+        "about": "codegen gate results per (spec, arch) under a content key; written "
+        "by benchmarks/codegen.py --update-snapshot, read by its --check-snapshot and fused_lora.perf.occupancy",
+        "refresh": REFRESH,
+        "triton": triton.__version__,
+    }
     lines = [f" {json.dumps(k)}: {json.dumps(v)}," for k, v in head.items()]
     body = ",\n".join("  " + json.dumps(r) for r in rows)
     with open(path, "w") as f:
@@ -334,8 +398,9 @@ def choose_sample(keys: list[str], count: int, seed: str) -> set:
 
 
 def differences(fresh: dict, recorded: dict) -> list[str]:
-    diffs = [f"{k} {recorded.get(k)} recorded, {fresh.get(k)} compiled" for k in MEASURED
-             if fresh.get(k) != recorded.get(k)]
+    diffs = [
+        f"{k} {recorded.get(k)} recorded, {fresh.get(k)} compiled" for k in MEASURED if fresh.get(k) != recorded.get(k)
+    ]
     if ("error" in fresh) != ("error" in recorded):
         diffs.append(f"compile error {'recorded' if 'error' in recorded else 'now'}")
     return diffs
@@ -351,8 +416,14 @@ def why_missing(parts: dict, before: dict | None) -> str:
 # ---- modes ------------------------------------------------------------------------------------------------------
 def select(found: dict, arches: list[int], only: str = "") -> list[tuple]:
     """(module, spec index, arch) of every compile the arguments ask for."""
-    return [(module, i, arch) for module, names in found.items() for i, name in enumerate(names)
-            if only in name for arch in arches if arch in _ARCHES.get((module, name), [arch])]
+    return [
+        (module, i, arch)
+        for module, names in found.items()
+        for i, name in enumerate(names)
+        if only in name
+        for arch in arches
+        if arch in _ARCHES.get((module, name), [arch])
+    ]
 
 
 def compile_all(work: list[tuple], jobs: int, keys: dict | None = None) -> list[dict]:
@@ -367,15 +438,21 @@ def compile_all(work: list[tuple], jobs: int, keys: dict | None = None) -> list[
             try:
                 row = done.result()
             except Exception as exc:  # a crashed worker (e.g. ptxas segfault took it down)
-                row = dict(spec_fields(module, _spec(module, i), arch), error=f"worker failed: {exc}",
-                           failures=["compile error"])
+                row = dict(
+                    spec_fields(module, _spec(module, i), arch),
+                    error=f"worker failed: {exc}",
+                    failures=["compile error"],
+                )
             row["index"] = i
             if keys is not None and "key" in row and row["key"] != keys[(module, i, arch)]["key"]:
                 row["error"] = "the kernel source changed while this run compiled it: rerun"
                 row["failures"] = gate(row)
             rows.append(row)
-            print(f"[{len(rows)}/{len(work)}] sm_{row['arch']} {row['name']} {row.get('seconds', '?')}s "
-                  f"{'ok' if not row['failures'] else 'FAIL ' + '; '.join(row['failures'])}", flush=True)
+            print(
+                f"[{len(rows)}/{len(work)}] sm_{row['arch']} {row['name']} {row.get('seconds', '?')}s "
+                f"{'ok' if not row['failures'] else 'FAIL ' + '; '.join(row['failures'])}",
+                flush=True,
+            )
             if "error" in row:
                 print("    " + row["error"].replace("\n", "\n    ")[:1500], flush=True)
     return rows
@@ -400,8 +477,11 @@ def update_snapshot(found: dict, work: list[tuple], jobs: int, incremental: bool
     old = load_snapshot(path)
     keys = current_keys(found, work, old)
     todo = [item for item in work if not incremental or keys[item]["key"] not in old]
-    print(f"compiling {len(todo)} of {len(work)} (spec, arch) pairs"
-          f"{' (those missing from the snapshot)' if incremental else ''}", flush=True)
+    print(
+        f"compiling {len(todo)} of {len(work)} (spec, arch) pairs"
+        f"{' (those missing from the snapshot)' if incremental else ''}",
+        flush=True,
+    )
     start = time.time()
     fresh = compile_all(todo, jobs, keys)
     # kept: the rows whose key is still current and that were not compiled now; rows of changed specs go
@@ -414,13 +494,16 @@ def update_snapshot(found: dict, work: list[tuple], jobs: int, incremental: bool
         print(f"NOT RECORDED sm_{r['arch']} {r['name']}: its source changed during the run; rerun with --incremental")
     print_tables(fresh, found)
     failed = [r for r in fresh if r["failures"]]
-    print(f"\n{len(fresh)} compiled in {time.time() - start:.0f}s, {len(kept)} rows kept; wrote {len(rows)} rows to "
-          f"{_shown(path)}; {len(failed)} failed the gate: {'PASS' if not failed else 'FAIL'}")
+    print(
+        f"\n{len(fresh)} compiled in {time.time() - start:.0f}s, {len(kept)} rows kept; wrote {len(rows)} rows to "
+        f"{_shown(path)}; {len(failed)} failed the gate: {'PASS' if not failed else 'FAIL'}"
+    )
     return 0 if not failed and not moved else 1
 
 
-def check_snapshot(found: dict, work: list[tuple], jobs: int, sample: int, seed: str | None, strict: bool,
-                   path: str) -> tuple:
+def check_snapshot(
+    found: dict, work: list[tuple], jobs: int, sample: int, seed: str | None, strict: bool, path: str
+) -> tuple:
     """(exit status, result rows, report of the snapshot check)."""
     start = time.time()
     snap = load_snapshot(path)
@@ -430,9 +513,12 @@ def check_snapshot(found: dict, work: list[tuple], jobs: int, sample: int, seed:
     seed = seed or sample_seed()
     sampled_keys = choose_sample([keys[item]["key"] for item in work if keys[item]["key"] in snap], sample, seed)
     sampled = [item for item in work if keys[item]["key"] in sampled_keys]
-    print(f"snapshot {_shown(path)}: {len(work)} (spec, arch) pairs, {len(work) - len(missing)} "
-          f"recorded; keys in {time.time() - start:.1f}s. Compiling {len(missing)} missing and {len(sampled)} "
-          f"sampled ({seed})", flush=True)
+    print(
+        f"snapshot {_shown(path)}: {len(work)} (spec, arch) pairs, {len(work) - len(missing)} "
+        f"recorded; keys in {time.time() - start:.1f}s. Compiling {len(missing)} missing and {len(sampled)} "
+        f"sampled ({seed})",
+        flush=True,
+    )
     fresh = {(r["module"], r["index"], r["arch"]): r for r in compile_all(missing + sampled, jobs, keys)}
 
     rows, stale, why = [], [], {}
@@ -450,8 +536,11 @@ def check_snapshot(found: dict, work: list[tuple], jobs: int, sample: int, seed:
                 row["why"] = why[item] = why_missing(parts, by_name.get((module, spec.name, arch)))
         else:
             recorded = snap[parts["key"]]
-            row = dict(spec_fields(module, spec, arch), **{k: recorded[k] for k in MEASURED if k in recorded},
-                       source="snapshot")
+            row = dict(
+                spec_fields(module, spec, arch),
+                **{k: recorded[k] for k in MEASURED if k in recorded},
+                source="snapshot",
+            )
             if "error" in recorded:
                 row["error"] = recorded["error"]
             row["failures"] = gate(row)
@@ -464,19 +553,27 @@ def check_snapshot(found: dict, work: list[tuple], jobs: int, sample: int, seed:
     failed = [r for r in rows if r["failures"]]
     orphans = len(set(snap) - {parts["key"] for parts in keys.values()})
     ok = not failed and not stale and not (strict and missing)
-    print(f"\n{len(rows)} gated: {len(rows) - len(compiled)} from the snapshot, {len(sampled)} sampled and "
-          f"recompiled, {len(missing)} compiled as missing; {time.time() - start:.0f}s")
+    print(
+        f"\n{len(rows)} gated: {len(rows) - len(compiled)} from the snapshot, {len(sampled)} sampled and "
+        f"recompiled, {len(missing)} compiled as missing; {time.time() - start:.0f}s"
+    )
     for r in failed:
-        print(f"GATE FAILED sm_{r['arch']} {r['name']}: {'; '.join(r['failures'])} "
-              f"[{r.get('why', 'recorded result') if r['source'] != 'sampled' else 'sampled'}]")
+        print(
+            f"GATE FAILED sm_{r['arch']} {r['name']}: {'; '.join(r['failures'])} "
+            f"[{r.get('why', 'recorded result') if r['source'] != 'sampled' else 'sampled'}]"
+        )
     for line in stale:
         print(f"STALE SNAPSHOT ROW {line}")
     if stale:
-        print("  a recorded result differs from today's compile of the same key: the snapshot was edited by hand or "
-              "its key misses an input (benchmarks/codegen_key.py); rewrite it with a full --update-snapshot")
+        print(
+            "  a recorded result differs from today's compile of the same key: the snapshot was edited by hand or "
+            "its key misses an input (benchmarks/codegen_key.py); rewrite it with a full --update-snapshot"
+        )
     if missing:
-        print(f"{'MISSING' if strict else 'warning'}: {len(missing)} (spec, arch) pairs are not in the snapshot "
-              f"(compiled and gated above):")
+        print(
+            f"{'MISSING' if strict else 'warning'}: {len(missing)} (spec, arch) pairs are not in the snapshot "
+            f"(compiled and gated above):"
+        )
         for item in missing[:40]:
             print(f"  sm_{item[2]} {_spec(item[0], item[1]).name}: {why[item]}")
         if len(missing) > 40:
@@ -488,9 +585,14 @@ def check_snapshot(found: dict, work: list[tuple], jobs: int, sample: int, seed:
     elif missing or orphans:
         print(f"refresh the snapshot: {REFRESH} --incremental  (compiles only the missing pairs)")
     print("PASS" if ok else "FAIL")
-    report = {"path": _shown(path), "seed": seed,
-              "missing": [f"sm_{a} {_spec(m, i).name}" for m, i, a in missing],
-              "sampled": [f"sm_{a} {_spec(m, i).name}" for m, i, a in sampled], "stale": stale, "orphans": orphans}
+    report = {
+        "path": _shown(path),
+        "seed": seed,
+        "missing": [f"sm_{a} {_spec(m, i).name}" for m, i, a in missing],
+        "sampled": [f"sm_{a} {_spec(m, i).name}" for m, i, a in sampled],
+        "stale": stale,
+        "orphans": orphans,
+    }
     return (0 if ok else 1), rows, report
 
 
@@ -503,13 +605,21 @@ def main(argv=None) -> int:
     parser.add_argument("--summary", action="store_true", help="end with a per-kernel Markdown summary table")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--update-snapshot", action="store_true", help=f"compile and rewrite {SNAPSHOT}")
-    mode.add_argument("--check-snapshot", action="store_true",
-                      help="gate every config from the snapshot, compiling what it lacks and a sample (CI)")
-    parser.add_argument("--incremental", action="store_true",
-                        help="--update-snapshot: compile only the pairs whose key the snapshot lacks")
+    mode.add_argument(
+        "--check-snapshot",
+        action="store_true",
+        help="gate every config from the snapshot, compiling what it lacks and a sample (CI)",
+    )
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="--update-snapshot: compile only the pairs whose key the snapshot lacks",
+    )
     parser.add_argument("--sample", type=int, default=12, help="--check-snapshot: recorded rows to recompile")
-    parser.add_argument("--sample-seed", help="--check-snapshot: choose the sample with this seed (default: the "
-                                              "git HEAD, else the UTC date)")
+    parser.add_argument(
+        "--sample-seed",
+        help="--check-snapshot: choose the sample with this seed (default: the git HEAD, else the UTC date)",
+    )
     parser.add_argument("--strict", action="store_true", help="--check-snapshot: fail on missing rows too")
     parser.add_argument("--snapshot", help=f"the snapshot file (default {_shown(SNAPSHOT)})")
     args = parser.parse_args(argv)
@@ -531,26 +641,38 @@ def main(argv=None) -> int:
     start = time.time()
     snapshot_report = None
     if args.check_snapshot:
-        status, rows, snapshot_report = check_snapshot(found, work, args.jobs, args.sample, args.sample_seed,
-                                                       args.strict, path)
+        status, rows, snapshot_report = check_snapshot(
+            found, work, args.jobs, args.sample, args.sample_seed, args.strict, path
+        )
     else:
-        print(f"compiling {len(work)} kernels ({sum(map(len, found.values()))} specs in {len(found)} modules, "
-              f"arch {args.arch}, {args.jobs} processes)", flush=True)
+        print(
+            f"compiling {len(work)} kernels ({sum(map(len, found.values()))} specs in {len(found)} modules, "
+            f"arch {args.arch}, {args.jobs} processes)",
+            flush=True,
+        )
         rows = compile_all(work, args.jobs)
         print_tables(rows, found)
     rows.sort(key=lambda r: (r["module"], r["name"], r["arch"]))
     failed = [r for r in rows if r["failures"]]
     ok = not failed and not errors and (not args.check_snapshot or status == 0)
     if not args.check_snapshot:
-        print(f"\n{len(rows)} compiled in {time.time() - start:.0f}s; {len(failed)} failed the gate"
-              f"{'; ' + str(len(errors)) + ' modules failed to import' if errors else ''}: {'PASS' if ok else 'FAIL'}")
+        print(
+            f"\n{len(rows)} compiled in {time.time() - start:.0f}s; {len(failed)} failed the gate"
+            f"{'; ' + str(len(errors)) + ' modules failed to import' if errors else ''}: {'PASS' if ok else 'FAIL'}"
+        )
     elif errors:
         print(f"{len(errors)} modules failed to import: FAIL")
     if args.summary:
         print("\n" + summary_table(rows))
     if args.json:
-        report = {"ok": ok, "arches": args.arch, "modules": found, "import_errors": errors,
-                  "spec_arches": {name: arches for (_, name), arches in _ARCHES.items()}, "results": rows}
+        report = {
+            "ok": ok,
+            "arches": args.arch,
+            "modules": found,
+            "import_errors": errors,
+            "spec_arches": {name: arches for (_, name), arches in _ARCHES.items()},
+            "results": rows,
+        }
         if snapshot_report is not None:
             report["snapshot"] = snapshot_report
         with open(args.json, "w") as f:

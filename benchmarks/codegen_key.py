@@ -16,6 +16,7 @@ A key is the SHA-256 of:
                the cuobjdump binary that reads the SASS
 Computing every key imports the kernel modules and compiles nothing.
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,6 +37,7 @@ def sha256(text: str) -> str:
 def _stable_repr(value):
     """repr for plain data (the same in every process), None for what is not data (functions, classes, modules)."""
     import triton.language as tl
+
     if isinstance(value, tl.constexpr):
         inner = _stable_repr(value.value)
         return None if inner is None else f"constexpr({inner})"
@@ -50,9 +52,11 @@ def _stable_repr(value):
 def _jit_callable_type():
     try:
         from triton.runtime.jit import JITCallable
+
         return JITCallable
     except ImportError:  # triton < 3.9
         from triton.runtime.jit import JITFunction
+
         return JITFunction
 
 
@@ -120,8 +124,11 @@ def dependency_data(fn) -> list:
 def _defaults(pyfn):
     if pyfn is None:
         return []
-    return [(name, p.default) for name, p in inspect.signature(pyfn).parameters.items()
-            if p.default is not inspect.Parameter.empty]
+    return [
+        (name, p.default)
+        for name, p in inspect.signature(pyfn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    ]
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,16 +140,21 @@ def _file_hash(path: str) -> str:
 def _cache_invalidating_env() -> dict:
     try:
         from triton._C.libtriton import get_cache_invalidating_env_vars
+
         return dict(get_cache_invalidating_env_vars())
     except ImportError:  # older triton: every TRITON_* variable that is not a path or a switch of this tool
-        return {k: v for k, v in os.environ.items()
-                if k.startswith("TRITON_") and k not in ("TRITON_CACHE_DIR", "TRITON_INTERPRET")}
+        return {
+            k: v
+            for k, v in os.environ.items()
+            if k.startswith("TRITON_") and k not in ("TRITON_CACHE_DIR", "TRITON_INTERPRET")
+        }
 
 
 @functools.lru_cache(maxsize=None)
 def _backend(arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
+
     return make_backend(GPUTarget("cuda", arch, 32))
 
 
@@ -161,8 +173,10 @@ def key_parts(spec, arch: int, attrs: dict, options: dict, tool_hash: str) -> di
         "key": sha256("\n".join([triton, attributes, patterns, tool_hash])),
         "kernel": sha256(spec.fn.cache_key + attributes)[:16],
         "toolchain": sha256(f"{triton_key()}-{backend.hash()}-{sorted(env.items())}-{tool_hash}")[:16],
-        "config": sha256(f"{sorted(spec.signature.items())}-{sorted(spec.constexprs.items(), key=str)}-{attrs}-"
-                         f"{resolved.hash()}-{patterns}")[:16],
+        "config": sha256(
+            f"{sorted(spec.signature.items())}-{sorted(spec.constexprs.items(), key=str)}-{attrs}-"
+            f"{resolved.hash()}-{patterns}"
+        )[:16],
     }
 
 

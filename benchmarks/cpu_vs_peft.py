@@ -11,6 +11,7 @@ under no_grad; forward_backward has W frozen, A, B and x requiring grad (fused_l
 --crossover: the raw C++ op (lora_fwd, or lora_bwd with dx) with each base GEMM forced, interleaved, relative to
 the vendor GEMM: the measurements behind the rule's row limits (csrc/gemm_choice.cpp).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,14 @@ from fused_lora.bench.impls import Case, build
 from fused_lora.bench.timing import time_interleaved
 from fused_lora.ops import cpp_backend as cb
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def _csv(kind):
@@ -47,9 +54,11 @@ def machine_lines(threads: int) -> list[str]:
         pass
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16") if f in flags]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return [f"CPU: {model} ({', '.join(isa) or 'no AVX2'}); {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-            f"{threads} torch thread(s); 1-minute load average {load:.1f}; C++ ISA level {cb.active_isa()}",
-            "Base-GEMM rule here: " + "; ".join(cb.gemm_rule().strip().splitlines())]
+    return [
+        f"CPU: {model} ({', '.join(isa) or 'no AVX2'}); {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"{threads} torch thread(s); 1-minute load average {load:.1f}; C++ ISA level {cb.active_isa()}",
+        "Base-GEMM rule here: " + "; ".join(cb.gemm_rule().strip().splitlines()),
+    ]
 
 
 def _fmt(spread) -> str:
@@ -58,8 +67,10 @@ def _fmt(spread) -> str:
 
 def compare(args) -> list[dict]:
     rows = []
-    print("| op | dtype | tokens | fused GEMM | merged ms | PEFT ms | fused ms | fused x PEFT | fused x merged | "
-          "PEFT x merged | rounds |")
+    print(
+        "| op | dtype | tokens | fused GEMM | merged ms | PEFT ms | fused ms | fused x PEFT | fused x merged | "
+        "PEFT x merged | rounds |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for op in args.ops:
         for dname in args.dtypes:
@@ -68,21 +79,37 @@ def compare(args) -> list[dict]:
                 case = Case(op, M, args.shape[0], args.shape[1], args.rank, dtype)
                 setup = build(case, torch.device("cpu"))
                 fns = {k: v for k, v in setup.fns.items() if k in ("merged", "peft", "fused")}
-                t = time_interleaved(fns, torch.device("cpu"), rounds=args.rounds, min_sample_s=0.005,
-                                     max_seconds=args.max_seconds_per_case)
+                t = time_interleaved(
+                    fns,
+                    torch.device("cpu"),
+                    rounds=args.rounds,
+                    min_sample_s=0.005,
+                    max_seconds=args.max_seconds_per_case,
+                )
                 gemm = cb.base_gemm_for(dtype, M)
                 if op == "forward_backward":
                     gemm += "/" + cb.base_gemm_for(dtype, M, backward=True)
-                rec = {"op": op, "dtype": str(dtype).replace("torch.", ""), "M": M, "K": case.K, "N": case.N,
-                       "r": case.r, "gemm": gemm, "rounds": len(t.samples["fused"]),
-                       **{f"{k}_ms": t.spread(k).median * 1e3 for k in fns}}
+                rec = {
+                    "op": op,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "M": M,
+                    "K": case.K,
+                    "N": case.N,
+                    "r": case.r,
+                    "gemm": gemm,
+                    "rounds": len(t.samples["fused"]),
+                    **{f"{k}_ms": t.spread(k).median * 1e3 for k in fns},
+                }
                 for name, base in (("fused", "peft"), ("fused", "merged"), ("peft", "merged")):
                     s = t.ratio(name, base)
                     rec[f"{name}_x_{base}"] = [s.median, s.p20, s.p80]
                 rows.append(rec)
-                print(f"| {op} | {rec['dtype']} | {M} | {gemm} | {rec['merged_ms']:.4g} | {rec['peft_ms']:.4g} | "
-                      f"{rec['fused_ms']:.4g} | {_fmt(t.ratio('fused', 'peft'))} | {_fmt(t.ratio('fused', 'merged'))} | "
-                      f"{_fmt(t.ratio('peft', 'merged'))} | {rec['rounds']} |", flush=True)
+                print(
+                    f"| {op} | {rec['dtype']} | {M} | {gemm} | {rec['merged_ms']:.4g} | {rec['peft_ms']:.4g} | "
+                    f"{rec['fused_ms']:.4g} | {_fmt(t.ratio('fused', 'peft'))} | {_fmt(t.ratio('fused', 'merged'))} | "
+                    f"{_fmt(t.ratio('peft', 'merged'))} | {rec['rounds']} |",
+                    flush=True,
+                )
                 del setup, fns
     return rows
 
@@ -91,8 +118,10 @@ def crossover(args) -> list[dict]:
     rows = []
     K, N, r = args.shape[0], args.shape[1], args.rank
     seed = torch.zeros(1, dtype=torch.int64)
-    print("| op | dtype | rows | " + " | ".join(f"{g} ms" for g in cb.BASE_GEMMS) + " | direct x vendor | "
-          "mixed x vendor | rule |")
+    print(
+        "| op | dtype | rows | " + " | ".join(f"{g} ms" for g in cb.BASE_GEMMS) + " | direct x vendor | "
+        "mixed x vendor | rule |"
+    )
     print("|---|---|---|" + "---|" * (len(cb.BASE_GEMMS) + 3))
     for op in args.ops:
         for dname in args.dtypes:
@@ -101,25 +130,36 @@ def crossover(args) -> list[dict]:
             for M in args.tokens:
                 gen = torch.Generator().manual_seed(0)
                 x = torch.randn(M, K, generator=gen).to(dtype)
-                w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
-                a = (torch.randn(r, K, generator=gen) / K ** 0.5).to(dtype)
-                b = (torch.randn(N, r, generator=gen) / r ** 0.5).to(dtype)
+                w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+                a = (torch.randn(r, K, generator=gen) / K**0.5).to(dtype)
+                b = (torch.randn(N, r, generator=gen) / r**0.5).to(dtype)
                 scale, dy = torch.ones(r), torch.randn(M, N, generator=gen).to(dtype)
                 t = cb.lora_fwd(x, w, None, a, b, scale, [0, r], [0.0], seed)[1]
 
-                def call(gemm):
+                def call(gemm, op=op, x=x, w=w, a=a, b=b, scale=scale, dy=dy, t=t):
                     def run():
                         with cb.use_base_gemm(gemm):
                             if op == "forward":
                                 return cb.lora_fwd(x, w, None, a, b, scale, [0, r], [0.0], seed)
                             return cb.lora_bwd(dy, x, w, a, b, scale, t, [0, r], [0.0], seed, True)
+
                     return run
 
-                tm = time_interleaved({g: call(g) for g in gemms}, torch.device("cpu"), rounds=args.rounds,
-                                      min_sample_s=0.005, max_seconds=args.max_seconds_per_case)
+                tm = time_interleaved(
+                    {g: call(g) for g in gemms},
+                    torch.device("cpu"),
+                    rounds=args.rounds,
+                    min_sample_s=0.005,
+                    max_seconds=args.max_seconds_per_case,
+                )
                 rule = cb.base_gemm_for(dtype, M, backward=op != "forward")
-                rec = {"op": op, "dtype": str(dtype).replace("torch.", ""), "M": M, "rule": rule,
-                       **{f"{g}_ms": tm.spread(g).median * 1e3 for g in gemms}}
+                rec = {
+                    "op": op,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "M": M,
+                    "rule": rule,
+                    **{f"{g}_ms": tm.spread(g).median * 1e3 for g in gemms},
+                }
                 rows.append(rec)
                 cells = [f"{rec[g + '_ms']:.4g}" if g in gemms else "-" for g in cb.BASE_GEMMS]
                 ratios = [_fmt(tm.ratio(g, "vendor")) if g in gemms else "-" for g in ("direct", "mixed")]
@@ -130,17 +170,26 @@ def crossover(args) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--crossover", action="store_true", help="each base GEMM forced, on the raw op")
-    p.add_argument("--ops", type=_csv(str), default=None,
-                   help="forward,forward_backward (default); with --crossover: forward,backward")
+    p.add_argument(
+        "--ops",
+        type=_csv(str),
+        default=None,
+        help="forward,forward_backward (default); with --crossover: forward,backward",
+    )
     p.add_argument("--tokens", type=_csv(int), default=None, help="default 1,16,512,2048 (crossover: 1..128)")
     p.add_argument("--dtypes", type=_csv(str), default=["bf16", "fp32"])
-    p.add_argument("--shape", type=lambda s: tuple(int(v) for v in s.lower().split("x")), default=(4096, 4096),
-                   help="KxN")
+    p.add_argument(
+        "--shape", type=lambda s: tuple(int(v) for v in s.lower().split("x")), default=(4096, 4096), help="KxN"
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--max-seconds-per-case", type=float, default=None,
-                   help="stop a case's rounds after this long (never before 3 rounds)")
+    p.add_argument(
+        "--max-seconds-per-case",
+        type=float,
+        default=None,
+        help="stop a case's rounds after this long (never before 3 rounds)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     args = p.parse_args(argv)
     for d in args.dtypes:

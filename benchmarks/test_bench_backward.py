@@ -1,4 +1,5 @@
 """Benchmark: forward_backward, every implementation interleaved (see benchmarks/conftest.py for options)."""
+
 BENCH_OP = "forward_backward"
 
 

@@ -1,4 +1,5 @@
 """Benchmark: forward, every implementation interleaved (see benchmarks/conftest.py for options)."""
+
 BENCH_OP = "forward"
 
 

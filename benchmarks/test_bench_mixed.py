@@ -1,4 +1,5 @@
 """Benchmark: mixed_forward, every implementation interleaved (see benchmarks/conftest.py for options)."""
+
 BENCH_OP = "mixed_forward"
 
 

@@ -20,6 +20,7 @@ Entry points:
     mutated_to_lora_tensors(lora_a, lora_b, initial_a, initial_b), converted_alpha(alpha, use_rslora)
         The per-layer math, for callers that walk tensors themselves (the offline merge CLI).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,13 +32,16 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 
-def mutated_to_lora_tensors(lora_a: torch.Tensor, lora_b: torch.Tensor, initial_a: torch.Tensor,
-                            initial_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mutated_to_lora_tensors(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, initial_a: torch.Tensor, initial_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A', B') of rank 2r whose B' A' equals B A - B0 A0 exactly (no arithmetic, only concatenation)."""
     if lora_a.shape != initial_a.shape or lora_b.shape != initial_b.shape:
-        raise ValueError(f"trained adapter (lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}) and "
-                         f"initial adapter (lora_a {tuple(initial_a.shape)}, lora_b {tuple(initial_b.shape)}) "
-                         "must have the same shapes")
+        raise ValueError(
+            f"trained adapter (lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}) and "
+            f"initial adapter (lora_a {tuple(initial_a.shape)}, lora_b {tuple(initial_b.shape)}) "
+            "must have the same shapes"
+        )
     return torch.cat([lora_a, initial_a.to(lora_a.dtype)], 0), torch.cat([lora_b, -initial_b.to(lora_b.dtype)], 1)
 
 
@@ -76,6 +80,7 @@ def _load_state_dict(folder: PathLike) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ValueError(f"{path}: missing (expected a PEFT adapter folder saved with safetensors)")
     from safetensors.torch import load_file
+
     return load_file(path)
 
 
@@ -122,8 +127,9 @@ def converted_config(config: Any) -> dict:
     return cfg
 
 
-def mutated_to_lora(trained: Union[StateDict, PathLike], initial: Union[StateDict, PathLike],
-                    config: Any = None) -> tuple[dict[str, torch.Tensor], dict]:
+def mutated_to_lora(
+    trained: Union[StateDict, PathLike], initial: Union[StateDict, PathLike], config: Any = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, config_dict) of the plain rank-2r LoRA adapter equivalent to an OLoRA/PiSSA-trained one.
     See the module docstring for the arguments."""
     if config is None:
@@ -143,10 +149,13 @@ def mutated_to_lora(trained: Union[StateDict, PathLike], initial: Union[StateDic
             b_key = _partner_key(key, trained_sd)
             for k in (key, b_key):
                 if k not in initial_sd:
-                    raise ValueError(f"initial state dict has no {k!r} (trained and initial adapters must come "
-                                     "from the same model and adapter, saved the same way)")
-            out[key], out[b_key] = mutated_to_lora_tensors(tensor, trained_sd[b_key], initial_sd[key],
-                                                           initial_sd[b_key])
+                    raise ValueError(
+                        f"initial state dict has no {k!r} (trained and initial adapters must come "
+                        "from the same model and adapter, saved the same way)"
+                    )
+            out[key], out[b_key] = mutated_to_lora_tensors(
+                tensor, trained_sd[b_key], initial_sd[key], initial_sd[b_key]
+            )
             pairs += 1
     if pairs == 0:
         raise ValueError("no lora_A/lora_B tensors found in the trained state dict")
@@ -160,7 +169,7 @@ def _partner_key(a_key: str, state_dict: StateDict) -> str:
     parts = a_key.split(".")
     for i, p in enumerate(parts):
         if p in _A_NAMES:
-            b_key = ".".join(parts[:i] + [p.replace("_A", "_B")] + parts[i + 1:])
+            b_key = ".".join(parts[:i] + [p.replace("_A", "_B")] + parts[i + 1 :])
             if b_key not in state_dict:
                 raise ValueError(f"trained state dict has {a_key!r} but no {b_key!r}")
             return b_key
@@ -173,8 +182,11 @@ def mutated_to_lora_dir(trained_dir: PathLike, initial_dir: PathLike, output_dir
 
     state_dict, config = mutated_to_lora(trained_dir, initial_dir, _load_config(trained_dir))
     os.makedirs(output_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(output_dir, WEIGHTS_FILE),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state_dict.items()},
+        os.path.join(output_dir, WEIGHTS_FILE),
+        metadata={"format": "pt"},
+    )
     with open(os.path.join(output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     return output_dir

@@ -10,6 +10,7 @@ autocast device (x, weight, bias, lora_a, lora_b) is cast to the autocast dtype;
 The output has the autocast dtype; gradients reach every leaf in its own dtype (float32 master adapters get
 float32 gradients, x gets x's dtype). merge_/unmerge_ are not autocast ops: they use the tensors' own dtypes.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,16 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fused_lora import ops
-from fused_lora.validate import (check_adapters, check_linear, describe, dropout_rates, rank_sizes, require_float,
-                                 require_tensor, scaling_values)
+from fused_lora.validate import (
+    check_adapters,
+    check_linear,
+    describe,
+    dropout_rates,
+    rank_sizes,
+    require_float,
+    require_tensor,
+    scaling_values,
+)
 
 Scaling = Union[float, int, Sequence[Union[float, torch.Tensor]], torch.Tensor]
 DropoutP = Union[float, torch.Tensor, Sequence[Union[float, torch.Tensor]]]
@@ -47,8 +56,12 @@ def autocast_cast(t: Optional[torch.Tensor], device_type: str, dtype: torch.dtyp
     """One operand as autocast hands it to F.linear: float32/float16/bfloat16 tensors on the autocast device in
     `dtype`; float64, integer and other devices' tensors unchanged. Differentiable (the gradient comes back in the
     operand's own dtype)."""
-    if (not isinstance(t, torch.Tensor) or t.dtype == dtype or t.dtype not in _AUTOCAST_CASTS
-            or t.device.type != device_type):
+    if (
+        not isinstance(t, torch.Tensor)
+        or t.dtype == dtype
+        or t.dtype not in _AUTOCAST_CASTS
+        or t.device.type != device_type
+    ):
         return t
     return t.to(dtype)
 
@@ -100,8 +113,9 @@ def _scale_vector(scaling: Scaling, rank_ptr: list[int], device: torch.device) -
         return scaling.expand(total).contiguous() if scaling.dim() == 0 else scaling.contiguous()
     values = scaling_values(scaling, n)
     per_rank = [v for i, v in enumerate(values) for _ in range(rank_ptr[i + 1] - rank_ptr[i])]
-    return _constant(("scale", tuple(per_rank), device), device,
-                     lambda: torch.tensor(per_rank, dtype=torch.float32, device=device))
+    return _constant(
+        ("scale", tuple(per_rank), device), device, lambda: torch.tensor(per_rank, dtype=torch.float32, device=device)
+    )
 
 
 def _fold_trainable_scale(lora_a: torch.Tensor, scaling: torch.Tensor) -> torch.Tensor:
@@ -113,7 +127,7 @@ def _fold_trainable_scale(lora_a: torch.Tensor, scaling: torch.Tensor) -> torch.
 def draw_dropout_seed(device: torch.device) -> torch.Tensor:
     """The Philox seed of one call: from torch's generator, so deterministic under torch.manual_seed and fresh
     at every call; it stays on the device (no host sync) and is all autograd keeps of the dropout mask."""
-    return torch.randint(-(2 ** 63), 2 ** 63 - 1, (1,), dtype=torch.int64, device=device)
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def zero_seed(device: torch.device) -> torch.Tensor:
@@ -163,9 +177,18 @@ def _prepare(x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, t
     return _rows_2d(x), weight, bias, lora_a.contiguous(), lora_b.contiguous(), scale, rank_ptr, ps
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                lora_b: torch.Tensor, scaling: Scaling, *, dropout_p: DropoutP = 0.0, training: bool = False,
-                rank_splits: Optional[Sequence[int]] = None) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scaling,
+    *,
+    dropout_p: DropoutP = 0.0,
+    training: bool = False,
+    rank_splits: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """y = x W^T + b + sum_i s_i (drop_i(x) A_i^T) B_i^T for x of shape [..., K] (any K >= 0: K == 0 gives the
     bias broadcast, or zeros).
 
@@ -180,14 +203,24 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     Under torch.autocast the operands are cast as nn.Linear's are (module docstring).
     """
     x2, weight, bias, lora_a, lora_b, scale, rank_ptr, ps = _prepare(
-        x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training)
+        x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training
+    )
     y = ops.forward(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ps, _seed(x2, training, ps))
     return _unflatten(y, x, weight.shape[0])
 
 
-def lora_linear_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                         lora_b: torch.Tensor, scale: torch.Tensor, rank_ptr: list[int], dropout_p: list[float],
-                         seed: torch.Tensor, backend=None) -> torch.Tensor:
+def lora_linear_prepared(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    rank_ptr: list[int],
+    dropout_p: list[float],
+    seed: torch.Tensor,
+    backend=None,
+) -> torch.Tensor:
     """lora_linear for operands a layer plan (fused_lora.plan) checked when it was built, without autocast: the
     ops' own arguments (CONTRACT.md: scale [R] float32, rank_ptr, one rate per adapter, zeros outside training,
     the seed) and optionally the backend module (fused_lora.ops.resolve's answer). x must have weight's dtype and
@@ -195,22 +228,52 @@ def lora_linear_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     dims = x.dim()
     if dims < 1 or x.shape[-1] != weight.shape[1]:
         check_linear(x, weight, bias)
-    y = ops.forward(x if dims == 2 else _rows_2d(x), weight if weight.is_contiguous() else weight.contiguous(), bias,
-                    lora_a, lora_b, scale, rank_ptr, dropout_p, seed, backend)
+    y = ops.forward(
+        x if dims == 2 else _rows_2d(x),
+        weight if weight.is_contiguous() else weight.contiguous(),
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+        rank_ptr,
+        dropout_p,
+        seed,
+        backend,
+    )
     return y if dims == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def lora_linear_rows_prepared(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor, rank_ptr: list[int],
-                              ids: torch.Tensor, dropout_p: list[float], seed: torch.Tensor,
-                              backend=None) -> torch.Tensor:
+def lora_linear_rows_prepared(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    rank_ptr: list[int],
+    ids: torch.Tensor,
+    dropout_p: list[float],
+    seed: torch.Tensor,
+    backend=None,
+) -> torch.Tensor:
     """lora_linear_rows for operands a layer plan checked (see lora_linear_prepared); `ids`: int64 [M], one per
     row of x.reshape(-1, K), contiguous, as row_ids_for returns them."""
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         check_linear(x, weight, bias)
     x2 = _rows_2d(x)
-    y = ops.rows_forward(x2, weight if weight.is_contiguous() else weight.contiguous(), bias, lora_a, lora_b, scale,
-                         rank_ptr, ids, dropout_p, seed, backend)
+    y = ops.rows_forward(
+        x2,
+        weight if weight.is_contiguous() else weight.contiguous(),
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+        rank_ptr,
+        ids,
+        dropout_p,
+        seed,
+        backend,
+    )
     return _unflatten(y, x, weight.shape[0])
 
 
@@ -223,13 +286,14 @@ def _check_ids_in_range(row_ids: torch.Tensor, n_adapters: int) -> None:
         return
     lo, hi = (int(v) for v in torch.stack(torch.aminmax(row_ids)).tolist())
     if lo < -1 or hi >= n_adapters:
-        raise ValueError(f"adapter_ids must be in [-1, {n_adapters}) (-1 = no adapter; {n_adapters} adapter(s)), "
-                         f"got {describe('adapter_ids', row_ids)} with values in [{lo}, {hi}]; pass "
-                         "check_ids=False to skip this check (unchecked ids outside the range act as -1)")
+        raise ValueError(
+            f"adapter_ids must be in [-1, {n_adapters}) (-1 = no adapter; {n_adapters} adapter(s)), "
+            f"got {describe('adapter_ids', row_ids)} with values in [{lo}, {hi}]; pass "
+            "check_ids=False to skip this check (unchecked ids outside the range act as -1)"
+        )
 
 
-def row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: int,
-                check_ids: bool) -> torch.Tensor:
+def row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: int, check_ids: bool) -> torch.Tensor:
     """One int64 id per row of the flattened x (`rows` of them), from ids per row or per sample; contiguous.
     check_ids: as lora_linear_rows (ValueError for ids outside [-1, n_adapters))."""
     require_tensor("adapter_ids", row_ids)
@@ -246,14 +310,27 @@ def row_ids_for(row_ids: torch.Tensor, x: torch.Tensor, rows: int, n_adapters: i
         if x.dim() >= 2 and ids.numel() == x.shape[0]:
             ids = ids.repeat_interleave(rows // max(x.shape[0], 1), output_size=rows)
         else:
-            raise ValueError(f"{describe('adapter_ids', row_ids)} needs one id per row ({rows}) or per sample "
-                             f"(x.shape[0] = {x.shape[0] if x.dim() else 'n/a'}) of {describe('x', x)}")
+            raise ValueError(
+                f"{describe('adapter_ids', row_ids)} needs one id per row ({rows}) or per sample "
+                f"(x.shape[0] = {x.shape[0] if x.dim() else 'n/a'}) of {describe('x', x)}"
+            )
     return ids if ids.is_contiguous() else ids.contiguous()
 
 
-def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-                     lora_b: torch.Tensor, scaling: Scaling, rank_splits: Sequence[int], row_ids: torch.Tensor, *,
-                     dropout_p: DropoutP = 0.0, training: bool = False, check_ids: bool = True) -> torch.Tensor:
+def lora_linear_rows(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scaling,
+    rank_splits: Sequence[int],
+    row_ids: torch.Tensor,
+    *,
+    dropout_p: DropoutP = 0.0,
+    training: bool = False,
+    check_ids: bool = True,
+) -> torch.Tensor:
     """Mixed batch: row m of x.reshape(-1, K) uses adapter row_ids[m] of the stacked adapters, or none (-1).
 
     `row_ids` (called adapter_ids in messages, as in FusedLoRALinear) is an integer tensor on x's device with one
@@ -265,10 +342,12 @@ def lora_linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     backend. Other arguments as lora_linear (autocast included).
     """
     x2, weight, bias, lora_a, lora_b, scale, rank_ptr, ps = _prepare(
-        x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training)
+        x, weight, bias, lora_a, lora_b, scaling, rank_splits, dropout_p, training
+    )
     ids = row_ids_for(row_ids, x, x2.shape[0], len(rank_ptr) - 1, check_ids)
-    y = ops.rows_forward(x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ids, ps,
-                         _seed(x2, training, ps))
+    y = ops.rows_forward(
+        x2, weight.contiguous(), bias, lora_a, lora_b, scale, rank_ptr, ids, ps, _seed(x2, training, ps)
+    )
     return _unflatten(y, x, weight.shape[0])
 
 
@@ -282,20 +361,34 @@ def _merge(weight, lora_a, lora_b, scaling, sign, fan_in_fan_out, safe, rank_spl
     # adapters may be float32 over a low-precision weight, as in forward; x is absent, so stand weight in for it
     check_adapters(weight, weight, lora_a, lora_b, fan_in_fan_out=fan_in_fan_out)
     rank_ptr = _rank_ptr(rank_sizes(rank_splits, lora_a.shape[0]))
-    scale = _scale_vector(scaling.detach() if isinstance(scaling, torch.Tensor) else scaling, rank_ptr,
-                          weight.device)
+    scale = _scale_vector(scaling.detach() if isinstance(scaling, torch.Tensor) else scaling, rank_ptr, weight.device)
     with torch.no_grad():
-        applied = ops.lora_merge_(weight, lora_a.detach().contiguous(), lora_b.detach().contiguous(), scale,
-                                  float(sign), bool(fan_in_fan_out), bool(safe))
+        applied = ops.lora_merge_(
+            weight,
+            lora_a.detach().contiguous(),
+            lora_b.detach().contiguous(),
+            scale,
+            float(sign),
+            bool(fan_in_fan_out),
+            bool(safe),
+        )
     if safe and not bool(applied):
-        raise ValueError(f"merging into {describe('weight', weight)} would produce non-finite values; "
-                         "the weight was left unchanged")
+        raise ValueError(
+            f"merging into {describe('weight', weight)} would produce non-finite values; the weight was left unchanged"
+        )
     return weight
 
 
-def merge_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: Scaling, *,
-           fan_in_fan_out: bool = False, safe: bool = False,
-           rank_splits: Optional[Sequence[int]] = None) -> torch.Tensor:
+def merge_(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scaling,
+    *,
+    fan_in_fan_out: bool = False,
+    safe: bool = False,
+    rank_splits: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """weight += sum_i s_i B_i A_i in place (fp32 accumulation, one rounding; float64 weights or adapters in
     float64). weight is [N, K], or [K, N] with fan_in_fan_out, floating point (an integer or bool weight raises
     TypeError and is left untouched). safe=True raises ValueError and leaves weight bit-identical if a value would
@@ -303,8 +396,15 @@ def merge_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sca
     return _merge(weight, lora_a, lora_b, scaling, +1.0, fan_in_fan_out, safe, rank_splits)
 
 
-def unmerge_(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: Scaling, *,
-             fan_in_fan_out: bool = False, safe: bool = False,
-             rank_splits: Optional[Sequence[int]] = None) -> torch.Tensor:
+def unmerge_(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scaling,
+    *,
+    fan_in_fan_out: bool = False,
+    safe: bool = False,
+    rank_splits: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
     """weight -= sum_i s_i B_i A_i in place: the inverse of merge_ up to one rounding per call."""
     return _merge(weight, lora_a, lora_b, scaling, -1.0, fan_in_fan_out, safe, rank_splits)

@@ -21,6 +21,7 @@ the same rule as the patched PEFT layer (fused_lora.plan.dense_bias).
 Adapter ids (adapter_ids=..., adapter_index(name)) index the adapters in the order of `self.lora_A` keys, i.e.
 the order they were added; deleting an adapter shifts the ids of those after it.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,19 @@ def _dropout_rate(module: nn.Module) -> float:
 class FusedLoRALinear(nn.Module):
     """LoRA on an nn.Linear: y = x W^T + b + sum over active adapters of s_i * (drop_i(x) A_i^T) B_i^T."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 adapter_name: str = "default", r: int = 0, lora_alpha: Optional[float] = None, **adapter_options):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        adapter_name: str = "default",
+        r: int = 0,
+        lora_alpha: Optional[float] = None,
+        **adapter_options,
+    ):
         """A fresh nn.Linear(in_features, out_features, bias, device, dtype) as the base layer; with r > 0 it
         also gets the adapter `adapter_name` (options as in add_adapter)."""
         super().__init__()
@@ -62,12 +74,15 @@ class FusedLoRALinear(nn.Module):
         if r:
             self.add_adapter(adapter_name, r, r if lora_alpha is None else lora_alpha, **adapter_options)
         elif adapter_options or lora_alpha is not None:
-            raise TypeError(f"adapter options {sorted(adapter_options) or ['lora_alpha']} given without r > 0: "
-                            "no adapter would be created")
+            raise TypeError(
+                f"adapter options {sorted(adapter_options) or ['lora_alpha']} given without r > 0: "
+                "no adapter would be created"
+            )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8,
-                    **adapter_options) -> "FusedLoRALinear":
+    def from_linear(
+        cls, linear: nn.Linear, adapter_name: str = "default", r: int = 8, lora_alpha: float = 8, **adapter_options
+    ) -> "FusedLoRALinear":
         """Wrap `linear` (shared, not copied) and add one adapter; defaults r=8, lora_alpha=8 as PEFT's LoraConfig."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
@@ -86,7 +101,7 @@ class FusedLoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}   # always False; kept because PEFT code reads it
+        self.use_dora: dict[str, bool] = {}  # always False; kept because PEFT code reads it
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -96,9 +111,19 @@ class FusedLoRALinear(nn.Module):
         self._merge_records: list[layer_merge.MergeRecord] = []
 
     # ---- adapters -------------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: Union[bool, str] = True, lora_bias: bool = False,
-                    autocast_adapter_dtype: bool = True, inference_mode: bool = False, **variant_options) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: Union[bool, str] = True,
+        lora_bias: bool = False,
+        autocast_adapter_dtype: bool = True,
+        inference_mode: bool = False,
+        **variant_options,
+    ) -> None:
         """PEFT's update_layer for plain LoRA. Adapters live on the base weight's device, in float32 over a
         float16/bfloat16 base when autocast_adapter_dtype (get_peft_model's default), else in the base dtype.
         The new adapter is not activated (unless it is the layer's active adapter name); see set_adapter."""
@@ -108,8 +133,11 @@ class FusedLoRALinear(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; unmerge() before replacing it")
         weight = self.base_layer.weight
         if lora_bias and self.base_layer.bias is None:
-            warnings.warn("`lora_bias=True` was passed but the targeted layer of type Linear has no bias. "
-                          "This means that merging LoRA weights won't be possible.")
+            warnings.warn(
+                "`lora_bias=True` was passed but the targeted layer of type Linear has no bias. "
+                "This means that merging LoRA weights won't be possible.",
+                stacklevel=2,
+            )
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = bool(use_rslora)
@@ -142,12 +170,22 @@ class FusedLoRALinear(nn.Module):
         """Remove an adapter (PEFT semantics: a new active adapter is chosen when the deleted one was the only one).
         A merged adapter must be unmerged first: its delta would otherwise stay in the weight for good."""
         if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged into the base weight; call unmerge() before "
-                             "deleting it")
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into the base weight; call unmerge() before deleting it"
+            )
         if adapter_name not in self.lora_A:
             raise ValueError(f"adapter {adapter_name!r} not found; adapters: {list(self.lora_A.keys())}")
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling,
-                      self.use_rslora, self.lora_bias, self.use_dora):
+        for table in (
+            self.lora_A,
+            self.lora_B,
+            self.lora_dropout,
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.use_rslora,
+            self.lora_bias,
+            self.use_dora,
+        ):
             del table[adapter_name]
         if adapter_name in self.active_adapters:
             remaining_active = [n for n in self.active_adapters if n != adapter_name]
@@ -155,8 +193,10 @@ class FusedLoRALinear(nn.Module):
                 self.set_adapter(remaining_active)
             elif len(self.lora_A):
                 new_active = sorted(self.lora_A.keys())[0]
-                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
-                              f"{new_active}.")
+                warnings.warn(
+                    f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {new_active}.",
+                    stacklevel=2,
+                )
                 self.set_adapter(new_active)
             else:
                 self.set_adapter([])
@@ -240,8 +280,9 @@ class FusedLoRALinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def merge(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False,
-              keep_original: bool = False) -> None:
+    def merge(
+        self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False, keep_original: bool = False
+    ) -> None:
         """Add the adapters (default: the active ones) into the base weight in place, all in one merge_ call.
 
         safe_merge: nothing is written if a merged value would be non-finite; a ValueError names the adapter.
@@ -265,16 +306,25 @@ class FusedLoRALinear(nn.Module):
                 raise TypeError(f"adapter_names must be a list of names (one per sample), got {adapter_names!r}")
             samples = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else len(x)
             if samples != len(adapter_names):
-                raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                                 f"{len(adapter_names)} and {samples} respectively.")
+                raise ValueError(
+                    "Length of `adapter_names` should be the same as the number of inputs, but got "
+                    f"{len(adapter_names)} and {samples} respectively."
+                )
         if self.merged_adapters:
             which = "adapter_names" if adapter_names is not None else "adapter_ids"
-            raise ValueError(f"Cannot pass `{which}` when there are merged adapters, please call `unmerge_adapter` "
-                             "first.")
+            raise ValueError(
+                f"Cannot pass `{which}` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         # names the layer does not hold are refused in _rows_forward, from the ids cache (no set built per call)
 
-    def forward(self, x: torch.Tensor, adapter_names: Optional[Sequence[str]] = None,
-                adapter_ids: Optional[torch.Tensor] = None, *, check_ids: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        adapter_names: Optional[Sequence[str]] = None,
+        adapter_ids: Optional[torch.Tensor] = None,
+        *,
+        check_ids: bool = True,
+    ) -> torch.Tensor:
         """adapter_names: one name per sample (x.shape[0]), "__base__" for none (PEFT's mixed batch).
         adapter_ids: an integer tensor, one id per row of x.reshape(-1, in_features) or per sample, -1 for none;
         ids are positions among self.lora_A keys (adapter_index). check_ids: as fused_lora.lora_linear_rows (ids
@@ -301,7 +351,8 @@ class FusedLoRALinear(nn.Module):
         adapters, weight, bias, compute = self._read(x, names)
         key = plan.call_key(adapters, weight, bias, x.device, compute)
         current = plan.cached_plan(self, plan.PLAN_ATTR, key) or plan.store(
-            self, plan.PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute))
+            self, plan.PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute)
+        )
         return plan.dense_call(current, adapters, x, weight, bias, self.training, compute[1])
 
     def _active_unmerged(self) -> tuple:
@@ -326,15 +377,17 @@ class FusedLoRALinear(nn.Module):
         adapters, weight, bias, compute = self._read(x, names)
         key = plan.call_key(adapters, weight, bias, x.device, compute)
         current = plan.cached_plan(self, plan.ROWS_PLAN_ATTR, key) or plan.store(
-            self, plan.ROWS_PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute))
+            self, plan.ROWS_PLAN_ATTR, self._build(key, adapters, weight, bias, x, compute)
+        )
         used = None
         if adapter_names is not None:
             adapter_ids, used, unknown = plan.ids_for_names(current, adapter_names, x.device)
             if unknown:
                 raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
             check_ids = False  # built from known names: in range (a check would cost a host sync on CUDA)
-        return plan.rows_call(current, adapters, x, weight, bias, adapter_ids, self.training, compute[1], check_ids,
-                              used)
+        return plan.rows_call(
+            current, adapters, x, weight, bias, adapter_ids, self.training, compute[1], check_ids, used
+        )
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda()/.half() change the parameters in place: the plans key on dtype/device and would be rebuilt
@@ -343,8 +396,10 @@ class FusedLoRALinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}, merged={self.merged_adapters}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"adapters={list(self.lora_A.keys())}, active={self.active_adapters}, merged={self.merged_adapters}"
+        )
 
     def __repr__(self) -> str:
         return "fused_lora." + super().__repr__()

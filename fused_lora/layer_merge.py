@@ -6,6 +6,7 @@ between (PEFT recomputes the delta from the current values). With keep_original=
 weight and bias as they were before the call (on CPU), and unmerge restores them bit for bit. Records are undone
 last first, so a mix of kept and subtracted merges still comes back to the right state.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,10 +31,10 @@ class MergeRecord:
     names: list[str]
     scales: list[float]
     ranks: list[int]
-    lora_a: torch.Tensor                  # [R, K] stacked, detached
-    lora_b: torch.Tensor                  # [N, R]
-    bias_delta: Optional[torch.Tensor]    # [N] float32: sum_i s_i * lora_B_i.bias, or None
-    original_weight: Optional[torch.Tensor] = None   # CPU copy before this merge (keep_original=True)
+    lora_a: torch.Tensor  # [R, K] stacked, detached
+    lora_b: torch.Tensor  # [N, R]
+    bias_delta: Optional[torch.Tensor]  # [N] float32: sum_i s_i * lora_B_i.bias, or None
+    original_weight: Optional[torch.Tensor] = None  # CPU copy before this merge (keep_original=True)
     original_bias: Optional[torch.Tensor] = None
 
 
@@ -48,10 +49,13 @@ def adapters_to_merge(layer, adapter_names) -> list[str]:
         already = set(layer.merged_adapters)
         adapter_names = [n for n in adapter_names if n not in already]
         if adapter_names:
-            warnings.warn(f"Already following adapters were merged {','.join(layer.merged_adapters)}. "
-                          f"You are now additionally merging {','.join(adapter_names)}.")
+            warnings.warn(
+                f"Already following adapters were merged {','.join(layer.merged_adapters)}. "
+                f"You are now additionally merging {','.join(adapter_names)}.",
+                stacklevel=2,
+            )
         else:
-            warnings.warn("All adapters are already merged, nothing to do.")
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
     # as PEFT: names this layer does not hold are skipped (another layer of the model may hold them)
     return [n for n in adapter_names if n in layer.lora_A]
 
@@ -76,8 +80,10 @@ def _bias_delta(layer, names, scales, base_bias) -> Optional[torch.Tensor]:
     if not with_bias:
         return None
     if base_bias is None:
-        raise MergeError("Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
-                         f"(adapters {', '.join(n for n, _ in with_bias)}).")
+        raise MergeError(
+            "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
+            f"(adapters {', '.join(n for n, _ in with_bias)})."
+        )
     delta = torch.zeros(base_bias.shape, dtype=torch.float32, device=base_bias.device)
     for name, s in with_bias:
         delta += layer.lora_B[name].bias.detach().to(device=delta.device, dtype=torch.float32) * s
@@ -92,12 +98,12 @@ def _broken_adapters(weight, record: MergeRecord) -> list[str]:
     broken = []
     lo = 0
     for name, scale, rank in zip(record.names, record.scales, record.ranks):
-        a, b = record.lora_a[lo:lo + rank], record.lora_b[:, lo:lo + rank]
+        a, b = record.lora_a[lo : lo + rank], record.lora_b[:, lo : lo + rank]
         lo += rank
         for start in range(0, n_out, rows):
-            probe = weight[start:start + rows].clone()
+            probe = weight[start : start + rows].clone()
             try:
-                functional.merge_(probe, a, b[start:start + rows], scale, safe=True)
+                functional.merge_(probe, a, b[start : start + rows], scale, safe=True)
             except ValueError:
                 broken.append(name)
                 break
@@ -113,16 +119,24 @@ def merge(layer, adapter_names=None, safe_merge: bool = False, keep_original: bo
     scales = [float(layer.scaling[n]) for n in names]
     bias_delta = _bias_delta(layer, names, scales, bias)
     a, b = _stacked_factors(layer, names, weight)
-    record = MergeRecord(names=names, scales=scales, ranks=[layer.lora_A[n].weight.shape[0] for n in names],
-                         lora_a=a.clone(), lora_b=b.clone(), bias_delta=bias_delta)
+    record = MergeRecord(
+        names=names,
+        scales=scales,
+        ranks=[layer.lora_A[n].weight.shape[0] for n in names],
+        lora_a=a.clone(),
+        lora_b=b.clone(),
+        bias_delta=bias_delta,
+    )
 
     new_bias = None
     if bias_delta is not None:
         new_bias = (bias.detach().to(torch.float32) + bias_delta).to(bias.dtype)
         if safe_merge and not torch.isfinite(new_bias).all():
-            raise MergeError(f"NaNs detected in the merged weights. The adapter(s) "
-                             f"{', '.join(n for n in names if layer.lora_bias.get(n))} seem(s) to be broken "
-                             "(lora_B bias); the weights were left unchanged")
+            raise MergeError(
+                f"NaNs detected in the merged weights. The adapter(s) "
+                f"{', '.join(n for n in names if layer.lora_bias.get(n))} seem(s) to be broken "
+                "(lora_B bias); the weights were left unchanged"
+            )
     if keep_original:
         record.original_weight = weight.detach().to("cpu", copy=True)
         record.original_bias = None if bias is None else bias.detach().to("cpu", copy=True)
@@ -133,8 +147,11 @@ def merge(layer, adapter_names=None, safe_merge: bool = False, keep_original: bo
         if not safe_merge:
             raise
         broken = _broken_adapters(weight.detach(), record)
-        raise MergeError(f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be broken"
-                         + (" (together)" if len(broken) > 1 else "") + "; the weight was left unchanged") from None
+        raise MergeError(
+            f"NaNs detected in the merged weights. The adapter {', '.join(broken)} seems to be broken"
+            + (" (together)" if len(broken) > 1 else "")
+            + "; the weight was left unchanged"
+        ) from None
     if new_bias is not None:
         with torch.no_grad():
             bias.copy_(new_bias)
@@ -144,7 +161,7 @@ def merge(layer, adapter_names=None, safe_merge: bool = False, keep_original: bo
 
 def unmerge(layer) -> None:
     if not layer.merged:
-        warnings.warn("Already unmerged. Nothing to do.")
+        warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
         return
     base = layer.get_base_layer()
     weight, bias = base.weight, base.bias

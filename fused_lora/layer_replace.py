@@ -3,6 +3,7 @@
 Names match as PEFT's target_modules: a string is a regex that must match the whole module name; a list matches
 a module whose name equals an entry or ends with "." + entry.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,7 +21,7 @@ def _matches(target_modules: Union[str, Sequence[str]], name: str) -> bool:
 def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     from fused_lora.layer import FusedLoRALinear
 
-    found, inside = [], []   # inside: prefixes whose submodules are not ours to touch
+    found, inside = [], []  # inside: prefixes whose submodules are not ours to touch
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inside):
             continue
@@ -30,14 +31,17 @@ def _targets(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
         if not _matches(target_modules, name):
             continue
         if not isinstance(module, (nn.Linear, FusedLoRALinear)):
-            raise TypeError(f"target module {name!r} is a {type(module).__name__}; replace_linear only replaces "
-                            "nn.Linear modules (or adds adapters to FusedLoRALinear ones)")
+            raise TypeError(
+                f"target module {name!r} is a {type(module).__name__}; replace_linear only replaces "
+                "nn.Linear modules (or adds adapters to FusedLoRALinear ones)"
+            )
         found.append((name, module))
     return found
 
 
-def replace_linear(model: nn.Module, target_modules: Union[str, Sequence[str]], *, freeze_base: bool = True,
-                   **adapter_kwargs) -> int:
+def replace_linear(
+    model: nn.Module, target_modules: Union[str, Sequence[str]], *, freeze_base: bool = True, **adapter_kwargs
+) -> int:
     """Swap the matching nn.Linear modules of `model` for FusedLoRALinear layers that wrap them (the weight is
     shared, not copied) and return how many layers got the adapter. A module that already is a FusedLoRALinear
     gets the adapter added (as PEFT's add_adapter). adapter_kwargs go to FusedLoRALinear.from_linear
@@ -49,19 +53,26 @@ def replace_linear(model: nn.Module, target_modules: Union[str, Sequence[str]], 
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            raise TypeError(f"target_modules must be a regex string or a non-empty list of names, "
-                            f"got {target_modules!r}")
+            raise TypeError(
+                f"target_modules must be a regex string or a non-empty list of names, got {target_modules!r}"
+            )
     targets = _targets(model, target_modules)
     if not targets:
-        raise ValueError(f"Target modules {target_modules!r} not found in the base model. Please check the target "
-                         "modules and try again.")
+        raise ValueError(
+            f"Target modules {target_modules!r} not found in the base model. Please check the target "
+            "modules and try again."
+        )
     kwargs = dict(adapter_kwargs)
     adapter_name = kwargs.pop("adapter_name", "default")
     for name, module in targets:
         if isinstance(module, FusedLoRALinear):
             kwargs_with_defaults = {"r": 8, "lora_alpha": 8, **kwargs}
-            module.add_adapter(adapter_name, kwargs_with_defaults.pop("r"), kwargs_with_defaults.pop("lora_alpha"),
-                               **kwargs_with_defaults)
+            module.add_adapter(
+                adapter_name,
+                kwargs_with_defaults.pop("r"),
+                kwargs_with_defaults.pop("lora_alpha"),
+                **kwargs_with_defaults,
+            )
             base = module.base_layer
         else:
             fused = FusedLoRALinear.from_linear(module, adapter_name=adapter_name, **kwargs)

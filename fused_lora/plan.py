@@ -27,6 +27,7 @@ Tensors a plan creates (scale vector, zero seed, id tables) are made outside inf
 torch.inference_mode() still serves a later training call. On CUDA, build the plan (one eager call) before
 capturing a CUDA graph: building it copies the scale vector from the host.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ from fused_lora.functional import autocast_dtype, draw_dropout_seed
 from fused_lora.ops.backends import backend_env
 from fused_lora.validate import check_adapters, check_linear
 
-PLAN_ATTR = "_fused_lora_plan"          # layer.__dict__ entries: the dense plan and the mixed-batch plan
+PLAN_ATTR = "_fused_lora_plan"  # layer.__dict__ entries: the dense plan and the mixed-batch plan
 ROWS_PLAN_ATTR = "_fused_lora_rows_plan"
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
@@ -68,9 +69,27 @@ def param(module: nn.Module, name: str) -> Optional[Tensor]:
 class Plan:
     """What a layer's fused call needs for one key (see the module docstring). Built by `build`."""
 
-    __slots__ = ("key", "names", "index", "ranks", "rank_ptr", "rates", "eval_rates", "any_dropout", "scalings",
-                 "scale", "adapter_dtype", "device", "backend", "zero_seed", "fold_bias", "usable", "why",
-                 "_cache", "__weakref__")
+    __slots__ = (
+        "key",
+        "names",
+        "index",
+        "ranks",
+        "rank_ptr",
+        "rates",
+        "eval_rates",
+        "any_dropout",
+        "scalings",
+        "scale",
+        "adapter_dtype",
+        "device",
+        "backend",
+        "zero_seed",
+        "fold_bias",
+        "usable",
+        "why",
+        "_cache",
+        "__weakref__",
+    )
 
     def __reduce__(self):
         return (_dropped_on_copy, ())
@@ -153,14 +172,24 @@ def read_lora(layer: nn.Module, names: Tuple[str, ...], rate_of: Callable[[nn.Mo
         biases.append(lb)
         scales.append(s)
         rates.append(p)
-        key.append((a.dtype, a.device, a.shape, b.dtype, b.device, b.shape, s, p,
-                    None if lb is None else (lb.dtype, lb.device, lb.shape)))
+        key.append(
+            (
+                a.dtype,
+                a.device,
+                a.shape,
+                b.dtype,
+                b.device,
+                b.shape,
+                s,
+                p,
+                None if lb is None else (lb.dtype, lb.device, lb.shape),
+            )
+        )
     return Adapters(names, a_list, b_list, biases, scales, rates, tuple(key))
 
 
 def base_key(weight: Tensor, bias: Optional[Tensor]) -> tuple:
-    return (weight.dtype, weight.device, weight.shape,
-            None if bias is None else (bias.dtype, bias.device, bias.shape))
+    return (weight.dtype, weight.device, weight.shape, None if bias is None else (bias.dtype, bias.device, bias.shape))
 
 
 def compute_dtype(x: Tensor) -> Tuple[torch.dtype, bool]:
@@ -172,8 +201,14 @@ def compute_dtype(x: Tensor) -> Tuple[torch.dtype, bool]:
     return (x.dtype if x.dtype == torch.float64 else cast_to), True
 
 
-def call_key(adapters: Adapters, weight: Tensor, bias: Optional[Tensor], x_device: torch.device,
-             compute: Tuple[torch.dtype, bool], extra=None) -> Optional[tuple]:
+def call_key(
+    adapters: Adapters,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    x_device: torch.device,
+    compute: Tuple[torch.dtype, bool],
+    extra=None,
+) -> Optional[tuple]:
     """The key of a plan for this call; None where plans are not kept (see cached_plan)."""
     if not _plain_eager():
         return None
@@ -186,9 +221,17 @@ def _scale_vector(scales: Sequence[float], ranks: Sequence[int], device: torch.d
     return _persistent(lambda: torch.tensor(per_rank, dtype=torch.float32, device=device))
 
 
-def build(key: tuple, adapters: Adapters, weight: Tensor, bias: Optional[Tensor], x: Tensor,
-          adapter_dtype: Optional[torch.dtype], autocast: bool, why_not: Optional[str] = None,
-          per_rank_scale: bool = True) -> Plan:
+def build(
+    key: tuple,
+    adapters: Adapters,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    x: Tensor,
+    adapter_dtype: Optional[torch.dtype],
+    autocast: bool,
+    why_not: Optional[str] = None,
+    per_rank_scale: bool = True,
+) -> Plan:
     """A plan for `adapters` (live tensors read by read_lora/...) over the base weight/bias for inputs like x.
 
     adapter_dtype: the dtype A and B reach the op in (None: the call cannot be fused, with `why_not`).
@@ -266,8 +309,9 @@ def stack(a_list: List[Tensor], b_list: List[Tensor], dtype: torch.dtype) -> Tup
     return a, b
 
 
-def adapter_operands(plan: Plan, adapters: Adapters, grad: bool,
-                     frozen: Optional[Sequence[bool]] = None) -> Tuple[Tensor, Tensor]:
+def adapter_operands(
+    plan: Plan, adapters: Adapters, grad: bool, frozen: Optional[Sequence[bool]] = None
+) -> Tuple[Tensor, Tensor]:
     """(A [R, K], B [N, R]) in plan.adapter_dtype, contiguous. One adapter already in that dtype: the parameters
     themselves. With gradients: built from the live parameters now (`frozen[i]` detaches adapter i: a mixed batch
     whose rows never use it leaves its gradient None, as PEFT's). Without: cached (Plan.derived)."""
@@ -280,17 +324,21 @@ def adapter_operands(plan: Plan, adapters: Adapters, grad: bool,
             b_list = [t.detach() if f else t for t, f in zip(b_list, frozen)]
         a, b = stack(a_list, b_list, dtype)
     else:
+
         def stacked():
             a, b = stack(a_list, b_list, dtype)
             return a.contiguous(), b.contiguous()
+
         a, b = plan.derived("ab", a_list + b_list, stacked)
     return (a if a.is_contiguous() else a.contiguous()), (b if b.is_contiguous() else b.contiguous())
 
 
 def _bias_terms(adapters: Adapters, n_out: int, like: Tensor) -> Tensor:
     """[n, N] float32 rows s_i * lora_B_i.bias (zeros for adapters without one)."""
-    rows = [t.to(torch.float32) * s if t is not None else like.new_zeros(n_out, dtype=torch.float32)
-            for t, s in zip(adapters.bias, adapters.scales)]
+    rows = [
+        t.to(torch.float32) * s if t is not None else like.new_zeros(n_out, dtype=torch.float32)
+        for t, s in zip(adapters.bias, adapters.scales)
+    ]
     return torch.stack(rows)
 
 
@@ -301,8 +349,9 @@ def has_lora_bias(adapters: Adapters) -> bool:
     return False
 
 
-def dense_bias(plan: Plan, adapters: Adapters, bias: Optional[Tensor], weight: Tensor,
-               grad: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def dense_bias(
+    plan: Plan, adapters: Adapters, bias: Optional[Tensor], weight: Tensor, grad: bool
+) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(the op's bias, a float32 [N] term to add to the op's output or None) for the lora_B biases (see build)."""
     if not has_lora_bias(adapters):
         return bias, None
@@ -365,8 +414,9 @@ def ids_for_names(plan: Plan, adapter_names: Sequence[str], device: torch.device
     if entry is None:
         if len(_IDS_CACHE) >= _IDS_CACHE_SIZE:
             _IDS_CACHE.clear()
-        entry = _ids_entry(index, adapter_names, lambda ids: _persistent(
-            lambda: torch.tensor(ids, dtype=torch.int64, device=device)))
+        entry = _ids_entry(
+            index, adapter_names, lambda ids: _persistent(lambda: torch.tensor(ids, dtype=torch.int64, device=device))
+        )
         _IDS_CACHE[key] = entry
     return entry
 
@@ -375,16 +425,26 @@ def ids_for_names(plan: Plan, adapter_names: Sequence[str], device: torch.device
 def _lora_linear():
     # through the package attribute: the public entry point, as callers (and tools wrapping it) know it
     import fused_lora
+
     return fused_lora.lora_linear
 
 
 def _lora_linear_rows():
     import fused_lora
+
     return fused_lora.lora_linear_rows
 
 
-def dense_call(plan: Plan, adapters: Adapters, x: Tensor, weight: Tensor, bias: Optional[Tensor], training: bool,
-               autocast: bool, scale: Optional[Tensor] = None) -> Tensor:
+def dense_call(
+    plan: Plan,
+    adapters: Adapters,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    training: bool,
+    autocast: bool,
+    scale: Optional[Tensor] = None,
+) -> Tensor:
     """y = x W^T + bias + the plan's adapters, all rows; `scale`: a per-call per-rank scale (AdaLoRA) instead of
     the plan's. Under autocast the operands go to fused_lora.lora_linear, which applies nn.Linear's casts."""
     grad = adapters.need_grad()
@@ -395,16 +455,28 @@ def dense_call(plan: Plan, adapters: Adapters, x: Tensor, weight: Tensor, bias: 
     scale = plan.scale if scale is None else scale
     # a scale that trains (AdaLoRA's lora_E) goes to lora_linear, which folds it into A for its gradient
     if autocast or (scale.requires_grad and _grad_enabled()):
-        y = _lora_linear()(x, weight, op_bias, a, b, scale, dropout_p=plan.rates, training=training,
-                           rank_splits=plan.ranks)
+        y = _lora_linear()(
+            x, weight, op_bias, a, b, scale, dropout_p=plan.rates, training=training, rank_splits=plan.ranks
+        )
     else:
-        y = functional.lora_linear_prepared(x, weight, op_bias, a, b, scale, plan.rank_ptr, plan.dropout_p(training),
-                                            plan.seed(training), plan.backend)
+        y = functional.lora_linear_prepared(
+            x, weight, op_bias, a, b, scale, plan.rank_ptr, plan.dropout_p(training), plan.seed(training), plan.backend
+        )
     return y if term is None else (y + term).to(y.dtype)
 
 
-def rows_call(plan: Plan, adapters: Adapters, x: Tensor, weight: Tensor, bias: Optional[Tensor], row_ids: Tensor,
-              training: bool, autocast: bool, check_ids: bool, used: Optional[frozenset] = None) -> Tensor:
+def rows_call(
+    plan: Plan,
+    adapters: Adapters,
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    row_ids: Tensor,
+    training: bool,
+    autocast: bool,
+    check_ids: bool,
+    used: Optional[frozenset] = None,
+) -> Tensor:
     """Row m of x.reshape(-1, K) uses adapter row_ids[m] (ids per row or per sample; -1: none). `used`: the ids
     present, when known (adapter_names): the other adapters get no gradient, as in PEFT's mixed batch."""
     grad = adapters.need_grad()
@@ -417,11 +489,23 @@ def rows_call(plan: Plan, adapters: Adapters, x: Tensor, weight: Tensor, bias: O
         check_linear(x, weight, bias)
     ids = functional.row_ids_for(row_ids, x, math.prod(x.shape[:-1]), len(plan.names), check_ids)
     if autocast:
-        y = _lora_linear_rows()(x, weight, bias, a, b, plan.scale, plan.ranks, ids, dropout_p=plan.rates,
-                                training=training, check_ids=False)
+        y = _lora_linear_rows()(
+            x, weight, bias, a, b, plan.scale, plan.ranks, ids, dropout_p=plan.rates, training=training, check_ids=False
+        )
     else:
-        y = functional.lora_linear_rows_prepared(x, weight, bias, a, b, plan.scale, plan.rank_ptr, ids,
-                                                 plan.dropout_p(training), plan.seed(training), plan.backend)
+        y = functional.lora_linear_rows_prepared(
+            x,
+            weight,
+            bias,
+            a,
+            b,
+            plan.scale,
+            plan.rank_ptr,
+            ids,
+            plan.dropout_p(training),
+            plan.seed(training),
+            plan.backend,
+        )
     if table is None:
         return y
     rows = ids.numel()

@@ -4,6 +4,7 @@ Written for clarity, not speed: it computes in float64 when given float64 tensor
 so that tests can compare any backend against a float64 result. It is also the `reference` backend
 (FUSED_LORA_BACKEND=reference), which makes every feature usable with nothing but torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,7 @@ def dropout_keep(seed: torch.Tensor, M: int, K: int, p: float, salt: int) -> tor
     e = np.arange(M * K, dtype=np.uint64)
     q = e >> np.uint64(2)
     zeros = np.zeros_like(q)
-    words = _philox4x32_10(q & _MASK32, q >> np.uint64(32), zeros + np.uint64(salt), zeros,
-                           s & 0xFFFFFFFF, s >> 32)
+    words = _philox4x32_10(q & _MASK32, q >> np.uint64(32), zeros + np.uint64(salt), zeros, s & 0xFFFFFFFF, s >> 32)
     lane = (e & np.uint64(3)).astype(np.int64)
     word = np.choose(lane, words)
     keep = (word >> np.uint64(8)) >= np.uint64(dropout_threshold(p))

@@ -27,13 +27,13 @@ split no partial is stored and no counter touched):
 This is CUTLASS's serial split-K semaphore pattern: barrier before the release, acquire before the reads. A second
 launch for the reduction would cost a launch gap (~2-4 us) that the decode kernels cannot afford.
 """
+
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, \
-    keep_mask_tile
+from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, keep_mask_tile
 
 
 @triton.jit
@@ -56,9 +56,26 @@ def split_range(split, n_splits, steps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def dot_k_range(acc, a_ptrs, b_ptrs, a_ok, b_ok, k_begin, k_end, K, stride_ak, stride_bk,
-                seed, row_elem, salt, threshold,
-                DROPOUT: tl.constexpr, PACKED: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def dot_k_range(
+    acc,
+    a_ptrs,
+    b_ptrs,
+    a_ok,
+    b_ok,
+    k_begin,
+    k_end,
+    K,
+    stride_ak,
+    stride_bk,
+    seed,
+    row_elem,
+    salt,
+    threshold,
+    DROPOUT: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc += A[:, k_begin:k_end] @ B[k_begin:k_end, :], BLOCK_K at a time; K bounds the masks.
 
     a_ptrs: [BM, BLOCK_K] pointers to A at k = k_begin (k along axis 1); b_ptrs: [BLOCK_K, BN] to B at k_begin.
@@ -108,9 +125,26 @@ def row_dropout(has, entry):
 
 
 @triton.jit
-def rank_term(acc, lhs_ptr, stride_lm, rmat_ptr, stride_rr, stride_rc, rows, row_ok, cols, col_ok, r_first, r_end,
-              row_lo, row_hi, PER_ROW: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_R: tl.constexpr,
-              PRECISION: tl.constexpr):
+def rank_term(
+    acc,
+    lhs_ptr,
+    stride_lm,
+    rmat_ptr,
+    stride_rr,
+    stride_rc,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    r_first,
+    r_end,
+    row_lo,
+    row_hi,
+    PER_ROW: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc += L[rows, r_first:r_end] @ Rm[r_first:r_end, cols] on the stacked rank axis, BLOCK_R ranks at a time.
 
     Rm[r, c] is at rmat_ptr + r * stride_rr + c * stride_rc (B^T for the forward, A for dX); col_ok None: every
@@ -141,8 +175,9 @@ def rank_term(acc, lhs_ptr, stride_lm, rmat_ptr, stride_rr, stride_rc, rows, row
             r_mask = (ranks < r_end)[:, None]
             if col_ok is not None:
                 r_mask = r_mask & col_ok[None, :]
-            rmat = tl.load(rmat_ptr + ranks.to(tl.int64)[:, None] * stride_rr + cols[None, :] * stride_rc,
-                           mask=r_mask, other=0.0)
+            rmat = tl.load(
+                rmat_ptr + ranks.to(tl.int64)[:, None] * stride_rr + cols[None, :] * stride_rc, mask=r_mask, other=0.0
+            )
             lhs = tl.load(lhs_ptrs, mask=inside, other=0.0).to(rmat.dtype)
             if TRANSPOSED:
                 acc = tl.dot(tl.trans(rmat), tl.trans(lhs), acc, input_precision=PRECISION)

@@ -33,6 +33,7 @@ from a captured graph), and launch_pdl is one of Triton's compile options: flipp
 second binary of the kernel, loaded while capturing, which CUDA refuses ("operation not permitted when stream is
 capturing"). PDL therefore needs CUDA >= 12.3 (torch.version.cuda); older builds keep it off.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,10 +43,10 @@ import triton
 
 from fused_lora.kernels.tuned import tuned_config
 
-H100_SMS = 132           # what plans and interpreter runs model when there is no CUDA device
-PROGRAMS_PER_SM = 2      # a memory-streaming launch needs >= 2 resident programs per SM to reach HBM bandwidth
-MAX_SPLITS = 32          # bounds every partial buffer: at most MAX_SPLITS partials of one output tile
-WAVE_EFFICIENCY = 0.9    # programs / (SMs x programs on the busiest SM) a split count aims for
+H100_SMS = 132  # what plans and interpreter runs model when there is no CUDA device
+PROGRAMS_PER_SM = 2  # a memory-streaming launch needs >= 2 resident programs per SM to reach HBM bandwidth
+MAX_SPLITS = 32  # bounds every partial buffer: at most MAX_SPLITS partials of one output tile
+WAVE_EFFICIENCY = 0.9  # programs / (SMs x programs on the busiest SM) a split count aims for
 
 
 def precision(*tensors: torch.Tensor) -> str:
@@ -116,15 +117,17 @@ def split_counters(device, n: int) -> torch.Tensor:
 
 PDL_ENV = "FUSED_LORA_PDL"
 PDL_MIN_CAPABILITY = (9, 0)
-PDL_MIN_CUDA = (12, 3)   # stream capture of a PDL launch (a programmatic graph edge)
+PDL_MIN_CUDA = (12, 3)  # stream capture of a PDL launch (a programmatic graph edge)
 
 
 def pdl_switch() -> bool:
     """FUSED_LORA_PDL: "1" on, "0" or unset off (the default until a GPU has measured it; see the module doc)."""
     value = os.environ.get(PDL_ENV, "0").strip()
     if value not in ("0", "1", ""):
-        raise ValueError(f"{PDL_ENV}={value!r}: expected 0 (off, the default) or 1 (programmatic dependent launch "
-                         "on CUDA devices of compute capability >= 9.0)")
+        raise ValueError(
+            f"{PDL_ENV}={value!r}: expected 0 (off, the default) or 1 (programmatic dependent launch "
+            "on CUDA devices of compute capability >= 9.0)"
+        )
     return value == "1"
 
 

@@ -26,6 +26,7 @@ launched with launch_pdl=True, the programs start while the shrink runs and stre
 gdc_wait right after the K loop comes before every access to memory the shrink may have written or used (t, the
 split partials, which may reuse the shrink's freed partial buffer, and the split counters).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,7 @@ import triton.language as tl
 
 from fused_lora.kernels import config
 from fused_lora.kernels.blocks import arrive_last, dot_k_range, rank_term, row_adapters, split_range, sum_splits
-from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, \
-    keep_mask_tile
+from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, keep_mask_tile
 from fused_lora.kernels.spec import PDL_CONSUMER_PTX, SPLIT_REDUCTION_PTX, KernelSpec
 
 DECODE_M_MAX = 64
@@ -48,13 +48,45 @@ _NONE = tl.constexpr(NONE)
 
 
 @triton.jit
-def decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, table_ptr, row_ids_ptr, seed_ptr, y_ptr, t_ptr,
-                  part_y_ptr, part_t_ptr, counter_ptr,
-                  M, N, K, R, n_segs, n_adapters, n_splits, split_stride_y, split_stride_t,
-                  stride_xm, stride_xk, stride_ym, stride_tm,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                  RANK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  PACKED: tl.constexpr, PRECISION: tl.constexpr, USE_GDC: tl.constexpr = False):
+def decode_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    scale_ptr,
+    table_ptr,
+    row_ids_ptr,
+    seed_ptr,
+    y_ptr,
+    t_ptr,
+    part_y_ptr,
+    part_t_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    R,
+    n_segs,
+    n_adapters,
+    n_splits,
+    split_stride_y,
+    split_stride_t,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_tm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    RANK_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PACKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):
     pid_n = tl.program_id(0) // n_splits
     split = tl.program_id(0) % n_splits
     pid_m = tl.program_id(1)
@@ -94,11 +126,13 @@ def decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, table_ptr, ro
                     xs = xt
                     if threshold > 0:
                         zero = tl.zeros((BLOCK_M,), tl.int32)
-                        keep = keep_mask_tile(seed, row_elem, k0, zero + tl.load(seg + SEG_SALT), zero + threshold,
-                                              BLOCK_K, PACKED)
+                        keep = keep_mask_tile(
+                            seed, row_elem, k0, zero + tl.load(seg + SEG_SALT), zero + threshold, BLOCK_K, PACKED
+                        )
                         xs = tl.where(keep, xt, 0.0)
-                    t_acc = tl.dot(tl.where(in_seg[:, None], at, 0.0), tl.trans(xs.to(at.dtype)), t_acc,
-                                   input_precision=PRECISION)
+                    t_acc = tl.dot(
+                        tl.where(in_seg[:, None], at, 0.0), tl.trans(xs.to(at.dtype)), t_acc, input_precision=PRECISION
+                    )
             else:
                 t_acc = tl.dot(at, tl.trans(xt.to(at.dtype)), t_acc, input_precision=PRECISION)
             x_ptrs += BLOCK_K * stride_xk
@@ -106,8 +140,26 @@ def decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, table_ptr, ro
             a_ptrs += BLOCK_K
     else:
         xt_ptrs = x_ptr + rows_in[None, :] * stride_xm + (k_begin + offs_k).to(tl.int64)[:, None] * stride_xk
-        acc = dot_k_range(acc, w_ptrs, xt_ptrs, None, None, k_begin, k_end, K, 1, stride_xk,
-                          None, None, None, None, False, False, BLOCK_K, PRECISION)
+        acc = dot_k_range(
+            acc,
+            w_ptrs,
+            xt_ptrs,
+            None,
+            None,
+            k_begin,
+            k_end,
+            K,
+            1,
+            stride_xk,
+            None,
+            None,
+            None,
+            None,
+            False,
+            False,
+            BLOCK_K,
+            PRECISION,
+        )
 
     if USE_GDC:  # PDL consumer: W is streamed; from here on t, partials and counters may be the shrink's
         tl.extra.cuda.gdc_wait()
@@ -131,22 +183,58 @@ def decode_kernel(x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, table_ptr, ro
                 for s in range(n_segs):
                     seg = table_ptr + s * SEG_FIELDS
                     in_seg = (offs_t >= tl.load(seg + SEG_LO)) & (offs_t < tl.load(seg + SEG_HI))
-                    factor = tl.where(in_seg, factor * tl.load(seg + SEG_INV_KEEP).to(tl.float32, bitcast=True),
-                                      factor)
+                    factor = tl.where(in_seg, factor * tl.load(seg + SEG_INV_KEEP).to(tl.float32, bitcast=True), factor)
             t_acc = t_acc * factor[:, None]
             if pid_n == 0:
-                tl.store(t_ptr + rows[None, :] * stride_tm + offs_t[:, None], t_acc,
-                         mask=t_ok[:, None] & (rows < M)[None, :])
+                tl.store(
+                    t_ptr + rows[None, :] * stride_tm + offs_t[:, None], t_acc, mask=t_ok[:, None] & (rows < M)[None, :]
+                )
             bt = tl.load(b_ptr + cols_in[:, None] * R + offs_t[None, :], mask=t_ok[None, :], other=0.0)
             acc = tl.dot(bt, t_acc.to(bt.dtype), acc, input_precision=PRECISION)
         elif RANK_MODE == _ROWS_T:
             row_ok = rows < M
             _, _, row_lo, row_hi = row_adapters(row_ids_ptr, rows, row_ok, n_adapters, table_ptr)
-            acc = rank_term(acc, t_ptr, stride_tm, b_ptr, 1, R, rows, row_ok, cols_in, None, 0, R, row_lo, row_hi,
-                            True, True, BLOCK_R, PRECISION)
+            acc = rank_term(
+                acc,
+                t_ptr,
+                stride_tm,
+                b_ptr,
+                1,
+                R,
+                rows,
+                row_ok,
+                cols_in,
+                None,
+                0,
+                R,
+                row_lo,
+                row_hi,
+                True,
+                True,
+                BLOCK_R,
+                PRECISION,
+            )
         elif RANK_MODE != _NONE:
-            acc = rank_term(acc, t_ptr, stride_tm, b_ptr, 1, R, rows_in, None, cols_in, None, 0, R, None, None,
-                            False, True, BLOCK_R, PRECISION)
+            acc = rank_term(
+                acc,
+                t_ptr,
+                stride_tm,
+                b_ptr,
+                1,
+                R,
+                rows_in,
+                None,
+                cols_in,
+                None,
+                0,
+                R,
+                None,
+                None,
+                False,
+                True,
+                BLOCK_R,
+                PRECISION,
+            )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols_in).to(tl.float32)[:, None]
         y_ptrs = y_ptr + rows[None, :] * stride_ym + cols[:, None]
@@ -197,8 +285,25 @@ def pdl_consumer(mode: int, after_shrink: bool) -> bool:
     return after_shrink and mode in (DENSE_T, ROWS_T)
 
 
-def launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n_segs, seed, y, t, has_dropout, precision, *,
-                  row_ids=None, n_adapters=0, after_shrink=False):
+def launch_decode(
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    scale,
+    table,
+    n_segs,
+    seed,
+    y,
+    t,
+    has_dropout,
+    precision,
+    *,
+    row_ids=None,
+    n_adapters=0,
+    after_shrink=False,
+):
     """y (and t for IN_PASS) of the decode forward. Dense: `table` is the segment table; t is [M, R], written here
     (IN_PASS) or already holding the shrink (wider ranks). Per row (row_ids given): `table` is the adapter table and
     t the compact per-row shrink. M > 0, N > 0. after_shrink: the caller launched the shrink writing t right before
@@ -220,51 +325,129 @@ def launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n_segs, seed, y
     counters = config.split_counters(x.device, tiles) if splits > 1 else table
     pdl = pdl_consumer(mode, after_shrink) and config.pdl_enabled(x.device)
     decode_kernel[grid](
-        x, weight, bias if bias is not None else y, lora_a, lora_b, scale, table, row_ids if per_row else table,
-        seed, y, t, part_y, part_t, counters,
-        M, N, K, R, n_segs, n_adapters, splits, stride_y, stride_t,
-        x.stride(0), x.stride(1), y.stride(0), t.stride(0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, RANK_MODE=mode,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout and mode == IN_PASS,
-        PACKED=has_dropout and K % 4 == 0, PRECISION=precision, USE_GDC=pdl, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **config.pdl_launch(pdl))
+        x,
+        weight,
+        bias if bias is not None else y,
+        lora_a,
+        lora_b,
+        scale,
+        table,
+        row_ids if per_row else table,
+        seed,
+        y,
+        t,
+        part_y,
+        part_t,
+        counters,
+        M,
+        N,
+        K,
+        R,
+        n_segs,
+        n_adapters,
+        splits,
+        stride_y,
+        stride_t,
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        t.stride(0),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=block_r,
+        RANK_MODE=mode,
+        HAS_BIAS=bias is not None,
+        HAS_DROPOUT=has_dropout and mode == IN_PASS,
+        PACKED=has_dropout and K % 4 == 0,
+        PRECISION=precision,
+        USE_GDC=pdl,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        **config.pdl_launch(pdl),
+    )
 
 
 def _spec(dt: str, M: int, mode: int, R: int, dropout: bool, packed: bool, bias: bool, gdc: bool) -> KernelSpec:
     cfg = decode_config(M, 2, mode, dropout)
     block_r = rank_block(mode, R)
-    sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
-           "b_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32", "row_ids_ptr": "*i64",
-           "seed_ptr": "*i64", "y_ptr": f"*{dt}", "t_ptr": "*fp32", "part_y_ptr": "*fp32",
-           "part_t_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "R": "i32", "n_segs": "i32", "n_adapters": "i32", "n_splits": "i32",
-           "split_stride_y": "i32", "split_stride_t": "i32", "stride_xm": "i32",
-           "stride_xk": "constexpr", "stride_ym": "i32", "stride_tm": "i32"}
-    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                 BLOCK_R=block_r, RANK_MODE=mode, HAS_BIAS=bias, HAS_DROPOUT=dropout,
-                 PACKED=packed, PRECISION="ieee", USE_GDC=gdc)
+    sig = {
+        "x_ptr": f"*{dt}",
+        "w_ptr": f"*{dt}",
+        "bias_ptr": f"*{dt}",
+        "a_ptr": f"*{dt}",
+        "b_ptr": f"*{dt}",
+        "scale_ptr": "*fp32",
+        "table_ptr": "*i32",
+        "row_ids_ptr": "*i64",
+        "seed_ptr": "*i64",
+        "y_ptr": f"*{dt}",
+        "t_ptr": "*fp32",
+        "part_y_ptr": "*fp32",
+        "part_t_ptr": "*fp32",
+        "counter_ptr": "*i32",
+        "M": "i32",
+        "N": "i32",
+        "K": "i32",
+        "R": "i32",
+        "n_segs": "i32",
+        "n_adapters": "i32",
+        "n_splits": "i32",
+        "split_stride_y": "i32",
+        "split_stride_t": "i32",
+        "stride_xm": "i32",
+        "stride_xk": "constexpr",
+        "stride_ym": "i32",
+        "stride_tm": "i32",
+    }
+    const = dict(
+        stride_xk=1,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=block_r,
+        RANK_MODE=mode,
+        HAS_BIAS=bias,
+        HAS_DROPOUT=dropout,
+        PACKED=packed,
+        PRECISION="ieee",
+        USE_GDC=gdc,
+    )
     sig.update({n: "constexpr" for n in const if n != "stride_xk"})
     mode_name = ("in_pass", "dense_t", "rows_t", "none")[mode]
     extra = {"ptx_patterns": {**SPLIT_REDUCTION_PTX, **(PDL_CONSUMER_PTX if gdc else {})}}
     if gdc:  # programmatic dependent launch exists from sm_90 on
         extra["arches"] = [90]
     return KernelSpec(
-        name=(f"decode[{mode_name},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BK={cfg['BLOCK_K']},"
-              f"BR={block_r},bias={bias},dropout={dropout},packed={packed},{dt}{',gdc' if gdc else ''}]"),
-        fn=decode_kernel, signature=sig, constexprs=const,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], extra=extra)
+        name=(
+            f"decode[{mode_name},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BK={cfg['BLOCK_K']},"
+            f"BR={block_r},bias={bias},dropout={dropout},packed={packed},{dt}{',gdc' if gdc else ''}]"
+        ),
+        fn=decode_kernel,
+        signature=sig,
+        constexprs=const,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        extra=extra,
+    )
 
 
 def codegen_specs() -> list[KernelSpec]:
     specs = []
     # (mode, dropout, packed, bias): IN_PASS in every mask variant and both rank tiles, the t-reading modes once;
     # bias is one more load in the epilogue, compiled beside the heaviest variants
-    variants = [(IN_PASS, False, False, True), (IN_PASS, True, True, True), (IN_PASS, True, False, False),
-                (DENSE_T, False, False, True), (ROWS_T, False, False, True), (NONE, False, False, False)]
+    variants = [
+        (IN_PASS, False, False, True),
+        (IN_PASS, True, True, True),
+        (IN_PASS, True, False, False),
+        (DENSE_T, False, False, True),
+        (ROWS_T, False, False, True),
+        (NONE, False, False, False),
+    ]
     for dt in ("fp16", "bf16"):
         for M in (1, 64):
             for mode, dropout, packed, bias in variants:
-                for R in ((16, 32) if mode == IN_PASS else (16,)):
+                for R in (16, 32) if mode == IN_PASS else (16,):
                     specs.append(_spec(dt, M, mode, R, dropout, packed, bias, False))
             # the t-reading modes as PDL consumers (sm_90 only)
             for mode in (DENSE_T, ROWS_T):

@@ -12,6 +12,7 @@ for any shape without running them):
                                 fused_gemm_kernel for dX
 No host synchronisation anywhere: the seed stays on the device, descriptors are cached device tensors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,11 +20,17 @@ import triton
 
 from fused_lora.kernels import config
 from fused_lora.kernels.decode import DECODE_M_MAX, DENSE_T, launch_decode, rank_mode
+
 # the Hopper (TMA, persistent) core where it is selected (sm_90, tuned or forced), else the tutorial core
 from fused_lora.kernels.fused_gemm_tma import launch_fused_gemm_selected as launch_fused_gemm
 from fused_lora.kernels.lora_backward import launch_da, launch_db, launch_ds
-from fused_lora.kernels.philox import DROPOUT_KEEP_BLOCK, _dropout_keep_kernel, dropout_params, segment_runs, \
-    segment_table
+from fused_lora.kernels.philox import (
+    DROPOUT_KEEP_BLOCK,
+    _dropout_keep_kernel,
+    dropout_params,
+    segment_runs,
+    segment_table,
+)
 from fused_lora.kernels.shrink import launch_shrink
 
 PATHS = ("small_m", "large_m")
@@ -48,13 +55,13 @@ def _out(given, shape, dtype, device):
     if given is None:
         return torch.empty(shape, dtype=dtype, device=device)
     if tuple(given.shape) != tuple(shape) or given.dtype != dtype or not given.is_contiguous():
-        raise ValueError(f"preallocated output must be contiguous {tuple(shape)} {dtype}, "
-                         f"got {tuple(given.shape)} {given.dtype}")
+        raise ValueError(
+            f"preallocated output must be contiguous {tuple(shape)} {dtype}, got {tuple(given.shape)} {given.dtype}"
+        )
     return given
 
 
-def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, *, path=None, y_out=None,
-             t_out=None):
+def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, *, path=None, y_out=None, t_out=None):
     """(y [M, N], t [M, R] fp32). path: None (by M), "small_m" or "large_m" to force one."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
@@ -71,20 +78,64 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed, 
         shrunk = rank_mode(False, R, n_segs) == DENSE_T
         if shrunk:
             launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
-        launch_decode(x, weight, bias, lora_a, lora_b, scale, seg_table, n_segs, seed, y, t, has_dropout, precision,
-                      after_shrink=shrunk)
+        launch_decode(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            scale,
+            seg_table,
+            n_segs,
+            seed,
+            y,
+            t,
+            has_dropout,
+            precision,
+            after_shrink=shrunk,
+        )
         return y, t
     if n_segs > 0:
         launch_shrink(x, lora_a, scale, seg_table, n_segs, seed, t, block_r, has_dropout, precision)
     if N > 0:
-        launch_fused_gemm(x, weight, (weight.stride(1), weight.stride(0)), bias, t, lora_b,
-                          (lora_b.stride(0), lora_b.stride(1)), R, seg_table, n_segs, seed, y, block_r,
-                          lora_dropout=False, precision=precision, after_shrink=n_segs > 0)
+        launch_fused_gemm(
+            x,
+            weight,
+            (weight.stride(1), weight.stride(0)),
+            bias,
+            t,
+            lora_b,
+            (lora_b.stride(0), lora_b.stride(1)),
+            R,
+            seg_table,
+            n_segs,
+            seed,
+            y,
+            block_r,
+            lora_dropout=False,
+            precision=precision,
+            after_shrink=n_segs > 0,
+        )
     return y, t
 
 
-def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx, *, dx_out=None,
-             da_out=None, db_out=None):
+def lora_bwd(
+    dy,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    scale,
+    t,
+    rank_ptr,
+    dropout_p,
+    seed,
+    need_dx,
+    *,
+    dx_out=None,
+    da_out=None,
+    db_out=None,
+):
     """(dx [M, K] or None, dA [R, K], dB [N, R])."""
     M, K = x.shape
     N, R = weight.shape[0], lora_a.shape[0]
@@ -107,9 +158,23 @@ def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed,
         if K > 0:
             launch_da(ds, x, lora_a, seg_table, n_segs, seed, da, block_r, has_dropout, precision)
     if need_dx and K > 0:
-        launch_fused_gemm(dy, weight, (weight.stride(0), weight.stride(1)), None, ds if R > 0 else None, lora_a,
-                          (lora_a.stride(1), lora_a.stride(0)), R, seg_table, n_segs, seed, dx, block_r,
-                          lora_dropout=has_dropout, precision=precision)
+        launch_fused_gemm(
+            dy,
+            weight,
+            (weight.stride(0), weight.stride(1)),
+            None,
+            ds if R > 0 else None,
+            lora_a,
+            (lora_a.stride(1), lora_a.stride(0)),
+            R,
+            seg_table,
+            n_segs,
+            seed,
+            dx,
+            block_r,
+            lora_dropout=has_dropout,
+            precision=precision,
+        )
     return dx, da, db
 
 
@@ -122,5 +187,6 @@ def dropout_keep(seed, M, K, p, salt, *, out=None):
     if numel > 0:
         threshold, _ = dropout_params(p)
         _dropout_keep_kernel[(triton.cdiv(numel, DROPOUT_KEEP_BLOCK),)](
-            seed, mask, numel, int(salt), threshold, BLOCK=DROPOUT_KEEP_BLOCK, num_warps=4)
+            seed, mask, numel, int(salt), threshold, BLOCK=DROPOUT_KEEP_BLOCK, num_warps=4
+        )
     return mask.view(torch.bool)

@@ -38,6 +38,7 @@ Launch (one kernel launch):
               (gdc_wait) right after its K loop, so everything in its tail comes after the producer's completion
 Element sizes: x w bias a b y dy dx da db in the shape's dtype; t ds part scale in fp32.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,8 +47,7 @@ from typing import Optional, Sequence
 import triton
 
 from fused_lora.kernels import config, decode, dense, fused_gemm
-from fused_lora.kernels.decode import DENSE_T, IN_PASS, NONE, ROWS_T, decode_config, decode_grid, rank_block, \
-    rank_mode
+from fused_lora.kernels.decode import DENSE_T, IN_PASS, NONE, ROWS_T, decode_config, decode_grid, rank_block, rank_mode
 from fused_lora.kernels.fused_gemm import RANK_CHUNK, gemm_config, gemm_grid
 from fused_lora.kernels.lora_backward import da_config, db_config, ds_config, rank_chunk, split_grid
 from fused_lora.kernels.philox import segment_rows
@@ -65,7 +65,7 @@ class Shape:
     K: int
     ranks: Sequence[int]
     dtype: str = "bfloat16"
-    dropout: object = 0.0          # float for every adapter, or one per adapter
+    dropout: object = 0.0  # float for every adapter, or one per adapter
     row_ids: Optional[Sequence[int]] = None
     bias: bool = False
 
@@ -115,9 +115,9 @@ class Launch:
     flops: float = 0.0
     hbm_bytes: float = 0.0
     note: str = ""
-    step_bytes: int = 0     # operand bytes one program loads per pipelined step (what stays in flight)
-    steps: int = 0          # pipelined steps of the longest program
-    pdl: bool = False       # overlaps the launch before it (programmatic dependent launch)
+    step_bytes: int = 0  # operand bytes one program loads per pipelined step (what stays in flight)
+    steps: int = 0  # pipelined steps of the longest program
+    pdl: bool = False  # overlaps the launch before it (programmatic dependent launch)
     tail_bytes: float = 0.0  # bytes moved after the K loop (partials, t, B, bias, output)
     tail_latencies: int = 0  # dependent round trips after the K loop that a plain GEMM does not make
 
@@ -129,20 +129,33 @@ class Launch:
         return 4 if tensor in _FP32_TENSORS else e
 
     def l2_bytes(self, e: int) -> float:
-        return sum(v * self.elem_bytes(k, e) for k, v in self.loads.items()) + \
-            sum(v * self.elem_bytes(k, e) for k, v in self.writes.items())
+        return sum(v * self.elem_bytes(k, e) for k, v in self.loads.items()) + sum(
+            v * self.elem_bytes(k, e) for k, v in self.writes.items()
+        )
 
 
-def _launch(kernel, grid, cfg, shape: Shape, loads, writes, flops, reads_distinct, note="", step_bytes=0,
-            steps=0) -> Launch:
+def _launch(
+    kernel, grid, cfg, shape: Shape, loads, writes, flops, reads_distinct, note="", step_bytes=0, steps=0
+) -> Launch:
     """reads_distinct: {tensor: distinct elements read}; writes count fully towards DRAM."""
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     e = shape.e
-    launch = Launch(kernel, grid, dict(cfg), {k: int(v) for k, v in loads.items() if v},
-                    {k: int(v) for k, v in writes.items() if v}, float(flops), 0.0, note, int(step_bytes),
-                    int(steps))
-    launch.hbm_bytes = float(sum(v * launch.elem_bytes(k, e) for k, v in reads_distinct.items()) +
-                             sum(v * launch.elem_bytes(k, e) for k, v in launch.writes.items()))
+    launch = Launch(
+        kernel,
+        grid,
+        dict(cfg),
+        {k: int(v) for k, v in loads.items() if v},
+        {k: int(v) for k, v in writes.items() if v},
+        float(flops),
+        0.0,
+        note,
+        int(step_bytes),
+        int(steps),
+    )
+    launch.hbm_bytes = float(
+        sum(v * launch.elem_bytes(k, e) for k, v in reads_distinct.items())
+        + sum(v * launch.elem_bytes(k, e) for k, v in launch.writes.items())
+    )
     return launch
 
 
@@ -181,6 +194,7 @@ def _chunk_width(c: int, block_r: int, R: int) -> int:
 # today's launchers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _plan_shrink(shape: Shape, device, per_row: bool) -> Launch:
     M, K, R, e = shape.M, shape.K, shape.R, shape.e
     has_dropout = any(p > 0 for p in shape.dropout_p)
@@ -212,24 +226,34 @@ def _plan_shrink(shape: Shape, device, per_row: bool) -> Launch:
     tile_elems = bm * block_r
     part = splits * tiles_m * groups * tile_elems if splits > 1 else 0
     flops = 2.0 * tiles_m * bm * block_r * triton.cdiv(K, cfg["BLOCK_K"]) * cfg["BLOCK_K"] * groups
-    return _launch("shrink_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits}, shape,
-                   {"x": x, "a": a, "scale": 0, "part": part}, {"t": t_w, "part": part}, flops,
-                   {"x": M * K, "a": R * K}, f"{'per-row ' if per_row else ''}shrink, {splits} split(s) of K",
-                   (bm + block_r) * cfg["BLOCK_K"] * e, triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), splits))
+    return _launch(
+        "shrink_kernel",
+        grid,
+        {**cfg, "BLOCK_R": block_r, "splits": splits},
+        shape,
+        {"x": x, "a": a, "scale": 0, "part": part},
+        {"t": t_w, "part": part},
+        flops,
+        {"x": M * K, "a": R * K},
+        f"{'per-row ' if per_row else ''}shrink, {splits} split(s) of K",
+        (bm + block_r) * cfg["BLOCK_K"] * e,
+        triton.cdiv(triton.cdiv(K, cfg["BLOCK_K"]), splits),
+    )
 
 
 def _tail(launch: Launch, e: int, tensors: Sequence[str], latencies: int) -> None:
     """Record the work after the launch's K loop: `tensors` moved in `latencies` dependent round trips."""
-    launch.tail_bytes = float(sum(v * launch.elem_bytes(k, e) for k, v in launch.loads.items() if k in tensors) +
-                              sum(v * launch.elem_bytes(k, e) for k, v in launch.writes.items() if k in tensors))
+    launch.tail_bytes = float(
+        sum(v * launch.elem_bytes(k, e) for k, v in launch.loads.items() if k in tensors)
+        + sum(v * launch.elem_bytes(k, e) for k, v in launch.writes.items() if k in tensors)
+    )
     launch.tail_latencies = latencies
 
 
 def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False, pdl: bool = False) -> Launch:
     M, N, K, R, e = shape.M, shape.N, shape.K, shape.R, shape.e
     has_dropout = any(p > 0 for p in shape.dropout_p)
-    n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr,
-                                                                                      shape.dropout_p)))
+    n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr, shape.dropout_p)))
     mode = rank_mode(per_row, R, len(shape.ranks) if per_row else n_segs)
     cfg = decode_config(M, e, mode, has_dropout, device)
     block_r = rank_block(mode, R)
@@ -273,20 +297,34 @@ def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False
         loads["bias"] = tiles * bn
         reads["bias"] = N
     writes["part"] = part
-    mode_name = {IN_PASS: "shrink in the K loop", DENSE_T: "t from the shrink launch",
-                 ROWS_T: "per-row t", NONE: "no rank term"}[mode]
-    launch = _launch("decode_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits, "mode": mode}, shape,
-                     loads, writes, flops, reads, f"decode, {splits} split(s) of K, {mode_name}",
-                     (bn + bm + (block_r if mode == IN_PASS else 0)) * bk * e,
-                     triton.cdiv(triton.cdiv(K, bk), splits))
+    mode_name = {
+        IN_PASS: "shrink in the K loop",
+        DENSE_T: "t from the shrink launch",
+        ROWS_T: "per-row t",
+        NONE: "no rank term",
+    }[mode]
+    launch = _launch(
+        "decode_kernel",
+        grid,
+        {**cfg, "BLOCK_R": block_r, "splits": splits, "mode": mode},
+        shape,
+        loads,
+        writes,
+        flops,
+        reads,
+        f"decode, {splits} split(s) of K, {mode_name}",
+        (bn + bm + (block_r if mode == IN_PASS else 0)) * bk * e,
+        triton.cdiv(triton.cdiv(K, bk), splits),
+    )
     # after the K loop: store the partial and take the ticket, (last program) read the partials, then t and B, y
     _tail(launch, e, ("part", "t", "b", "bias", "y"), (2 if splits > 1 else 0) + (mode != NONE))
     launch.pdl = pdl and decode.pdl_consumer(mode, after_shrink)  # its gdc_wait sits right after the K loop
     return launch
 
 
-def _plan_fused_gemm(shape: Shape, device, per_row: bool, backward: bool, after_shrink: bool = False,
-                     pdl: bool = False) -> Launch:
+def _plan_fused_gemm(
+    shape: Shape, device, per_row: bool, backward: bool, after_shrink: bool = False, pdl: bool = False
+) -> Launch:
     """Forward: out = x W^T (+ t B^T); backward: dX = dY W (+ drop'(dS A)). Reduction length K_red."""
     M, R, e = shape.M, shape.R, shape.e
     n_out, k_red = (shape.K, shape.N) if backward else (shape.N, shape.K)
@@ -321,9 +359,19 @@ def _plan_fused_gemm(shape: Shape, device, per_row: bool, backward: bool, after_
     if shape.bias and not backward:
         loads["bias"] = tiles * bn
         reads["bias"] = n_out
-    launch = _launch("fused_gemm_kernel", grid, cfg, shape, loads, {"dx" if backward else "y": M * n_out}, flops,
-                     reads, f"fused GEMM {'dX' if backward else 'y'}{' per row' if per_row else ''}",
-                     (bm + bn) * bk * e, triton.cdiv(k_red, bk))
+    launch = _launch(
+        "fused_gemm_kernel",
+        grid,
+        cfg,
+        shape,
+        loads,
+        {"dx" if backward else "y": M * n_out},
+        flops,
+        reads,
+        f"fused GEMM {'dX' if backward else 'y'}{' per row' if per_row else ''}",
+        (bm + bn) * bk * e,
+        triton.cdiv(k_red, bk),
+    )
     # the rank term after the K loop (no dropout on it): t and B^T in one round trip, then the tile's store
     _tail(launch, e, ("t", "b", "bias", "y"), int(has_lora and not lora_dropout))
     launch.pdl = pdl and fused_gemm.pdl_consumer(after_shrink, has_lora, lora_dropout)
@@ -345,12 +393,19 @@ def _plan_ds(shape: Shape, device, per_row: bool) -> Launch:
         b += sum(_chunk_width(c, block_r, R) for c in mine) * N
     part = splits * tiles_m * chunks * cfg["BLOCK_M"] * block_r if splits > 1 else 0
     flops = 2.0 * visited * cfg["BLOCK_M"] * block_r * triton.cdiv(N, cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    return _launch("ds_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits}, shape,
-                   {"dy": dy, "b": b, "part": part}, {"ds": M * (rank_max(shape.rank_ptr) if per_row else R),
-                                                      "part": part},
-                   flops, {"dy": M * N, "b": N * R}, f"dS, {splits} split(s) of N",
-                   (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_N"] * shape.e,
-                   triton.cdiv(triton.cdiv(N, cfg["BLOCK_N"]), splits))
+    return _launch(
+        "ds_kernel",
+        grid,
+        {**cfg, "BLOCK_R": block_r, "splits": splits},
+        shape,
+        {"dy": dy, "b": b, "part": part},
+        {"ds": M * (rank_max(shape.rank_ptr) if per_row else R), "part": part},
+        flops,
+        {"dy": M * N, "b": N * R},
+        f"dS, {splits} split(s) of N",
+        (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_N"] * shape.e,
+        triton.cdiv(triton.cdiv(N, cfg["BLOCK_N"]), splits),
+    )
 
 
 def _plan_db(shape: Shape, device, per_row: bool) -> Launch:
@@ -367,16 +422,29 @@ def _plan_db(shape: Shape, device, per_row: bool) -> Launch:
         visited += len(mine)
         dy += len(mine) * len(rows) * N
         if per_row:
-            t += sum(sum(max(0, min(hi, (c + 1) * block_r) - max(lo, c * block_r)) for c in mine)
-                     for lo, hi in (_row_ranks(shape, m) for m in rows)) * tiles_n
+            t += (
+                sum(
+                    sum(max(0, min(hi, (c + 1) * block_r) - max(lo, c * block_r)) for c in mine)
+                    for lo, hi in (_row_ranks(shape, m) for m in rows)
+                )
+                * tiles_n
+            )
         else:
             t += len(rows) * R * tiles_n
     part = splits * tiles_n * chunks * bn * block_r if splits > 1 else 0
-    return _launch("db_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits}, shape,
-                   {"dy": dy, "t": t, "part": part}, {"db": N * R, "part": part},
-                   2.0 * visited * tiles_n * bn * bm * block_r, {"dy": M * N, "t": M * R},
-                   f"dB, {splits} split(s) of M",
-                   bm * bn * shape.e + bm * block_r * 4, triton.cdiv(triton.cdiv(M, bm), splits))
+    return _launch(
+        "db_kernel",
+        grid,
+        {**cfg, "BLOCK_R": block_r, "splits": splits},
+        shape,
+        {"dy": dy, "t": t, "part": part},
+        {"db": N * R, "part": part},
+        2.0 * visited * tiles_n * bn * bm * block_r,
+        {"dy": M * N, "t": M * R},
+        f"dB, {splits} split(s) of M",
+        bm * bn * shape.e + bm * block_r * 4,
+        triton.cdiv(triton.cdiv(M, bm), splits),
+    )
 
 
 def _plan_da(shape: Shape, device, per_row: bool) -> Launch:
@@ -402,11 +470,19 @@ def _plan_da(shape: Shape, device, per_row: bool) -> Launch:
         # dS: each row's own ranks (per row), every rank (dense), once per K tile
         ds += (_used_ranks(shape, rows) if per_row else len(rows) * R) * tiles_k
     part = splits * tiles_k * groups * bk * block_r if splits > 1 else 0
-    return _launch("da_kernel", grid, {**cfg, "BLOCK_R": block_r, "splits": splits}, shape,
-                   {"x": x, "ds": ds, "part": part}, {"da": R * K, "part": part},
-                   2.0 * visited * tiles_k * bk * bm * block_r,
-                   {"x": M * K, "ds": M * R}, f"dA, {splits} split(s) of M",
-                   bm * bk * shape.e + bm * block_r * 4, triton.cdiv(triton.cdiv(M, bm), splits))
+    return _launch(
+        "da_kernel",
+        grid,
+        {**cfg, "BLOCK_R": block_r, "splits": splits},
+        shape,
+        {"x": x, "ds": ds, "part": part},
+        {"da": R * K, "part": part},
+        2.0 * visited * tiles_k * bk * bm * block_r,
+        {"x": M * K, "ds": M * R},
+        f"dA, {splits} split(s) of M",
+        bm * bk * shape.e + bm * block_r * 4,
+        triton.cdiv(triton.cdiv(M, bm), splits),
+    )
 
 
 def plan(op: str, shape: Shape, *, path: Optional[str] = None, device=None, pdl: Optional[bool] = None) -> list:
@@ -417,8 +493,9 @@ def plan(op: str, shape: Shape, *, path: Optional[str] = None, device=None, pdl:
     if M == 0:
         return []
     if op == "forward":
-        n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr,
-                                                                                          shape.dropout_p)))
+        n_segs = len(
+            segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr, shape.dropout_p))
+        )
         if dense.forward_path(M, path) == "small_m" and N > 0:
             shrunk = rank_mode(False, R, n_segs) == DENSE_T
             out = [_plan_shrink(shape, device, False)] if shrunk else []
@@ -465,15 +542,24 @@ def _before_small_m(shape: Shape) -> Launch:
     cfg = dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=bk, num_warps=4 if bm == 16 else 8, num_stages=4 if e == 2 else 3)
     tiles_n, tiles_m = triton.cdiv(N, 64), triton.cdiv(M, bm)
     tiles = tiles_n * tiles_m
-    n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr,
-                                                                                      shape.dropout_p)))
+    n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, dense.segment_block(shape.rank_ptr, shape.dropout_p)))
     k_pad = triton.cdiv(K, bk) * bk
     # the W loop reads x once, then the shrink loop reads x again per segment
     loads = {"x": tiles * bm * K * (1 + n_segs), "w": tiles * 64 * K, "a": tiles * R * K, "b": tiles * 64 * R}
     flops = 2.0 * tiles * 64 * bm * k_pad + 2.0 * tiles * n_segs * 16 * bm * k_pad + 2.0 * tiles * 64 * bm * R
-    launch = _launch("small_m_kernel", (tiles_n, tiles_m), cfg, shape, loads, {"y": M * N, "t": M * R}, flops,
-                     {"x": M * K, "w": N * K, "a": R * K, "b": N * R}, "decode, one program per 64 columns",
-                     (64 + bm) * bk * e, triton.cdiv(K, bk) * (1 + n_segs))
+    launch = _launch(
+        "small_m_kernel",
+        (tiles_n, tiles_m),
+        cfg,
+        shape,
+        loads,
+        {"y": M * N, "t": M * R},
+        flops,
+        {"x": M * K, "w": N * K, "a": R * K, "b": N * R},
+        "decode, one program per 64 columns",
+        (64 + bm) * bk * e,
+        triton.cdiv(K, bk) * (1 + n_segs),
+    )
     # after the W loop and its drain: the shrink loop over x and A (num_stages - 1 steps in flight), then B
     launch.tail_latencies = triton.cdiv(triton.cdiv(K, bk) * n_segs, cfg["num_stages"] - 1) + 1
     launch.tail_bytes = float((tiles * bm * K * n_segs + tiles * R * K + tiles * 64 * R) * e)
@@ -487,17 +573,29 @@ def _before_shrink(shape: Shape) -> Launch:
     block_r = dense.segment_block(shape.rank_ptr, shape.dropout_p)
     n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, block_r))
     cfg = dict(BLOCK_M=64, BLOCK_K=bk, BLOCK_R=block_r, num_warps=4, num_stages=3)
-    return _launch("shrink_kernel", (triton.cdiv(M, 64), n_segs), cfg, shape,
-                   {"x": n_segs * M * K, "a": R * K * triton.cdiv(M, 64)}, {"t": M * R},
-                   2.0 * triton.cdiv(M, 64) * 64 * block_r * triton.cdiv(K, bk) * bk * n_segs,
-                   {"x": M * K, "a": R * K}, "shrink, one program per 64 rows and segment", (64 + block_r) * bk * e,
-                   triton.cdiv(K, bk))
+    return _launch(
+        "shrink_kernel",
+        (triton.cdiv(M, 64), n_segs),
+        cfg,
+        shape,
+        {"x": n_segs * M * K, "a": R * K * triton.cdiv(M, 64)},
+        {"t": M * R},
+        2.0 * triton.cdiv(M, 64) * 64 * block_r * triton.cdiv(K, bk) * bk * n_segs,
+        {"x": M * K, "a": R * K},
+        "shrink, one program per 64 rows and segment",
+        (64 + block_r) * bk * e,
+        triton.cdiv(K, bk),
+    )
 
 
 def _before_fused_gemm(shape: Shape, backward: bool) -> Launch:
     # gemm_config's table is unchanged by issue 13 (the tuned store aside): reuse its static entries
-    launch = _plan_fused_gemm(Shape(shape.M, shape.N, shape.K, shape.ranks, shape.dtype, shape.dropout, None,
-                                    shape.bias), "cpu", False, backward)
+    launch = _plan_fused_gemm(
+        Shape(shape.M, shape.N, shape.K, shape.ranks, shape.dtype, shape.dropout, None, shape.bias),
+        "cpu",
+        False,
+        backward,
+    )
     launch.note += " (as today)"
     return launch
 
@@ -526,28 +624,68 @@ def _before_rows(shape: Shape, backward: bool) -> list:
     n_out, k_red = (K, N) if backward else (N, K)
     out = [_launch("_group_rows_kernel", (1,), {}, shape, {}, {}, 0.0, {}, "one-program counting sort")]
     if not backward:
-        out.append(_launch("_rows_shrink_kernel", (grid_r, triton.cdiv(r_max, block_r)),
-                           dict(BLOCK_M=rank[0], BLOCK_K=rank[2], BLOCK_R=block_r, num_warps=4, num_stages=3), shape,
-                           {"x": M * K}, {"t": M * r_max}, 2.0 * used_r * rank[0] * block_r * K,
-                           {"x": M * K, "a": R * K},
-                           "per-row shrink", (rank[0] + block_r) * rank[2] * e, triton.cdiv(K, rank[2])))
+        out.append(
+            _launch(
+                "_rows_shrink_kernel",
+                (grid_r, triton.cdiv(r_max, block_r)),
+                dict(BLOCK_M=rank[0], BLOCK_K=rank[2], BLOCK_R=block_r, num_warps=4, num_stages=3),
+                shape,
+                {"x": M * K},
+                {"t": M * r_max},
+                2.0 * used_r * rank[0] * block_r * K,
+                {"x": M * K, "a": R * K},
+                "per-row shrink",
+                (rank[0] + block_r) * rank[2] * e,
+                triton.cdiv(K, rank[2]),
+            )
+        )
     else:
-        out.append(_launch("_rows_bwd_db_ds_kernel", (grid_r, triton.cdiv(N, rank[1])),
-                           dict(BLOCK_M=rank[0], BLOCK_N=rank[1], BLOCK_R=16, num_warps=4, num_stages=3), shape,
-                           {"dy": M * N}, {}, 4.0 * M * N * R, {"dy": M * N}, "dB, dS by fp32 atomics",
-                           rank[0] * rank[1] * e, 1))
-        out.append(_launch("_rows_bwd_da_kernel", (grid_r, triton.cdiv(K, rank[2])),
-                           dict(BLOCK_M=rank[0], BLOCK_K=rank[2], BLOCK_R=16, num_warps=4, num_stages=3), shape,
-                           {"x": M * K}, {}, 2.0 * M * K * R, {"x": M * K}, "dA by fp32 atomics", rank[0] * rank[2] * e,
-                           1))
+        out.append(
+            _launch(
+                "_rows_bwd_db_ds_kernel",
+                (grid_r, triton.cdiv(N, rank[1])),
+                dict(BLOCK_M=rank[0], BLOCK_N=rank[1], BLOCK_R=16, num_warps=4, num_stages=3),
+                shape,
+                {"dy": M * N},
+                {},
+                4.0 * M * N * R,
+                {"dy": M * N},
+                "dB, dS by fp32 atomics",
+                rank[0] * rank[1] * e,
+                1,
+            )
+        )
+        out.append(
+            _launch(
+                "_rows_bwd_da_kernel",
+                (grid_r, triton.cdiv(K, rank[2])),
+                dict(BLOCK_M=rank[0], BLOCK_K=rank[2], BLOCK_R=16, num_warps=4, num_stages=3),
+                shape,
+                {"x": M * K},
+                {},
+                2.0 * M * K * R,
+                {"x": M * K},
+                "dA by fp32 atomics",
+                rank[0] * rank[2] * e,
+                1,
+            )
+        )
     # every non-empty tile streams all of W (columns masked to N): W once per adapter present in a tile
-    out.append(_launch("_rows_gemm_kernel", (grid_g, triton.cdiv(n_out, gemm[1])),
-                       dict(BLOCK_M=gemm[0], BLOCK_N=gemm[1], BLOCK_K=gemm[2], num_warps=gemm[3],
-                            num_stages=gemm[4]), shape,
-                       {"w": used_g * N * K, "dy" if backward else "x": M * k_red * triton.cdiv(n_out, gemm[1])},
-                       {"dx" if backward else "y": M * n_out},
-                       2.0 * used_g * gemm[0] * triton.cdiv(n_out, gemm[1]) * gemm[1] * k_red, {"w": N * K},
-                       "tiles never mix adapters", (gemm[0] + gemm[1]) * gemm[2] * e, triton.cdiv(k_red, gemm[2])))
+    out.append(
+        _launch(
+            "_rows_gemm_kernel",
+            (grid_g, triton.cdiv(n_out, gemm[1])),
+            dict(BLOCK_M=gemm[0], BLOCK_N=gemm[1], BLOCK_K=gemm[2], num_warps=gemm[3], num_stages=gemm[4]),
+            shape,
+            {"w": used_g * N * K, "dy" if backward else "x": M * k_red * triton.cdiv(n_out, gemm[1])},
+            {"dx" if backward else "y": M * n_out},
+            2.0 * used_g * gemm[0] * triton.cdiv(n_out, gemm[1]) * gemm[1] * k_red,
+            {"w": N * K},
+            "tiles never mix adapters",
+            (gemm[0] + gemm[1]) * gemm[2] * e,
+            triton.cdiv(k_red, gemm[2]),
+        )
+    )
     return out
 
 
@@ -566,29 +704,72 @@ def plan_before(op: str, shape: Shape) -> list:
         n_segs = len(segment_rows(shape.rank_ptr, shape.dropout_p, block_r))
         if R:
             tiles_m = triton.cdiv(M, 64)
-            out.append(_launch("ds_db_kernel", (tiles_m, triton.cdiv(R, block_r)),
-                               dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), shape,
-                               {"dy": M * N * triton.cdiv(R, block_r)}, {"ds": M * R, "part": tiles_m * N * R},
-                               2.0 * 2 * M * N * R, {"dy": M * N, "b": N * R}, "partials [M/64, N, R] fp32",
-                               (64 + block_r) * 64 * shape.e, triton.cdiv(N, 64)))
-            out.append(_launch("sum_partials_kernel", (triton.cdiv(N * R, 1024),),
-                               dict(BLOCK=1024, num_warps=4, num_stages=1), shape, {"part": tiles_m * N * R},
-                               {"db": N * R}, 0.0, {"part": tiles_m * N * R}, "int32 offsets s * X", 1024 * 4,
-                               tiles_m))
+            out.append(
+                _launch(
+                    "ds_db_kernel",
+                    (tiles_m, triton.cdiv(R, block_r)),
+                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                    shape,
+                    {"dy": M * N * triton.cdiv(R, block_r)},
+                    {"ds": M * R, "part": tiles_m * N * R},
+                    2.0 * 2 * M * N * R,
+                    {"dy": M * N, "b": N * R},
+                    "partials [M/64, N, R] fp32",
+                    (64 + block_r) * 64 * shape.e,
+                    triton.cdiv(N, 64),
+                )
+            )
+            out.append(
+                _launch(
+                    "sum_partials_kernel",
+                    (triton.cdiv(N * R, 1024),),
+                    dict(BLOCK=1024, num_warps=4, num_stages=1),
+                    shape,
+                    {"part": tiles_m * N * R},
+                    {"db": N * R},
+                    0.0,
+                    {"part": tiles_m * N * R},
+                    "int32 offsets s * X",
+                    1024 * 4,
+                    tiles_m,
+                )
+            )
             if K:
                 bk = 64 if shape.e == 2 else 32
                 tiles_k = triton.cdiv(K, bk)
                 splits = max(1, min(tiles_m, _BEFORE_TARGET_PROGRAMS // max(1, tiles_k * n_segs)))
                 rows_per_split = triton.cdiv(tiles_m, splits) * 64
                 splits = triton.cdiv(M, rows_per_split)
-                out.append(_launch("da_partial_kernel", (tiles_k, n_segs, splits),
-                                   dict(BLOCK_M=64, BLOCK_K=bk, num_warps=4, num_stages=3), shape,
-                                   {"x": M * K * n_segs}, {"part": splits * R * K}, 2.0 * M * K * R, {"x": M * K},
-                                   "split over M", 64 * bk * shape.e + 64 * block_r * 4,
-                                   triton.cdiv(triton.cdiv(M, 64), splits)))
-                out.append(_launch("sum_partials_kernel", (triton.cdiv(R * K, 1024),),
-                                   dict(BLOCK=1024, num_warps=4, num_stages=1), shape, {"part": splits * R * K},
-                                   {"da": R * K}, 0.0, {"part": splits * R * K}, "", 1024 * 4, splits))
+                out.append(
+                    _launch(
+                        "da_partial_kernel",
+                        (tiles_k, n_segs, splits),
+                        dict(BLOCK_M=64, BLOCK_K=bk, num_warps=4, num_stages=3),
+                        shape,
+                        {"x": M * K * n_segs},
+                        {"part": splits * R * K},
+                        2.0 * M * K * R,
+                        {"x": M * K},
+                        "split over M",
+                        64 * bk * shape.e + 64 * block_r * 4,
+                        triton.cdiv(triton.cdiv(M, 64), splits),
+                    )
+                )
+                out.append(
+                    _launch(
+                        "sum_partials_kernel",
+                        (triton.cdiv(R * K, 1024),),
+                        dict(BLOCK=1024, num_warps=4, num_stages=1),
+                        shape,
+                        {"part": splits * R * K},
+                        {"da": R * K},
+                        0.0,
+                        {"part": splits * R * K},
+                        "",
+                        1024 * 4,
+                        splits,
+                    )
+                )
         if K:
             out.append(_before_fused_gemm(shape, True))
         return out
@@ -601,33 +782,42 @@ def plan_before(op: str, shape: Shape) -> list:
 
 def summary(launches: list, e: int) -> dict:
     """Totals of a plan: launches, programs of the biggest launch, W elements loaded, HBM and L2 bytes, FLOPs."""
-    return {"launches": len(launches), "programs": [lc.programs for lc in launches],
-            "w_loads": sum(lc.loads.get("w", 0) for lc in launches),
-            "hbm_bytes": sum(lc.hbm_bytes for lc in launches), "l2_bytes": sum(lc.l2_bytes(e) for lc in launches),
-            "flops": sum(lc.flops for lc in launches)}
+    return {
+        "launches": len(launches),
+        "programs": [lc.programs for lc in launches],
+        "w_loads": sum(lc.loads.get("w", 0) for lc in launches),
+        "hbm_bytes": sum(lc.hbm_bytes for lc in launches),
+        "l2_bytes": sum(lc.l2_bytes(e) for lc in launches),
+        "flops": sum(lc.flops for lc in launches),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # issue 13's regimes (bf16, K = 4096): the shapes its table is about; fused_lora/perf times them
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def issue13_regimes() -> list:
     """(name, op, shape) of every regime of issue 13's table."""
-    out = [(f"decode M={M} N={N}", "forward", Shape(M, N, 4096, [16]))
-           for M in (1, 16, 64) for N in (1024, 4096, 14336)]
-    out.append(("mixed decode 16 x 16 ad", "rows_forward",
-                Shape(16, 4096, 4096, [16] * 16, row_ids=interleaved(16, 16))))
-    out.append(("mixed prefill 2048 x 4 ad", "rows_forward",
-                Shape(2048, 4096, 4096, [16] * 4, row_ids=interleaved(2048, 4))))
+    out = [
+        (f"decode M={M} N={N}", "forward", Shape(M, N, 4096, [16])) for M in (1, 16, 64) for N in (1024, 4096, 14336)
+    ]
+    out.append(
+        ("mixed decode 16 x 16 ad", "rows_forward", Shape(16, 4096, 4096, [16] * 16, row_ids=interleaved(16, 16)))
+    )
+    out.append(
+        ("mixed prefill 2048 x 4 ad", "rows_forward", Shape(2048, 4096, 4096, [16] * 4, row_ids=interleaved(2048, 4)))
+    )
     out += [(f"prefill M={M}", "forward", Shape(M, 4096, 4096, [16])) for M in (512, 2048, 8192)]
     out += [(f"backward M={M} r={r}", "backward", Shape(M, 14336, 4096, [r])) for M, r in ((8192, 16), (65536, 64))]
     return out
 
 
 def grids(launches: list) -> str:
-    """"kernel: programs" per launch, "(PDL)" after a launch that overlaps the one before it."""
-    return ", ".join(f"{lc.kernel.replace('_kernel', '').strip('_')}: {lc.programs}{' (PDL)' if lc.pdl else ''}"
-                     for lc in launches)
+    """ "kernel: programs" per launch, "(PDL)" after a launch that overlaps the one before it."""
+    return ", ".join(
+        f"{lc.kernel.replace('_kernel', '').strip('_')}: {lc.programs}{' (PDL)' if lc.pdl else ''}" for lc in launches
+    )
 
 
 def partial_bytes(launches: list) -> int:
@@ -639,9 +829,12 @@ def counts_table() -> str:
     """Issue 13's regimes before (dd3ed58), after, and after with PDL: launches, programs, W loads, partials. Exact
     counts (tests/test_kernel_counts.py); the MODEL times of the same plans: `python -m fused_lora bench
     --model-only` (fused_lora/perf)."""
-    lines = ["Counts (exact, from the launchers' own config/grid/split functions); MODEL times: "
-             "`python -m fused_lora bench --model-only`.",
-             "| regime | version | launches: programs | W loads / W | partials MiB |", "|---|---|---|---|---|"]
+    lines = [
+        "Counts (exact, from the launchers' own config/grid/split functions); MODEL times: "
+        "`python -m fused_lora bench --model-only`.",
+        "| regime | version | launches: programs | W loads / W | partials MiB |",
+        "|---|---|---|---|---|",
+    ]
     for name, op, shape in issue13_regimes():
         versions = [("before", plan_before(op, shape)), ("after", plan(op, shape, pdl=False))]
         with_pdl = plan(op, shape, pdl=True)
@@ -649,8 +842,9 @@ def counts_table() -> str:
             versions.append(("after, PDL", with_pdl))
         for version, launches in versions:
             w = sum(lc.loads.get("w", 0) for lc in launches) / (shape.N * shape.K)
-            lines.append(f"| {name} | {version} | {grids(launches)} | {w:.2f} | "
-                         f"{partial_bytes(launches) / 2 ** 20:.1f} |")
+            lines.append(
+                f"| {name} | {version} | {grids(launches)} | {w:.2f} | {partial_bytes(launches) / 2**20:.1f} |"
+            )
     return "\n".join(lines)
 
 

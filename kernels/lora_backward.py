@@ -16,6 +16,7 @@ lo_m + j) and placed at the stacked ranks while loading (blocks.rank_term's conv
 gradient sums only its own rows; x is masked per row by that row's adapter. Dense groups of da_kernel are the
 segments of philox.segment_table (one dropout mask each); per-row groups are rank chunks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,7 @@ import triton.language as tl
 
 from fused_lora.kernels import config
 from fused_lora.kernels.blocks import dot_k_range, reduce_splits, row_adapters, row_dropout, split_range
-from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, \
-    keep_mask_tile
+from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, keep_mask_tile
 from fused_lora.kernels.spec import SPLIT_REDUCTION_PTX, KernelSpec
 
 
@@ -45,10 +45,30 @@ def _rank_rows(row_ids_ptr, table_ptr, rows, row_ok, ranks, n_adapters, R, PER_R
 
 
 @triton.jit
-def ds_kernel(dy_ptr, b_ptr, scale_ptr, table_ptr, row_ids_ptr, ds_ptr, part_ptr, counter_ptr,
-              M, N, R, n_adapters, n_splits, split_stride, stride_dym, stride_dyn, stride_dsm,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr,
-              PRECISION: tl.constexpr):
+def ds_kernel(
+    dy_ptr,
+    b_ptr,
+    scale_ptr,
+    table_ptr,
+    row_ids_ptr,
+    ds_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    R,
+    n_adapters,
+    n_splits,
+    split_stride,
+    stride_dym,
+    stride_dyn,
+    stride_dsm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     chunk = tl.program_id(1)
     split = tl.program_id(2)
@@ -63,8 +83,26 @@ def ds_kernel(dy_ptr, b_ptr, scale_ptr, table_ptr, row_ids_ptr, ds_ptr, part_ptr
         offs_n = (n_begin + tl.arange(0, BLOCK_N)).to(tl.int64)
         dy_ptrs = dy_ptr + rows[:, None] * stride_dym + offs_n[None, :] * stride_dyn
         b_ptrs = b_ptr + offs_n[:, None] * R + ranks[None, :]
-        acc = dot_k_range(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), dy_ptrs, b_ptrs, row_ok, ranks < R,
-                          n_begin, n_end, N, stride_dyn, R, None, None, None, None, False, False, BLOCK_N, PRECISION)
+        acc = dot_k_range(
+            tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32),
+            dy_ptrs,
+            b_ptrs,
+            row_ok,
+            ranks < R,
+            n_begin,
+            n_end,
+            N,
+            stride_dyn,
+            R,
+            None,
+            None,
+            None,
+            None,
+            False,
+            False,
+            BLOCK_N,
+            PRECISION,
+        )
         tile = pid_m * tl.num_programs(1) + chunk
         part = part_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_R) + offs_m[:, None] * BLOCK_R + offs_r[None, :]
         acc, last = reduce_splits(acc, part, split, n_splits, split_stride, counter_ptr + tile)
@@ -74,10 +112,29 @@ def ds_kernel(dy_ptr, b_ptr, scale_ptr, table_ptr, row_ids_ptr, ds_ptr, part_ptr
 
 
 @triton.jit
-def db_kernel(dy_ptr, t_ptr, table_ptr, row_ids_ptr, db_ptr, part_ptr, counter_ptr,
-              M, N, R, n_adapters, n_splits, split_stride, stride_dym, stride_dyn, stride_tm,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr,
-              PRECISION: tl.constexpr):
+def db_kernel(
+    dy_ptr,
+    t_ptr,
+    table_ptr,
+    row_ids_ptr,
+    db_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    R,
+    n_adapters,
+    n_splits,
+    split_stride,
+    stride_dym,
+    stride_dyn,
+    stride_tm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     compute_ty = db_ptr.dtype.element_ty  # products in the adapter dtype (x's dtype or fp32)
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -95,23 +152,49 @@ def db_kernel(dy_ptr, t_ptr, table_ptr, row_ids_ptr, db_ptr, part_ptr, counter_p
         row_ok = rows < M
         inside, column, touched = _rank_rows(row_ids_ptr, table_ptr, rows, row_ok, ranks, n_adapters, R, PER_ROW)
         if touched:
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                         mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(compute_ty)
+            dy = tl.load(
+                dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(compute_ty)
             lhs = tl.load(t_ptr + rows[:, None] * stride_tm + column, mask=inside, other=0.0).to(compute_ty)
             acc = tl.dot(tl.trans(dy), lhs, acc, input_precision=PRECISION)
     tile = pid_n * tl.num_programs(1) + chunk
     part = part_ptr + tile.to(tl.int64) * (BLOCK_N * BLOCK_R) + offs_n[:, None] * BLOCK_R + offs_r[None, :]
     acc, last = reduce_splits(acc, part, split, n_splits, split_stride, counter_ptr + tile)
     if last:
-        tl.store(db_ptr + cols[:, None] * R + ranks[None, :], acc.to(compute_ty),
-                 mask=col_ok[:, None] & (ranks < R)[None, :])
+        tl.store(
+            db_ptr + cols[:, None] * R + ranks[None, :], acc.to(compute_ty), mask=col_ok[:, None] & (ranks < R)[None, :]
+        )
 
 
 @triton.jit
-def da_kernel(ds_ptr, x_ptr, table_ptr, row_ids_ptr, seed_ptr, da_ptr, part_ptr, counter_ptr,
-              M, K, R, n_adapters, n_splits, split_stride, stride_dsm, stride_xm, stride_xk,
-              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr,
-              HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr):
+def da_kernel(
+    ds_ptr,
+    x_ptr,
+    table_ptr,
+    row_ids_ptr,
+    seed_ptr,
+    da_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    K,
+    R,
+    n_adapters,
+    n_splits,
+    split_stride,
+    stride_dsm,
+    stride_xm,
+    stride_xk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PACKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     compute_ty = da_ptr.dtype.element_ty  # products in the adapter dtype (x's dtype or fp32)
     pid_k = tl.program_id(0)
     group = tl.program_id(1)
@@ -138,12 +221,14 @@ def da_kernel(ds_ptr, x_ptr, table_ptr, row_ids_ptr, seed_ptr, da_ptr, part_ptr,
     for m0 in range(m_begin, m_end, BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_ok = rows < M
-        inside, column, touched = _rank_rows(row_ids_ptr, table_ptr, rows, row_ok, ranks, n_adapters, r_end,
-                                             PER_ROW)
+        inside, column, touched = _rank_rows(row_ids_ptr, table_ptr, rows, row_ok, ranks, n_adapters, r_end, PER_ROW)
         if touched:
             ds = tl.load(ds_ptr + rows[:, None] * stride_dsm + column, mask=inside, other=0.0)
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            xt = tl.load(
+                x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
             if HAS_DROPOUT:
                 if PER_ROW:
                     has, entry, _, _ = row_adapters(row_ids_ptr, rows, row_ok, n_adapters, table_ptr)
@@ -160,25 +245,27 @@ def da_kernel(ds_ptr, x_ptr, table_ptr, row_ids_ptr, seed_ptr, da_ptr, part_ptr,
     part = part_ptr + tile.to(tl.int64) * (BLOCK_K * BLOCK_R) + offs_k[:, None] * BLOCK_R + offs_r[None, :]
     acc, last = reduce_splits(acc, part, split, n_splits, split_stride, counter_ptr + tile)
     if last:
-        tl.store(da_ptr + ranks.to(tl.int64)[None, :] * K + cols[:, None], acc.to(compute_ty),
-                 mask=k_ok[:, None] & (ranks < r_end)[None, :])
+        tl.store(
+            da_ptr + ranks.to(tl.int64)[None, :] * K + cols[:, None],
+            acc.to(compute_ty),
+            mask=k_ok[:, None] & (ranks < r_end)[None, :],
+        )
 
 
 def ds_config(dtype_bytes: int, device=None) -> dict:
-    return config.tuned("ds", f"{dtype_bytes * 8}bit", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                        device)
+    return config.tuned("ds", f"{dtype_bytes * 8}bit", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), device)
 
 
 def db_config(dtype_bytes: int, device=None) -> dict:
-    return config.tuned("db", f"{dtype_bytes * 8}bit", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                        device)
+    return config.tuned("db", f"{dtype_bytes * 8}bit", dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3), device)
 
 
 def da_config(dtype_bytes: int, has_dropout: bool, packed: bool, device=None) -> dict:
     # one Philox call per element (K % 4 != 0) next to a 64 x 64 accumulator spills with 4 warps on sm_90
     per_element_mask = has_dropout and not packed
-    default = dict(BLOCK_M=64, BLOCK_K=64 if dtype_bytes == 2 else 32, num_warps=8 if per_element_mask else 4,
-                   num_stages=3)
+    default = dict(
+        BLOCK_M=64, BLOCK_K=64 if dtype_bytes == 2 else 32, num_warps=8 if per_element_mask else 4, num_stages=3
+    )
     return config.tuned("da", f"{dtype_bytes * 8}bit:dropout={has_dropout}:packed={packed}", default, device)
 
 
@@ -210,10 +297,32 @@ def launch_ds(dy, lora_b, scale, ds, table, precision, *, row_ids=None, n_adapte
     block_r = rank_chunk(R)
     grid = split_grid(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, block_r), N, cfg["BLOCK_N"], dy.device)
     part, stride, counters = _workspace(dy.device, grid[2], grid[0] * grid[1], cfg["BLOCK_M"] * block_r, ds, table)
-    ds_kernel[grid](dy, lora_b, scale, table, row_ids if per_row else table, ds, part, counters,
-                    M, N, R, n_adapters, grid[2], stride, dy.stride(0), dy.stride(1), ds.stride(0),
-                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, PER_ROW=per_row,
-                    PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    ds_kernel[grid](
+        dy,
+        lora_b,
+        scale,
+        table,
+        row_ids if per_row else table,
+        ds,
+        part,
+        counters,
+        M,
+        N,
+        R,
+        n_adapters,
+        grid[2],
+        stride,
+        dy.stride(0),
+        dy.stride(1),
+        ds.stride(0),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_R=block_r,
+        PER_ROW=per_row,
+        PRECISION=precision,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 def launch_db(dy, t, db, table, precision, *, row_ids=None, n_adapters=0):
@@ -225,14 +334,34 @@ def launch_db(dy, t, db, table, precision, *, row_ids=None, n_adapters=0):
     block_r = rank_chunk(R)
     grid = split_grid(triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(R, block_r), M, cfg["BLOCK_M"], dy.device)
     part, stride, counters = _workspace(dy.device, grid[2], grid[0] * grid[1], cfg["BLOCK_N"] * block_r, t, table)
-    db_kernel[grid](dy, t, table, row_ids if per_row else table, db, part, counters,
-                    M, N, R, n_adapters, grid[2], stride, dy.stride(0), dy.stride(1), t.stride(0),
-                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, PER_ROW=per_row,
-                    PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    db_kernel[grid](
+        dy,
+        t,
+        table,
+        row_ids if per_row else table,
+        db,
+        part,
+        counters,
+        M,
+        N,
+        R,
+        n_adapters,
+        grid[2],
+        stride,
+        dy.stride(0),
+        dy.stride(1),
+        t.stride(0),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_R=block_r,
+        PER_ROW=per_row,
+        PRECISION=precision,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
-def launch_da(ds, x, lora_a, table, groups, seed, da, block_r, has_dropout, precision, *, row_ids=None,
-              n_adapters=0):
+def launch_da(ds, x, lora_a, table, groups, seed, da, block_r, has_dropout, precision, *, row_ids=None, n_adapters=0):
     """da ([R, K], adapter dtype) = dS^T drop(x). Dense: groups = segments of `table` (each at most block_r wide);
     per row: groups = rank chunks of block_r, `table` the adapter table. M > 0, R > 0."""
     M, K = x.shape
@@ -242,11 +371,34 @@ def launch_da(ds, x, lora_a, table, groups, seed, da, block_r, has_dropout, prec
     cfg = da_config(lora_a.element_size(), has_dropout, packed, x.device)
     grid = split_grid(triton.cdiv(K, cfg["BLOCK_K"]), groups, M, cfg["BLOCK_M"], x.device)
     part, stride, counters = _workspace(x.device, grid[2], grid[0] * grid[1], cfg["BLOCK_K"] * block_r, ds, table)
-    da_kernel[grid](ds, x, table, row_ids if per_row else table, seed, da, part, counters,
-                    M, K, R, n_adapters, grid[2], stride, ds.stride(0), x.stride(0), x.stride(1),
-                    BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, PER_ROW=per_row,
-                    HAS_DROPOUT=has_dropout, PACKED=packed, PRECISION=precision,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    da_kernel[grid](
+        ds,
+        x,
+        table,
+        row_ids if per_row else table,
+        seed,
+        da,
+        part,
+        counters,
+        M,
+        K,
+        R,
+        n_adapters,
+        grid[2],
+        stride,
+        ds.stride(0),
+        x.stride(0),
+        x.stride(1),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=block_r,
+        PER_ROW=per_row,
+        HAS_DROPOUT=has_dropout,
+        PACKED=packed,
+        PRECISION=precision,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 DROPOUT_VARIANTS = ((False, False), (True, True), (True, False))  # (HAS_DROPOUT, PACKED)
@@ -266,42 +418,122 @@ def codegen_specs() -> list[KernelSpec]:
             kind = "rows" if per_row else "dense"
             for block_r in (16, 64):
                 cfg = ds_config(2)
-                const = dict(stride_dyn=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
-                             PER_ROW=per_row, PRECISION="ieee")
-                types = {"dy_ptr": f"*{dt}", "b_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32",
-                         "row_ids_ptr": ids, "ds_ptr": "*fp32", "part_ptr": "*fp32", "counter_ptr": "*i32",
-                         "M": "i32", "N": "i32", "R": "i32", "n_adapters": "i32", "n_splits": "i32",
-                         "split_stride": "i32", "stride_dym": "i32", "stride_dsm": "i32"}
-                specs.append(KernelSpec(
-                    name=f"ds[{kind},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BR={block_r},{dt}]",
-                    fn=ds_kernel, signature=_sig(types, const), constexprs=const,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    extra={"ptx_patterns": SPLIT_REDUCTION_PTX}))
+                const = dict(
+                    stride_dyn=1,
+                    BLOCK_M=cfg["BLOCK_M"],
+                    BLOCK_N=cfg["BLOCK_N"],
+                    BLOCK_R=block_r,
+                    PER_ROW=per_row,
+                    PRECISION="ieee",
+                )
+                types = {
+                    "dy_ptr": f"*{dt}",
+                    "b_ptr": f"*{dt}",
+                    "scale_ptr": "*fp32",
+                    "table_ptr": "*i32",
+                    "row_ids_ptr": ids,
+                    "ds_ptr": "*fp32",
+                    "part_ptr": "*fp32",
+                    "counter_ptr": "*i32",
+                    "M": "i32",
+                    "N": "i32",
+                    "R": "i32",
+                    "n_adapters": "i32",
+                    "n_splits": "i32",
+                    "split_stride": "i32",
+                    "stride_dym": "i32",
+                    "stride_dsm": "i32",
+                }
+                specs.append(
+                    KernelSpec(
+                        name=f"ds[{kind},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BR={block_r},{dt}]",
+                        fn=ds_kernel,
+                        signature=_sig(types, const),
+                        constexprs=const,
+                        num_warps=cfg["num_warps"],
+                        num_stages=cfg["num_stages"],
+                        extra={"ptx_patterns": SPLIT_REDUCTION_PTX},
+                    )
+                )
                 cfg = db_config(2)
-                const = dict(stride_dyn=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
-                             PER_ROW=per_row, PRECISION="ieee")
-                types = {"dy_ptr": f"*{dt}", "t_ptr": "*fp32", "table_ptr": "*i32", "row_ids_ptr": ids,
-                         "db_ptr": f"*{dt}", "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "N": "i32",
-                         "R": "i32", "n_adapters": "i32", "n_splits": "i32", "split_stride": "i32",
-                         "stride_dym": "i32", "stride_tm": "i32"}
-                specs.append(KernelSpec(
-                    name=f"db[{kind},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BR={block_r},{dt}]",
-                    fn=db_kernel, signature=_sig(types, const), constexprs=const,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    extra={"ptx_patterns": SPLIT_REDUCTION_PTX}))
+                const = dict(
+                    stride_dyn=1,
+                    BLOCK_M=cfg["BLOCK_M"],
+                    BLOCK_N=cfg["BLOCK_N"],
+                    BLOCK_R=block_r,
+                    PER_ROW=per_row,
+                    PRECISION="ieee",
+                )
+                types = {
+                    "dy_ptr": f"*{dt}",
+                    "t_ptr": "*fp32",
+                    "table_ptr": "*i32",
+                    "row_ids_ptr": ids,
+                    "db_ptr": f"*{dt}",
+                    "part_ptr": "*fp32",
+                    "counter_ptr": "*i32",
+                    "M": "i32",
+                    "N": "i32",
+                    "R": "i32",
+                    "n_adapters": "i32",
+                    "n_splits": "i32",
+                    "split_stride": "i32",
+                    "stride_dym": "i32",
+                    "stride_tm": "i32",
+                }
+                specs.append(
+                    KernelSpec(
+                        name=f"db[{kind},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BR={block_r},{dt}]",
+                        fn=db_kernel,
+                        signature=_sig(types, const),
+                        constexprs=const,
+                        num_warps=cfg["num_warps"],
+                        num_stages=cfg["num_stages"],
+                        extra={"ptx_patterns": SPLIT_REDUCTION_PTX},
+                    )
+                )
                 for dropout, packed in DROPOUT_VARIANTS:
                     cfg = da_config(2, dropout, packed)
-                    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
-                                 PER_ROW=per_row, HAS_DROPOUT=dropout, PACKED=packed,
-                                 PRECISION="ieee")
-                    types = {"ds_ptr": "*fp32", "x_ptr": f"*{dt}", "table_ptr": "*i32", "row_ids_ptr": ids,
-                             "seed_ptr": "*i64", "da_ptr": f"*{dt}", "part_ptr": "*fp32", "counter_ptr": "*i32",
-                             "M": "i32", "K": "i32", "R": "i32", "n_adapters": "i32", "n_splits": "i32",
-                             "split_stride": "i32", "stride_dsm": "i32", "stride_xm": "i32"}
-                    specs.append(KernelSpec(
-                        name=(f"da[{kind},BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},BR={block_r},"
-                              f"dropout={dropout},packed={packed},{dt}]"),
-                        fn=da_kernel, signature=_sig(types, const), constexprs=const,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                    extra={"ptx_patterns": SPLIT_REDUCTION_PTX}))
+                    const = dict(
+                        stride_xk=1,
+                        BLOCK_M=cfg["BLOCK_M"],
+                        BLOCK_K=cfg["BLOCK_K"],
+                        BLOCK_R=block_r,
+                        PER_ROW=per_row,
+                        HAS_DROPOUT=dropout,
+                        PACKED=packed,
+                        PRECISION="ieee",
+                    )
+                    types = {
+                        "ds_ptr": "*fp32",
+                        "x_ptr": f"*{dt}",
+                        "table_ptr": "*i32",
+                        "row_ids_ptr": ids,
+                        "seed_ptr": "*i64",
+                        "da_ptr": f"*{dt}",
+                        "part_ptr": "*fp32",
+                        "counter_ptr": "*i32",
+                        "M": "i32",
+                        "K": "i32",
+                        "R": "i32",
+                        "n_adapters": "i32",
+                        "n_splits": "i32",
+                        "split_stride": "i32",
+                        "stride_dsm": "i32",
+                        "stride_xm": "i32",
+                    }
+                    specs.append(
+                        KernelSpec(
+                            name=(
+                                f"da[{kind},BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},BR={block_r},"
+                                f"dropout={dropout},packed={packed},{dt}]"
+                            ),
+                            fn=da_kernel,
+                            signature=_sig(types, const),
+                            constexprs=const,
+                            num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"],
+                            extra={"ptx_patterns": SPLIT_REDUCTION_PTX},
+                        )
+                    )
     return specs

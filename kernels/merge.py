@@ -8,6 +8,7 @@ safe=True runs the same kernel twice: a CHECK pass raises a device flag (atomic)
 non-finite, then a WRITE_IF_CLEAN pass reads the flag and writes only if it is clean. No host sync; the result
 is a 0-d bool tensor on the device.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,25 @@ BLOCK_ROWS, BLOCK_COLS, BLOCK_R, NUM_WARPS = 64, 128, 16, 4
 
 
 @triton.jit
-def _merge_kernel(w_ptr, l_ptr, r_ptr, scale_ptr, flag_ptr, ROWS, COLS, R,
-                  stride_l_row, stride_l_rank, stride_r_rank, stride_r_col, sign,
-                  MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_R: tl.constexpr):
+def _merge_kernel(
+    w_ptr,
+    l_ptr,
+    r_ptr,
+    scale_ptr,
+    flag_ptr,
+    ROWS,
+    COLS,
+    R,
+    stride_l_row,
+    stride_l_rank,
+    stride_r_rank,
+    stride_r_col,
+    sign,
+    MODE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """W (contiguous [ROWS, COLS]) += sign * L diag(scale) Rm, with L [ROWS, R] and Rm [R, COLS] given by strides."""
     if MODE == _WRITE_IF_CLEAN:
         if tl.load(flag_ptr) != 0:
@@ -39,11 +56,17 @@ def _merge_kernel(w_ptr, l_ptr, r_ptr, scale_ptr, flag_ptr, ROWS, COLS, R,
     acc = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rk) < R
-        lhs = tl.load(l_ptr + rows[:, None] * stride_l_row + (r0 + rk)[None, :] * stride_l_rank,
-                      mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        lhs = tl.load(
+            l_ptr + rows[:, None] * stride_l_row + (r0 + rk)[None, :] * stride_l_rank,
+            mask=row_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         lhs = lhs * tl.load(scale_ptr + r0 + rk, mask=r_ok, other=0.0)[None, :]
-        rhs = tl.load(r_ptr + (r0 + rk)[:, None] * stride_r_rank + cols[None, :] * stride_r_col,
-                      mask=r_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        rhs = tl.load(
+            r_ptr + (r0 + rk)[:, None] * stride_r_rank + cols[None, :] * stride_r_col,
+            mask=r_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(lhs, rhs, acc, input_precision="ieee")
     ok = row_ok[:, None] & col_ok[None, :]
     w_ptrs = w_ptr + rows[:, None] * COLS + cols[None, :]
@@ -61,15 +84,32 @@ def _merge_kernel(w_ptr, l_ptr, r_ptr, scale_ptr, flag_ptr, ROWS, COLS, R,
 def _launch(weight, R, lhs, lhs_strides, rhs, rhs_strides, scale, flag, sign, mode):
     rows, cols = weight.shape
     grid = (triton.cdiv(rows, BLOCK_ROWS), triton.cdiv(cols, BLOCK_COLS))
-    _merge_kernel[grid](weight, lhs, rhs, scale, flag, rows, cols, R, lhs_strides[0], lhs_strides[1],
-                        rhs_strides[0], rhs_strides[1], float(sign), MODE=mode, BLOCK_ROWS=BLOCK_ROWS,
-                        BLOCK_COLS=BLOCK_COLS, BLOCK_R=BLOCK_R, num_warps=NUM_WARPS, num_stages=2)
+    _merge_kernel[grid](
+        weight,
+        lhs,
+        rhs,
+        scale,
+        flag,
+        rows,
+        cols,
+        R,
+        lhs_strides[0],
+        lhs_strides[1],
+        rhs_strides[0],
+        rhs_strides[1],
+        float(sign),
+        MODE=mode,
+        BLOCK_ROWS=BLOCK_ROWS,
+        BLOCK_COLS=BLOCK_COLS,
+        BLOCK_R=BLOCK_R,
+        num_warps=NUM_WARPS,
+        num_stages=2,
+    )
 
 
 def lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):
     """Merge in place (see CONTRACT.md); returns a 0-d bool tensor on weight's device: True when W was written."""
     R, K = lora_a.shape
-    N = lora_b.shape[0]
     if fan_in_fan_out:
         # W stored [K, N]: delta^T = A^T diag(s) B^T; L = A^T (k, r) at r*K + k, Rm = B^T (r, n) at n*R + r.
         lhs_strides, rhs_strides, lhs, rhs = (1, K), (1, R), lora_a, lora_b
@@ -100,13 +140,33 @@ def codegen_specs():
     for dt in ("fp16", "bf16"):
         for mode, mode_name in ((WRITE, "write"), (CHECK, "check"), (WRITE_IF_CLEAN, "write_if_clean")):
             consts = dict(MODE=mode, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS, BLOCK_R=BLOCK_R)
-            types = dict(w_ptr=f"*{dt}", l_ptr=f"*{dt}", r_ptr=f"*{dt}", scale_ptr="*fp32", flag_ptr="*i32",
-                         ROWS="i32", COLS="i32", R="i32", stride_l_row="i32", stride_l_rank="i32",
-                         stride_r_rank="i32", stride_r_col="i32", sign="fp32")
+            types = dict(
+                w_ptr=f"*{dt}",
+                l_ptr=f"*{dt}",
+                r_ptr=f"*{dt}",
+                scale_ptr="*fp32",
+                flag_ptr="*i32",
+                ROWS="i32",
+                COLS="i32",
+                R="i32",
+                stride_l_row="i32",
+                stride_l_rank="i32",
+                stride_r_rank="i32",
+                stride_r_col="i32",
+                sign="fp32",
+            )
             sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
-            specs.append(KernelSpec(
-                name=f"merge_{mode_name}[BR={BLOCK_ROWS},BC={BLOCK_COLS},BRANK={BLOCK_R},{dt}]", fn=_merge_kernel,
-                signature=sig, constexprs=consts, num_warps=NUM_WARPS, num_stages=2, uses_tensor_cores=False,
-                # the delta must be fp32 FMA (no TF32): a tensor-core merge would be a precision bug here
-                extra={"unaligned": ("stride_l_row", "stride_l_rank", "stride_r_rank", "stride_r_col", "R")}))
+            specs.append(
+                KernelSpec(
+                    name=f"merge_{mode_name}[BR={BLOCK_ROWS},BC={BLOCK_COLS},BRANK={BLOCK_R},{dt}]",
+                    fn=_merge_kernel,
+                    signature=sig,
+                    constexprs=consts,
+                    num_warps=NUM_WARPS,
+                    num_stages=2,
+                    uses_tensor_cores=False,
+                    # the delta must be fp32 FMA (no TF32): a tensor-core merge would be a precision bug here
+                    extra={"unaligned": ("stride_l_row", "stride_l_rank", "stride_r_rank", "stride_r_col", "R")},
+                )
+            )
     return specs

@@ -14,6 +14,7 @@ Host side: `dropout_params(p) -> (threshold, inv_keep)`; `segment_table(...)`, t
 segments that dense kernels read on the device; `adapter_table(...)`, the same fields per adapter for per-row
 kernels.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,10 @@ def keep_mask_tile(seed, row_elem, col0, salt, threshold, BLOCK_COLS: tl.constex
         zero = c0 * 0
         w0, w1, w2, w3 = tl.philox(seed, c0, (quads >> 32).to(tl.uint32), zero + salt2, zero)
         # join(join(w0, w2), join(w1, w3)) has [.., a, b] = word 2a + b: reshaping puts word l at column 4j + l
-        k = tl.join(tl.join(_keep_words(w0, threshold2), _keep_words(w2, threshold2)),
-                    tl.join(_keep_words(w1, threshold2), _keep_words(w3, threshold2)))
+        k = tl.join(
+            tl.join(_keep_words(w0, threshold2), _keep_words(w2, threshold2)),
+            tl.join(_keep_words(w1, threshold2), _keep_words(w3, threshold2)),
+        )
         return tl.reshape(k, (row_elem.shape[0], BLOCK_COLS)) != 0
     else:
         return keep_mask(seed, row_elem[:, None] + col0 + tl.arange(0, BLOCK_COLS)[None, :], salt2, threshold2)
@@ -136,8 +139,7 @@ def segment_rows(rank_ptr, dropout_p, block_r: int) -> list:
 
 def segment_table(rank_ptr, dropout_p, block_r: int, device) -> tuple[torch.Tensor, int]:
     """segment_rows as an int32 [S, SEG_FIELDS] device tensor, and S (0: no adapter has a rank)."""
-    key = ("segments", str(device), tuple(int(r) for r in rank_ptr), tuple(float(p) for p in dropout_p),
-           int(block_r))
+    key = ("segments", str(device), tuple(int(r) for r in rank_ptr), tuple(float(p) for p in dropout_p), int(block_r))
     return _device_table(key, lambda: segment_rows(rank_ptr, dropout_p, block_r), device)
 
 
@@ -169,8 +171,22 @@ DROPOUT_KEEP_BLOCK = 1024
 def codegen_specs():
     from fused_lora.kernels.spec import KernelSpec
 
-    sig = {"seed_ptr": "*i64", "out_ptr": "*i8", "numel": "i64", "salt": "i32", "threshold": "i32",
-           "BLOCK": "constexpr"}
-    return [KernelSpec(name=f"dropout_keep[BLOCK={DROPOUT_KEEP_BLOCK}]", fn=_dropout_keep_kernel, signature=sig,
-                       constexprs={"BLOCK": DROPOUT_KEEP_BLOCK}, num_warps=4, num_stages=1,
-                       uses_tensor_cores=False)]
+    sig = {
+        "seed_ptr": "*i64",
+        "out_ptr": "*i8",
+        "numel": "i64",
+        "salt": "i32",
+        "threshold": "i32",
+        "BLOCK": "constexpr",
+    }
+    return [
+        KernelSpec(
+            name=f"dropout_keep[BLOCK={DROPOUT_KEEP_BLOCK}]",
+            fn=_dropout_keep_kernel,
+            signature=sig,
+            constexprs={"BLOCK": DROPOUT_KEEP_BLOCK},
+            num_warps=4,
+            num_stages=1,
+            uses_tensor_cores=False,
+        )
+    ]

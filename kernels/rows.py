@@ -11,6 +11,7 @@ No host sync: grids depend on M, N, K, the ranks and the configs, never on row_i
 captured in a CUDA graph. Row ids outside [-1, n) act as -1 (validating them on a GPU would need a sync).
 Matmul operands of the rank term are cast to the adapters' dtype (x's dtype or float32); accumulation is fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,6 +20,7 @@ import triton
 from fused_lora.kernels import config
 from fused_lora.kernels.decode import DECODE_M_MAX, launch_decode
 from fused_lora.kernels.fused_gemm import RANK_CHUNK
+
 # the Hopper (TMA, persistent) core where it is selected (sm_90, tuned or forced), else the tutorial core
 from fused_lora.kernels.fused_gemm_tma import launch_fused_gemm_selected as launch_fused_gemm
 from fused_lora.kernels.lora_backward import launch_da, launch_db, launch_ds, rank_chunk
@@ -49,20 +51,66 @@ def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dro
     precision = config.precision(x, lora_a)
     if R > 0:
         block_r = per_row_block_r(R)
-        launch_shrink(x, lora_a, scale, table, triton.cdiv(R, block_r), seed, t, block_r, dropout, precision,
-                      row_ids=row_ids, n_adapters=n)
+        launch_shrink(
+            x,
+            lora_a,
+            scale,
+            table,
+            triton.cdiv(R, block_r),
+            seed,
+            t,
+            block_r,
+            dropout,
+            precision,
+            row_ids=row_ids,
+            n_adapters=n,
+        )
     else:
         t.zero_()
     if N == 0:
         return y, t
     # after_shrink: the shrink writing t was the last launch on the stream (t.zero_() is not ours: no overlap)
     if M <= DECODE_M_MAX:
-        launch_decode(x, weight, bias, lora_a, lora_b, scale, table, n, seed, y, t, False, precision,
-                      row_ids=row_ids, n_adapters=n, after_shrink=R > 0)
+        launch_decode(
+            x,
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            scale,
+            table,
+            n,
+            seed,
+            y,
+            t,
+            False,
+            precision,
+            row_ids=row_ids,
+            n_adapters=n,
+            after_shrink=R > 0,
+        )
     else:
         # W^T as [K, N]: element (k, n) at n*K + k; B^T as [R, N]: element (r, n) at n*R + r
-        launch_fused_gemm(x, weight, (1, K), bias, t, lora_b, (R, 1), R, table, 0, seed, y, RANK_CHUNK, False,
-                          precision, row_ids=row_ids, n_adapters=n, after_shrink=R > 0)
+        launch_fused_gemm(
+            x,
+            weight,
+            (1, K),
+            bias,
+            t,
+            lora_b,
+            (R, 1),
+            R,
+            table,
+            0,
+            seed,
+            y,
+            RANK_CHUNK,
+            False,
+            precision,
+            row_ids=row_ids,
+            n_adapters=n,
+            after_shrink=R > 0,
+        )
     return y, t
 
 
@@ -90,10 +138,39 @@ def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dr
             launch_db(dy, t, db, table, precision, row_ids=row_ids, n_adapters=n)
         if K > 0:
             block_r = rank_chunk(R)
-            launch_da(ds, x, lora_a, table, triton.cdiv(R, block_r), seed, da, block_r, dropout, precision,
-                      row_ids=row_ids, n_adapters=n)
+            launch_da(
+                ds,
+                x,
+                lora_a,
+                table,
+                triton.cdiv(R, block_r),
+                seed,
+                da,
+                block_r,
+                dropout,
+                precision,
+                row_ids=row_ids,
+                n_adapters=n,
+            )
     if need_dx and K > 0:
         # W as [N, K] (row-major as stored); A as [R, K]
-        launch_fused_gemm(dy, weight, (K, 1), None, ds, lora_a, (1, K), R, table, 0, seed, dx, RANK_CHUNK, dropout,
-                          precision, row_ids=row_ids, n_adapters=n)
+        launch_fused_gemm(
+            dy,
+            weight,
+            (K, 1),
+            None,
+            ds,
+            lora_a,
+            (1, K),
+            R,
+            table,
+            0,
+            seed,
+            dx,
+            RANK_CHUNK,
+            dropout,
+            precision,
+            row_ids=row_ids,
+            n_adapters=n,
+        )
     return dx, da, db

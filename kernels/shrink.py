@@ -17,6 +17,7 @@ PDL producer (USE_GDC, sm_90 with FUSED_LORA_PDL=1, kernels/config.py): every pr
 first, so the consumer launched after it (decode or fused GEMM, launch_pdl=True) starts streaming W at once; the
 consumer's gdc_wait still waits for this whole launch to complete and flush before it reads t.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,12 +31,35 @@ from fused_lora.kernels.spec import PDL_PRODUCER_PTX, SPLIT_REDUCTION_PTX, Kerne
 
 
 @triton.jit
-def shrink_kernel(x_ptr, a_ptr, scale_ptr, table_ptr, row_ids_ptr, seed_ptr, t_ptr, part_ptr, counter_ptr,
-                  M, K, R, n_adapters, r_out, n_splits, split_stride,
-                  stride_xm, stride_xk, stride_tm,
-                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PER_ROW: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, PACKED: tl.constexpr, PRECISION: tl.constexpr,
-                  USE_GDC: tl.constexpr = False):
+def shrink_kernel(
+    x_ptr,
+    a_ptr,
+    scale_ptr,
+    table_ptr,
+    row_ids_ptr,
+    seed_ptr,
+    t_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    K,
+    R,
+    n_adapters,
+    r_out,
+    n_splits,
+    split_stride,
+    stride_xm,
+    stride_xk,
+    stride_tm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PACKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_GDC: tl.constexpr = False,
+):
     if USE_GDC:  # PDL producer: let the consumer launch now (it waits for this launch before it reads t)
         tl.extra.cuda.gdc_launch_dependents()
     pid_m = tl.program_id(0)
@@ -54,8 +78,9 @@ def shrink_kernel(x_ptr, a_ptr, scale_ptr, table_ptr, row_ids_ptr, seed_ptr, t_p
         if split == 0:  # compact columns [c * BLOCK_R, (c + 1) * BLOCK_R) past each row's rank are zeros
             cols = group * BLOCK_R + offs_r
             unused = row_ok[:, None] & (cols[None, :] >= (row_hi - row_lo)[:, None]) & (cols < r_out)[None, :]
-            tl.store(t_ptr + rows[:, None] * stride_tm + cols[None, :], tl.zeros((BLOCK_M, BLOCK_R), tl.float32),
-                     mask=unused)
+            tl.store(
+                t_ptr + rows[:, None] * stride_tm + cols[None, :], tl.zeros((BLOCK_M, BLOCK_R), tl.float32), mask=unused
+            )
         touched = tl.sum(tl.sum(inside.to(tl.int32), 1), 0) > 0
     else:
         seg = table_ptr + group * SEG_FIELDS
@@ -78,11 +103,47 @@ def shrink_kernel(x_ptr, a_ptr, scale_ptr, table_ptr, row_ids_ptr, seed_ptr, t_p
         if HAS_DROPOUT:
             dropped = tl.max(threshold, 0) > 0
         if dropped:
-            acc = dot_k_range(acc, x_ptrs, a_ptrs, row_ok, ranks_ok, k_begin, k_end, K, stride_xk, 1,
-                              tl.load(seed_ptr), rows * K, salt, threshold, True, PACKED, BLOCK_K, PRECISION)
+            acc = dot_k_range(
+                acc,
+                x_ptrs,
+                a_ptrs,
+                row_ok,
+                ranks_ok,
+                k_begin,
+                k_end,
+                K,
+                stride_xk,
+                1,
+                tl.load(seed_ptr),
+                rows * K,
+                salt,
+                threshold,
+                True,
+                PACKED,
+                BLOCK_K,
+                PRECISION,
+            )
         else:
-            acc = dot_k_range(acc, x_ptrs, a_ptrs, row_ok, ranks_ok, k_begin, k_end, K, stride_xk, 1,
-                              None, None, None, None, False, False, BLOCK_K, PRECISION)
+            acc = dot_k_range(
+                acc,
+                x_ptrs,
+                a_ptrs,
+                row_ok,
+                ranks_ok,
+                k_begin,
+                k_end,
+                K,
+                stride_xk,
+                1,
+                None,
+                None,
+                None,
+                None,
+                False,
+                False,
+                BLOCK_K,
+                PRECISION,
+            )
         tile = pid_m * tl.num_programs(1) + group
         part = part_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_R) + offs_m[:, None] * BLOCK_R + offs_r[None, :]
         acc, last = reduce_splits(acc, part, split, n_splits, split_stride, counter_ptr + tile)
@@ -123,8 +184,9 @@ def shrink_grid(M: int, K: int, groups: int, cfg: dict, device) -> tuple:
     return tiles_m, groups, splits
 
 
-def launch_shrink(x, lora_a, scale, table, groups, seed, t, block_r, has_dropout, precision, *, row_ids=None,
-                  n_adapters=0):
+def launch_shrink(
+    x, lora_a, scale, table, groups, seed, t, block_r, has_dropout, precision, *, row_ids=None, n_adapters=0
+):
     """t (fp32, preallocated) <- the scaled shrink. Dense: `table` is the segment table and `groups` its segments
     ([M, R] t). Per row (row_ids given): `table` is the adapter table, `groups` the rank chunks of block_r, and t is
     compact [M, r_max]. Callers skip M == 0 and groups == 0."""
@@ -138,13 +200,37 @@ def launch_shrink(x, lora_a, scale, table, groups, seed, t, block_r, has_dropout
     tile_elems = cfg["BLOCK_M"] * block_r
     part = x.new_empty((splits * grid[0] * groups * tile_elems,), dtype=torch.float32) if splits > 1 else t
     counters = config.split_counters(x.device, grid[0] * groups) if splits > 1 else table
-    shrink_kernel[grid](x, lora_a, scale, table, row_ids if per_row else table, seed, t, part, counters,
-                        M, K, R, n_adapters, t.shape[1], splits, grid[0] * groups * tile_elems,
-                        x.stride(0), x.stride(1), t.stride(0),
-                        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, PER_ROW=per_row,
-                        HAS_DROPOUT=has_dropout, PACKED=packed,
-                        PRECISION=precision, USE_GDC=config.pdl_enabled(x.device), num_warps=cfg["num_warps"],
-                        num_stages=cfg["num_stages"])
+    shrink_kernel[grid](
+        x,
+        lora_a,
+        scale,
+        table,
+        row_ids if per_row else table,
+        seed,
+        t,
+        part,
+        counters,
+        M,
+        K,
+        R,
+        n_adapters,
+        t.shape[1],
+        splits,
+        grid[0] * groups * tile_elems,
+        x.stride(0),
+        x.stride(1),
+        t.stride(0),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=block_r,
+        PER_ROW=per_row,
+        HAS_DROPOUT=has_dropout,
+        PACKED=packed,
+        PRECISION=precision,
+        USE_GDC=config.pdl_enabled(x.device),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
 
 
 # (has_dropout, packed) pairs a launch can use: PACKED only matters with dropout
@@ -153,22 +239,54 @@ DROPOUT_VARIANTS = ((False, False), (True, True), (True, False))
 
 def _spec(dt: str, per_row: bool, block_r: int, dropout: bool, packed: bool, gdc: bool) -> KernelSpec:
     cfg = shrink_config(2, dropout, packed)
-    sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "scale_ptr": "*fp32", "table_ptr": "*i32",
-           "row_ids_ptr": "*i64" if per_row else "*i32", "seed_ptr": "*i64", "t_ptr": "*fp32",
-           "part_ptr": "*fp32", "counter_ptr": "*i32", "M": "i32", "K": "i32", "R": "i32",
-           "n_adapters": "i32", "r_out": "i32", "n_splits": "i32", "split_stride": "i32",
-           "stride_xm": "i32", "stride_xk": "constexpr", "stride_tm": "i32"}
-    const = dict(stride_xk=1, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r,
-                 PER_ROW=per_row, HAS_DROPOUT=dropout, PACKED=packed, PRECISION="ieee", USE_GDC=gdc)
+    sig = {
+        "x_ptr": f"*{dt}",
+        "a_ptr": f"*{dt}",
+        "scale_ptr": "*fp32",
+        "table_ptr": "*i32",
+        "row_ids_ptr": "*i64" if per_row else "*i32",
+        "seed_ptr": "*i64",
+        "t_ptr": "*fp32",
+        "part_ptr": "*fp32",
+        "counter_ptr": "*i32",
+        "M": "i32",
+        "K": "i32",
+        "R": "i32",
+        "n_adapters": "i32",
+        "r_out": "i32",
+        "n_splits": "i32",
+        "split_stride": "i32",
+        "stride_xm": "i32",
+        "stride_xk": "constexpr",
+        "stride_tm": "i32",
+    }
+    const = dict(
+        stride_xk=1,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=block_r,
+        PER_ROW=per_row,
+        HAS_DROPOUT=dropout,
+        PACKED=packed,
+        PRECISION="ieee",
+        USE_GDC=gdc,
+    )
     sig.update({n: "constexpr" for n in const if n != "stride_xk"})
     extra = {"ptx_patterns": {**SPLIT_REDUCTION_PTX, **(PDL_PRODUCER_PTX if gdc else {})}}
     if gdc:  # programmatic dependent launch exists from sm_90 on
         extra["arches"] = [90]
     return KernelSpec(
-        name=(f"shrink[{'rows' if per_row else 'dense'},BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},"
-              f"BR={block_r},dropout={dropout},packed={packed},{dt}{',gdc' if gdc else ''}]"),
-        fn=shrink_kernel, signature=sig, constexprs=const,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], extra=extra)
+        name=(
+            f"shrink[{'rows' if per_row else 'dense'},BM={cfg['BLOCK_M']},BK={cfg['BLOCK_K']},"
+            f"BR={block_r},dropout={dropout},packed={packed},{dt}{',gdc' if gdc else ''}]"
+        ),
+        fn=shrink_kernel,
+        signature=sig,
+        constexprs=const,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        extra=extra,
+    )
 
 
 def codegen_specs() -> list[KernelSpec]:

@@ -3,6 +3,7 @@
 Every kernel module in this package exposes ``codegen_specs() -> list[KernelSpec]`` that lists each
 @triton.jit kernel at every config its launcher can pick, for fp16 and bf16 inputs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,22 +14,24 @@ from dataclasses import dataclass, field
 _NO_GLOBAL_ACCESS = r"(?:(?![ \t]*(?:@\S+\s+)?(?:ld|st)\.global)[^\n]*\n)"
 SPLIT_REDUCTION_PTX = {
     "release: bar.sync then atom.acq_rel.gpu": r"bar\.sync[^\n]*\n" + _NO_GLOBAL_ACCESS + r"{0,40}?[^\n]*"
-                                                 r"atom\.global\.gpu\.acq_rel\.add",
-    "acquire: atom.acq_rel.gpu then bar.sync": r"atom\.global\.gpu\.acq_rel\.add[^\n]*\n" + _NO_GLOBAL_ACCESS +
-                                                 r"{0,40}?[^\n]*bar\.sync",
+    r"atom\.global\.gpu\.acq_rel\.add",
+    "acquire: atom.acq_rel.gpu then bar.sync": r"atom\.global\.gpu\.acq_rel\.add[^\n]*\n"
+    + _NO_GLOBAL_ACCESS
+    + r"{0,40}?[^\n]*bar\.sync",
 }
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    name: str                      # unique, human readable: "fused_gemm[BM=128,BN=128,BK=64,fp16]"
-    fn: object                     # the @triton.jit function
-    signature: dict                # arg name -> triton type string ("*fp16", "i32", "fp32", "constexpr")
-    constexprs: dict               # constexpr arg name -> value
+    name: str  # unique, human readable: "fused_gemm[BM=128,BN=128,BK=64,fp16]"
+    fn: object  # the @triton.jit function
+    signature: dict  # arg name -> triton type string ("*fp16", "i32", "fp32", "constexpr")
+    constexprs: dict  # constexpr arg name -> value
     num_warps: int = 4
     num_stages: int = 3
     uses_tensor_cores: bool = True  # a GEMM that must show HMMA (sm_80) / HGMMA (sm_90)
     extra: dict = field(default_factory=dict)
+
 
 # Programmatic dependent launch (kernels/config.py), checked in the PTX of the sm_90 specs that use it. A consumer
 # must wait (griddepcontrol.wait) after its K loop's MMAs and before the rank term's; before the wait it may read

@@ -36,6 +36,7 @@ is further from the float64 reference than the default's allows, and keeps a can
 default by TUNE_MARGIN. `shape_class` must be exactly the string the launcher passes to tuned_config for the
 case's shape; name it after the static table's branch, e.g. "y:bf16:M>256" or "bf16:M<=16".
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ _VALUE_TYPES = (bool, int, str)
 @dataclass
 class TuneRun:
     """Inputs of one tune case, allocated once; `launch(config)` runs the kernel once and returns its output."""
+
     launch: Callable[[dict], torch.Tensor]
-    reference: Optional[torch.Tensor] = None   # float64 expected output; None: compare with the default's output
+    reference: Optional[torch.Tensor] = None  # float64 expected output; None: compare with the default's output
     atol: float = 0.0
     shape: Dict[str, int] = field(default_factory=dict)
     reset: Optional[Callable[[], object]] = None  # run untimed after each launch (an in-place kernel's input)
@@ -67,10 +69,10 @@ class TuneRun:
 
 @dataclass(frozen=True)
 class TuneCase:
-    kernel: str                                 # the launcher's tuned_config(kernel, ...)
-    shape_class: str                            # the launcher's shape class for `shape` below
-    default: Dict[str, object]                  # the static table's config for this class
-    candidates: Sequence[Dict[str, object]]     # configs to try, each with default's keys (default may be absent)
+    kernel: str  # the launcher's tuned_config(kernel, ...)
+    shape_class: str  # the launcher's shape class for `shape` below
+    default: Dict[str, object]  # the static table's config for this class
+    candidates: Sequence[Dict[str, object]]  # configs to try, each with default's keys (default may be absent)
     make: Callable[[torch.device, bool], TuneRun]  # (device, tiny) -> inputs; tiny: a dry-run shape for CPU
     description: str = ""
 
@@ -87,8 +89,9 @@ def tuned_path(gpu_name: str, directory: Optional[str] = None) -> str:
 
 
 def _valid_config(config) -> bool:
-    return isinstance(config, dict) and all(isinstance(k, str) and isinstance(v, _VALUE_TYPES)
-                                            for k, v in config.items())
+    return isinstance(config, dict) and all(
+        isinstance(k, str) and isinstance(v, _VALUE_TYPES) for k, v in config.items()
+    )
 
 
 def read_file(path: str) -> dict:
@@ -98,8 +101,10 @@ def read_file(path: str) -> dict:
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("kernels"), dict):
-        raise ValueError(f"{path}: not a tuned-config file of schema {SCHEMA} "
-                         f"(schema {data.get('schema') if isinstance(data, dict) else type(data).__name__})")
+        raise ValueError(
+            f"{path}: not a tuned-config file of schema {SCHEMA} "
+            f"(schema {data.get('schema') if isinstance(data, dict) else type(data).__name__})"
+        )
     return data
 
 
@@ -120,14 +125,18 @@ def load_table(gpu_name: str, directory: Optional[str] = None) -> Dict[str, Dict
             if _valid_config(config):
                 table.setdefault(kernel, {})[shape_class] = dict(config)
             else:
-                warnings.warn(f"fused_lora: ignoring tuned config {kernel}/{shape_class} in {path}: expected a dict "
-                              f"of int/bool/str values, got {config!r}", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"fused_lora: ignoring tuned config {kernel}/{shape_class} in {path}: expected a dict "
+                    f"of int/bool/str values, got {config!r}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return table
 
 
 # ---- the per-process cache: settings, device names, tables ------------------------------------------------------
-_settings: Optional[tuple] = None           # (enabled, directory, forced gpu name)
-_names: Dict[int, str] = {}                 # CUDA device index -> name
+_settings: Optional[tuple] = None  # (enabled, directory, forced gpu name)
+_names: Dict[int, str] = {}  # CUDA device index -> name
 _tables: Dict[str, Dict[str, Dict[str, dict]]] = {}
 
 
@@ -143,8 +152,11 @@ def _read_settings() -> tuple:
     global _settings
     if _settings is None:
         enabled = os.environ.get("FUSED_LORA_TUNED", "1").strip() not in ("0", "false", "no", "off")
-        _settings = (enabled, os.environ.get("FUSED_LORA_TUNED_DIR") or None,
-                     os.environ.get("FUSED_LORA_TUNED_GPU") or None)
+        _settings = (
+            enabled,
+            os.environ.get("FUSED_LORA_TUNED_DIR") or None,
+            os.environ.get("FUSED_LORA_TUNED_GPU") or None,
+        )
     return _settings
 
 
@@ -193,8 +205,14 @@ def tuned_config(kernel: str, shape_class: str, default: Dict[str, object], devi
 
 
 # ---- writer (the tune step) ---------------------------------------------------------------------------------------
-def write_tuned(gpu_name: str, results: Dict[str, Dict[str, dict]], *, out_dir: str,
-                base_dir: Optional[str] = None, meta: Optional[dict] = None) -> str:
+def write_tuned(
+    gpu_name: str,
+    results: Dict[str, Dict[str, dict]],
+    *,
+    out_dir: str,
+    base_dir: Optional[str] = None,
+    meta: Optional[dict] = None,
+) -> str:
     """Write `<out_dir>/<slug>.json`: the GPU's file in base_dir (default kernels/tuned/) with `results` over it.
 
     results: {kernel: {shape_class: entry}}, each entry holding at least "config" (see the schema above). Entries
@@ -206,14 +224,20 @@ def write_tuned(gpu_name: str, results: Dict[str, Dict[str, dict]], *, out_dir: 
     for kernel, classes in results.items():
         for shape_class, entry in classes.items():
             if not _valid_config(entry.get("config")):
-                raise ValueError(f"tuned entry {kernel}/{shape_class} needs a 'config' dict of int/bool/str values, "
-                                 f"got {entry.get('config')!r}")
+                raise ValueError(
+                    f"tuned entry {kernel}/{shape_class} needs a 'config' dict of int/bool/str values, "
+                    f"got {entry.get('config')!r}"
+                )
             kernels.setdefault(kernel, {})[shape_class] = entry
     merged_meta = dict(base.get("meta", {}))
     merged_meta.update(meta or {})
     merged_meta["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    data = {"schema": SCHEMA, "gpu": gpu_name, "meta": merged_meta,
-            "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())}}
+    data = {
+        "schema": SCHEMA,
+        "gpu": gpu_name,
+        "meta": merged_meta,
+        "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())},
+    }
     os.makedirs(out_dir, exist_ok=True)
     path = tuned_path(gpu_name, out_dir)
     fd, tmp = tempfile.mkstemp(prefix=".tuned-", suffix=".json", dir=out_dir)

@@ -3,6 +3,7 @@ with DDP and with FSDP2 (fully_shard), every LoRA Linear fused. Writes the per-s
 
     python tests/_dist_worker.py OUT.json
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def build_model():
     from fused_lora.integrations.peft import patch_model
 
     torch.manual_seed(0)
-    model = get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down", "head"],
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down", "head"], init_lora_weights=False)
+    )
     assert patch_model(model) == 5
     return model
 
@@ -121,6 +123,7 @@ def main(out_path):
     import peft  # noqa: F401  imported once here: forked ranks inherit it (importing peft costs seconds)
 
     import fused_lora.integrations.peft  # noqa: F401
+
     # fork before this process runs any op, so no thread pool or lock state is copied into the ranks
     mp.start_processes(run_rank, args=(free_port(), out_path), nprocs=WORLD, join=True, start_method="fork")
     with open(out_path) as f:

@@ -1,11 +1,12 @@
 """Shared judgement for kernel outputs: a float64 reference, relative to PyTorch's own error.
 
-    assert_close_vs_reference   err(ours) <= 2 * err(plain torch at the same dtype) + atol, both against float64
-    torch_lora                  the plain-torch yardstick (PEFT's order of operations) at the inputs' own dtypes
-    assert_rounded_once         an in-place merge rounded once: within half an ulp of the float64 result
-    strided_like / dy_like      operands as strided views whose padding holds NaN (a kernel that reads it shows)
-    poisoned_empty              every torch.empty while it is active is NaN-filled (outputs a kernel forgets)
+assert_close_vs_reference   err(ours) <= 2 * err(plain torch at the same dtype) + atol, both against float64
+torch_lora                  the plain-torch yardstick (PEFT's order of operations) at the inputs' own dtypes
+assert_rounded_once         an in-place merge rounded once: within half an ulp of the float64 result
+strided_like / dy_like      operands as strided views whose padding holds NaN (a kernel that reads it shows)
+poisoned_empty              every torch.empty while it is active is NaN-filled (outputs a kernel forgets)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ def max_abs_err(a: torch.Tensor, ref64: torch.Tensor) -> float:
     return (a.detach().to(torch.float64) - ref64.detach().to(torch.float64)).abs().max().item()
 
 
-def assert_close_vs_reference(ours: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor,
-                              atol: float = 1e-6, name: str = "output") -> None:
+def assert_close_vs_reference(
+    ours: torch.Tensor, ref64: torch.Tensor, torch_same_dtype: torch.Tensor, atol: float = 1e-6, name: str = "output"
+) -> None:
     """err(ours) <= 2 * err(torch at the same dtype) + atol, errors measured against the float64 result."""
     assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
     assert torch.isfinite(ours).all(), f"{name}: non-finite values (poisoned output not overwritten?)"
@@ -86,11 +88,18 @@ def strided_like(t: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def torch_lora(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-               lora_b: torch.Tensor, scale: torch.Tensor, rank_ptr: Sequence[int],
-               keeps: Optional[Sequence[Optional[torch.Tensor]]] = None,
-               inv_keep: Optional[Sequence[float]] = None,
-               row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def torch_lora(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: torch.Tensor,
+    rank_ptr: Sequence[int],
+    keeps: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    inv_keep: Optional[Sequence[float]] = None,
+    row_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """y = F.linear(x, W, b) + sum_i lora_B_i(lora_A_i(drop_i(x))) * s_i in plain torch, as PEFT orders it.
 
     Run on the inputs' own dtypes (or under torch.autocast) it is the error yardstick; run on float64 copies it is
@@ -130,8 +139,9 @@ def half_ulp(values64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.pow(2.0, exp - _MANTISSA[dtype]) / 2
 
 
-def assert_rounded_once(ours: torch.Tensor, exact64: torch.Tensor, accum_slack64: torch.Tensor,
-                        name: str = "weight") -> None:
+def assert_rounded_once(
+    ours: torch.Tensor, exact64: torch.Tensor, accum_slack64: torch.Tensor, name: str = "weight"
+) -> None:
     """Each element of `ours` is the float64 result rounded once to ours.dtype: within half an ulp of it, plus
     `accum_slack64` (the bound on the accumulation error of the precision the merge computes in)."""
     assert ours.shape == exact64.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(exact64.shape)}"
@@ -144,7 +154,8 @@ def assert_rounded_once(ours: torch.Tensor, exact64: torch.Tensor, accum_slack64
     assert bool((err <= bound).all()), (
         f"{name}: not rounded once: element {worst} is {ours.reshape(-1)[worst].item()!r}, exact "
         f"{exact64.reshape(-1)[worst].item()!r}, err {err.reshape(-1)[worst].item():.3e} > half ulp + "
-        f"accumulation slack {bound.reshape(-1)[worst].item():.3e} ({int((err > bound).sum())} elements)")
+        f"accumulation slack {bound.reshape(-1)[worst].item():.3e} ({int((err > bound).sum())} elements)"
+    )
 
 
 def assert_bits_equal(ours: torch.Tensor, before: torch.Tensor, name: str = "weight") -> None:

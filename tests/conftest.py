@@ -11,9 +11,13 @@ import torch  # noqa: E402
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
-                     help="where device-aware tests run: cpu (default; Triton kernels under the interpreter) or "
-                          "cuda (compiled Triton kernels, bfloat16 included)")
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where device-aware tests run: cpu (default; Triton kernels under the interpreter) or "
+        "cuda (compiled Triton kernels, bfloat16 included)",
+    )
 
 
 def pytest_configure(config):
@@ -22,8 +26,10 @@ def pytest_configure(config):
             raise pytest.UsageError("--device cuda runs compiled kernels: unset TRITON_INTERPRET (it is 1)")
         os.environ.pop("TRITON_INTERPRET", None)
         if not torch.cuda.is_available():
-            raise pytest.UsageError("--device cuda but torch.cuda.is_available() is False "
-                                    f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+            raise pytest.UsageError(
+                "--device cuda but torch.cuda.is_available() is False "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})"
+            )
     else:
         os.environ["TRITON_INTERPRET"] = "1"
         _refuse_broken_interpreter()
@@ -35,13 +41,16 @@ def _refuse_broken_interpreter():
     try:
         import numpy
         import triton
+
         triton_version = triton.__version__
     except Exception:  # no triton: the Triton tests skip themselves
         return
     as_tuple = lambda v: tuple(int(p) for p in v.split("+")[0].split(".")[:2])  # noqa: E731
     if as_tuple(triton_version) < (3, 8) and as_tuple(numpy.__version__) >= (2, 4):
-        raise pytest.UsageError(f"triton {triton_version}'s interpreter fails with numpy {numpy.__version__}: "
-                                "install numpy<2.4 (or triton>=3.8) to run the kernels on CPU")
+        raise pytest.UsageError(
+            f"triton {triton_version}'s interpreter fails with numpy {numpy.__version__}: "
+            "install numpy<2.4 (or triton>=3.8) to run the kernels on CPU"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +61,7 @@ def device(pytestconfig) -> torch.device:
 
 def cpp_backend_available() -> bool:
     from fused_lora.ops.backends import _import_cpp
+
     return _import_cpp()[0] is not None
 
 

@@ -4,6 +4,7 @@ backend; tests/conftest.py prints the per-backend tally from `summary_lines`).
 A case is data only: shapes, dtypes, memory layouts, options and, for inputs the API must refuse, the error type
 and a pattern the message must match (it names the argument). Names read as `<api>/<dtypes>/<what>`.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,35 +22,35 @@ INTERPRETER_BF16 = "the Triton interpreter corrupts bfloat16 (triton-lang/triton
 @dataclass(frozen=True)
 class Case:
     name: str
-    api: str = "linear"                     # linear | rows | merge | unmerge
-    lead: tuple[int, ...] = (5,)            # leading dims of x; rows M = prod(lead)
+    api: str = "linear"  # linear | rows | merge | unmerge
+    lead: tuple[int, ...] = (5,)  # leading dims of x; rows M = prod(lead)
     K: int = 37
     N: int = 23
-    ranks: tuple[int, ...] = (5,)           # one adapter per entry, stacked along the rank axis
-    dtype: torch.dtype = F32                # x, weight and bias
-    adapter_dtype: Optional[torch.dtype] = None   # None: dtype
-    x_dtype: Optional[torch.dtype] = None   # None: dtype (autocast cases and refusals differ)
-    bias: Optional[str] = "contig"          # None | contig | strided ([::2] of a 2N vector)
+    ranks: tuple[int, ...] = (5,)  # one adapter per entry, stacked along the rank axis
+    dtype: torch.dtype = F32  # x, weight and bias
+    adapter_dtype: Optional[torch.dtype] = None  # None: dtype
+    x_dtype: Optional[torch.dtype] = None  # None: dtype (autocast cases and refusals differ)
+    bias: Optional[str] = "contig"  # None | contig | strided ([::2] of a 2N vector)
     bias_dtype: Optional[torch.dtype] = None
-    bias_device: Optional[str] = None       # e.g. "meta": must be refused
-    x_layout: str = "contig"                # contig | row_pad | col_step | transposed (checks.strided_like)
+    bias_device: Optional[str] = None  # e.g. "meta": must be refused
+    x_layout: str = "contig"  # contig | row_pad | col_step | transposed (checks.strided_like)
     w_layout: str = "contig"
-    ad_layout: str = "contig"               # lora_a and lora_b
-    dy_layout: str = "contig"               # grad_output handed to backward
-    scaling: tuple[float, ...] = (0.75,)    # one per adapter (exact in float32)
-    per_rank_scale: bool = False            # pass a float32 tensor [R] instead (AdaLoRA-style)
+    ad_layout: str = "contig"  # lora_a and lora_b
+    dy_layout: str = "contig"  # grad_output handed to backward
+    scaling: tuple[float, ...] = (0.75,)  # one per adapter (exact in float32)
+    per_rank_scale: bool = False  # pass a float32 tensor [R] instead (AdaLoRA-style)
     dropout: tuple[float, ...] = (0.0,)
     training: bool = False
-    row_ids: Optional[tuple[int, ...]] = None    # per row of x.reshape(-1, K), or per sample (lead[0])
-    check_ids: Optional[bool] = None        # None: not passed
-    x_grad: bool = True                     # False: backward without dx
-    train_base: bool = False                # weight and bias require grad too
+    row_ids: Optional[tuple[int, ...]] = None  # per row of x.reshape(-1, K), or per sample (lead[0])
+    check_ids: Optional[bool] = None  # None: not passed
+    x_grad: bool = True  # False: backward without dx
+    train_base: bool = False  # weight and bias require grad too
     autocast: Optional[torch.dtype] = None
     fan_in_fan_out: bool = False
     safe: bool = False
-    overflow: bool = False                  # merge: make one merged value overflow the weight's dtype
-    weight_dtype: Optional[torch.dtype] = None   # merge refusals (integer weights)
-    error: Optional[tuple] = None           # (exception type(s), regex the message must match)
+    overflow: bool = False  # merge: make one merged value overflow the weight's dtype
+    weight_dtype: Optional[torch.dtype] = None  # merge refusals (integer weights)
+    error: Optional[tuple] = None  # (exception type(s), regex the message must match)
 
     @property
     def M(self) -> int:
@@ -83,19 +84,42 @@ for dt in (F32, F16, BF16, F64):
 for dt in (F16, BF16, F64):
     CASES.append(_case(f"linear/fp32_adapters_over_{DTYPE_NAMES[dt]}/odd_shape", dtype=dt, adapter_dtype=F32))
 for dt in (F32, F16, BF16):
-    CASES.append(_case(f"linear/{DTYPE_NAMES[dt]}/row_strided_nan_pad_all_operands", dtype=dt, x_layout="row_pad",
-                       w_layout="row_pad", ad_layout="row_pad", dy_layout="row_pad"))
+    CASES.append(
+        _case(
+            f"linear/{DTYPE_NAMES[dt]}/row_strided_nan_pad_all_operands",
+            dtype=dt,
+            x_layout="row_pad",
+            w_layout="row_pad",
+            ad_layout="row_pad",
+            dy_layout="row_pad",
+        )
+    )
 CASES += [
-    _case("linear/fp32_adapters_over_bf16/row_strided_nan_pad_all_operands", dtype=BF16, adapter_dtype=F32,
-          x_layout="row_pad", w_layout="row_pad", ad_layout="row_pad", dy_layout="row_pad"),
-    _case("linear/fp32_adapters_over_fp16/row_strided_nan_pad_all_operands", dtype=F16, adapter_dtype=F32,
-          x_layout="row_pad", w_layout="row_pad", ad_layout="row_pad", dy_layout="row_pad"),
+    _case(
+        "linear/fp32_adapters_over_bf16/row_strided_nan_pad_all_operands",
+        dtype=BF16,
+        adapter_dtype=F32,
+        x_layout="row_pad",
+        w_layout="row_pad",
+        ad_layout="row_pad",
+        dy_layout="row_pad",
+    ),
+    _case(
+        "linear/fp32_adapters_over_fp16/row_strided_nan_pad_all_operands",
+        dtype=F16,
+        adapter_dtype=F32,
+        x_layout="row_pad",
+        w_layout="row_pad",
+        ad_layout="row_pad",
+        dy_layout="row_pad",
+    ),
     _case("linear/bf16/row_strided_large_m", lead=(70,), dtype=BF16, x_layout="row_pad", dy_layout="row_pad"),
     _case("linear/fp32/column_strided_x", x_layout="col_step"),
     _case("linear/bf16/column_strided_x", dtype=BF16, x_layout="col_step"),
     _case("linear/fp32/transposed_views", x_layout="transposed", w_layout="transposed", ad_layout="transposed"),
-    _case("linear/fp16/transposed_views", dtype=F16, x_layout="transposed", w_layout="transposed",
-          ad_layout="transposed"),
+    _case(
+        "linear/fp16/transposed_views", dtype=F16, x_layout="transposed", w_layout="transposed", ad_layout="transposed"
+    ),
     _case("linear/fp32/3d_input", lead=(2, 3)),
     _case("linear/fp16/3d_input_row_strided", lead=(2, 3), dtype=F16, x_layout="row_pad", dy_layout="row_pad"),
     _case("linear/fp32/noncontiguous_bias", bias="strided"),
@@ -120,11 +144,23 @@ CASES += [
     _case("linear/fp16/dropout", dropout=(0.3,), training=True, dtype=F16),
     _case("linear/bf16/dropout", dropout=(0.3,), training=True, dtype=BF16),
     _case("linear/f64/dropout", dropout=(0.3,), training=True, dtype=F64),
-    _case("linear/fp32/dropout_per_adapter", ranks=(1, 5, 3), scaling=(0.5, 2.0, 1.25), dropout=(0.0, 0.25, 0.6),
-          training=True),
+    _case(
+        "linear/fp32/dropout_per_adapter",
+        ranks=(1, 5, 3),
+        scaling=(0.5, 2.0, 1.25),
+        dropout=(0.0, 0.25, 0.6),
+        training=True,
+    ),
     _case("linear/fp32/dropout_in_eval_is_off", dropout=(0.5,), training=False),
-    _case("linear/fp32/large_m_dropout_three_adapters", lead=(70,), ranks=(1, 5, 3), scaling=(0.5, 2.0, 1.25),
-          dropout=(0.0, 0.25, 0.6), training=True, x_layout="row_pad"),
+    _case(
+        "linear/fp32/large_m_dropout_three_adapters",
+        lead=(70,),
+        ranks=(1, 5, 3),
+        scaling=(0.5, 2.0, 1.25),
+        dropout=(0.0, 0.25, 0.6),
+        training=True,
+        x_layout="row_pad",
+    ),
     _case("linear/fp16/large_m", lead=(70,), dtype=F16),
     # autocast: low-precision x (as o_proj gets it), fp32 weights and adapters; nn.Linear's dtype rules
     _case("linear/autocast_bf16/bf16_x_fp32_weights", x_dtype=BF16, autocast=BF16),
@@ -132,19 +168,43 @@ CASES += [
     _case("linear/autocast_bf16/fp32_x_fp32_weights", autocast=BF16),
     _case("linear/autocast_bf16/bf16_x_trainable_fp32_weight_and_bias", x_dtype=BF16, autocast=BF16, train_base=True),
     _case("linear/autocast_fp16/fp16_x_trainable_fp32_weight_and_bias", x_dtype=F16, autocast=F16, train_base=True),
-    _case("linear/autocast_bf16/bf16_x_dropout_three_adapters", x_dtype=BF16, autocast=BF16, ranks=(1, 5, 3),
-          scaling=(0.5, 2.0, 1.25), dropout=(0.0, 0.25, 0.6), training=True),
+    _case(
+        "linear/autocast_bf16/bf16_x_dropout_three_adapters",
+        x_dtype=BF16,
+        autocast=BF16,
+        ranks=(1, 5, 3),
+        scaling=(0.5, 2.0, 1.25),
+        dropout=(0.0, 0.25, 0.6),
+        training=True,
+    ),
     # refused: the message names the argument
-    _case("linear/refused/fp16_x_over_fp32_weight", x_dtype=F16,
-          error=(TypeError, r"x \(shape \(5, 37\), torch\.float16.*weight")),
-    _case("linear/refused/fp32_x_over_bf16_weight", dtype=BF16, x_dtype=F32,
-          error=(TypeError, r"x \(shape \(5, 37\), torch\.float32.*weight")),
-    _case("linear/refused/fp16_adapters_over_bf16", dtype=BF16, adapter_dtype=F16,
-          error=(TypeError, r"lora_a .*torch\.float16")),
-    _case("linear/refused/fp16_bias_over_fp32_weight", bias_dtype=F16,
-          error=(TypeError, r"bias \(shape \(23,\), torch\.float16")),
-    _case("linear/refused/bias_on_meta", bias_device="meta",
-          error=((ValueError, TypeError), r"bias \(shape \(23,\), torch\.float32, meta")),
+    _case(
+        "linear/refused/fp16_x_over_fp32_weight",
+        x_dtype=F16,
+        error=(TypeError, r"x \(shape \(5, 37\), torch\.float16.*weight"),
+    ),
+    _case(
+        "linear/refused/fp32_x_over_bf16_weight",
+        dtype=BF16,
+        x_dtype=F32,
+        error=(TypeError, r"x \(shape \(5, 37\), torch\.float32.*weight"),
+    ),
+    _case(
+        "linear/refused/fp16_adapters_over_bf16",
+        dtype=BF16,
+        adapter_dtype=F16,
+        error=(TypeError, r"lora_a .*torch\.float16"),
+    ),
+    _case(
+        "linear/refused/fp16_bias_over_fp32_weight",
+        bias_dtype=F16,
+        error=(TypeError, r"bias \(shape \(23,\), torch\.float16"),
+    ),
+    _case(
+        "linear/refused/bias_on_meta",
+        bias_device="meta",
+        error=((ValueError, TypeError), r"bias \(shape \(23,\), torch\.float32, meta"),
+    ),
 ]
 # ---- lora_linear_rows: one adapter (or none) per row ----
 _ROWS = dict(api="rows", lead=(6,), ranks=(3, 5), scaling=(0.5, 1.5), row_ids=(0, -1, 1, 1, -1, 0))
@@ -153,27 +213,53 @@ for dt in (F32, F16, BF16, F64):
 CASES += [
     _case("rows/fp32_adapters_over_bf16/ids_with_minus1", dtype=BF16, adapter_dtype=F32, **_ROWS),
     _case("rows/fp32_adapters_over_fp16/ids_with_minus1", dtype=F16, adapter_dtype=F32, **_ROWS),
-    _case("rows/fp32/row_strided_nan_pad_all_operands", x_layout="row_pad", w_layout="row_pad",
-          ad_layout="row_pad", dy_layout="row_pad", **_ROWS),
+    _case(
+        "rows/fp32/row_strided_nan_pad_all_operands",
+        x_layout="row_pad",
+        w_layout="row_pad",
+        ad_layout="row_pad",
+        dy_layout="row_pad",
+        **_ROWS,
+    ),
     _case("rows/fp32/noncontiguous_bias", bias="strided", **_ROWS),
-    _case("rows/bf16/row_strided_nan_pad", dtype=BF16, x_layout="row_pad", ad_layout="row_pad", dy_layout="row_pad",
-          **_ROWS),
+    _case(
+        "rows/bf16/row_strided_nan_pad",
+        dtype=BF16,
+        x_layout="row_pad",
+        ad_layout="row_pad",
+        dy_layout="row_pad",
+        **_ROWS,
+    ),
     _case("rows/fp32/3d_input_ids_per_sample", **{**_ROWS, "lead": (2, 3), "row_ids": (1, 0)}),
     _case("rows/fp32/dropout", dropout=(0.3, 0.5), training=True, **_ROWS),
     _case("rows/fp32/rank1_and_rank5", **{**_ROWS, "ranks": (1, 5)}),
-    _case("rows/fp16/large_m", **{**_ROWS, "lead": (70,), "row_ids": tuple((m % 3) - 1 for m in range(70))},
-          dtype=F16),
-    _case("rows/fp16/noncontiguous_bias_large_m",
-          **{**_ROWS, "lead": (70,), "row_ids": tuple((m % 3) - 1 for m in range(70))}, dtype=F16, bias="strided"),
+    _case("rows/fp16/large_m", **{**_ROWS, "lead": (70,), "row_ids": tuple((m % 3) - 1 for m in range(70))}, dtype=F16),
+    _case(
+        "rows/fp16/noncontiguous_bias_large_m",
+        **{**_ROWS, "lead": (70,), "row_ids": tuple((m % 3) - 1 for m in range(70))},
+        dtype=F16,
+        bias="strided",
+    ),
     _case("rows/fp32/m0", **{**_ROWS, "lead": (0,), "row_ids": ()}),
     _case("rows/fp32/k0", K=0, **_ROWS),
     _case("rows/fp32/n0", N=0, **_ROWS),
-    _case("rows/fp32/out_of_range_ids_unchecked_act_as_minus1",
-          **{**_ROWS, "row_ids": (0, 2, -1, 7, 1, -3)}, check_ids=False),
-    _case("rows/fp32/out_of_range_id_checked", **{**_ROWS, "row_ids": (0, 7, -1, 1, 1, 0)}, check_ids=True,
-          error=(ValueError, r"(row_ids|adapter_ids).*\b7\b")),
-    _case("rows/fp32/below_minus1_id_checked", **{**_ROWS, "row_ids": (0, -3, -1, 1, 1, 0)}, check_ids=True,
-          error=(ValueError, r"(row_ids|adapter_ids).*-3")),
+    _case(
+        "rows/fp32/out_of_range_ids_unchecked_act_as_minus1",
+        **{**_ROWS, "row_ids": (0, 2, -1, 7, 1, -3)},
+        check_ids=False,
+    ),
+    _case(
+        "rows/fp32/out_of_range_id_checked",
+        **{**_ROWS, "row_ids": (0, 7, -1, 1, 1, 0)},
+        check_ids=True,
+        error=(ValueError, r"(row_ids|adapter_ids).*\b7\b"),
+    ),
+    _case(
+        "rows/fp32/below_minus1_id_checked",
+        **{**_ROWS, "row_ids": (0, -3, -1, 1, 1, 0)},
+        check_ids=True,
+        error=(ValueError, r"(row_ids|adapter_ids).*-3"),
+    ),
     _case("rows/fp32/valid_ids_checked", check_ids=True, **_ROWS),
     _case("rows/autocast_bf16/bf16_x_fp32_weights", x_dtype=BF16, autocast=BF16, **_ROWS),
     _case("rows/autocast_fp16/fp16_x_fp32_weights", x_dtype=F16, autocast=F16, **_ROWS),
@@ -183,12 +269,17 @@ _MERGE = dict(api="merge", ranks=(5,), scaling=(0.75,))
 for dt in (F32, F16, BF16, F64):
     CASES.append(_case(f"merge/{DTYPE_NAMES[dt]}/rounded_once", dtype=dt, **_MERGE))
 for dt in (F16, BF16):
-    CASES.append(_case(f"merge/fp32_adapters_over_{DTYPE_NAMES[dt]}/rounded_once", dtype=dt, adapter_dtype=F32,
-                       **_MERGE))
+    CASES.append(
+        _case(f"merge/fp32_adapters_over_{DTYPE_NAMES[dt]}/rounded_once", dtype=dt, adapter_dtype=F32, **_MERGE)
+    )
 CASES += [
     _case("merge/bf16/fan_in_fan_out", dtype=BF16, fan_in_fan_out=True, **_MERGE),
-    _case("merge/fp16/fan_in_fan_out_three_adapters", dtype=F16, fan_in_fan_out=True,
-          **{**_MERGE, "ranks": (1, 5, 3), "scaling": (0.5, 2.0, 1.25)}),
+    _case(
+        "merge/fp16/fan_in_fan_out_three_adapters",
+        dtype=F16,
+        fan_in_fan_out=True,
+        **{**_MERGE, "ranks": (1, 5, 3), "scaling": (0.5, 2.0, 1.25)},
+    ),
     _case("merge/fp32/rank1_strided_adapters", ad_layout="row_pad", **{**_MERGE, "ranks": (1,)}),
     _case("merge/fp16/per_rank_scale", dtype=F16, per_rank_scale=True, **{**_MERGE, "ranks": (2, 5)}),
     _case("merge/fp16/k0", K=0, dtype=F16, **_MERGE),
@@ -196,23 +287,50 @@ CASES += [
     _case("merge/bf16/safe_no_overflow_writes", dtype=BF16, safe=True, **_MERGE),
     _case("unmerge/fp16/rounded_once", api="unmerge", dtype=F16),
     _case("unmerge/bf16/fan_in_fan_out", api="unmerge", dtype=BF16, fan_in_fan_out=True),
-    _case("unmerge/fp32_adapters_over_fp16/three_adapters", api="unmerge", dtype=F16, adapter_dtype=F32,
-          ranks=(1, 5, 3), scaling=(0.5, 2.0, 1.25)),
+    _case(
+        "unmerge/fp32_adapters_over_fp16/three_adapters",
+        api="unmerge",
+        dtype=F16,
+        adapter_dtype=F32,
+        ranks=(1, 5, 3),
+        scaling=(0.5, 2.0, 1.25),
+    ),
     # refused: the weight stays bit-identical
-    _case("merge/fp16/safe_overflow_refused", dtype=F16, safe=True, overflow=True,
-          error=(ValueError, r"weight \(shape \(23, 37\), torch\.float16.*non-finite"), **_MERGE),
-    _case("merge/fp32/safe_overflow_refused", dtype=F32, safe=True, overflow=True,
-          error=(ValueError, r"weight \(shape \(23, 37\), torch\.float32.*non-finite"), **_MERGE),
-    _case("unmerge/bf16/safe_overflow_refused", api="unmerge", dtype=BF16, safe=True, overflow=True,
-          error=(ValueError, r"weight \(shape \(23, 37\), torch\.bfloat16.*non-finite")),
-    _case("merge/refused/int8_weight", weight_dtype=torch.int8, error=(TypeError, r"weight .*torch\.int8"),
-          **_MERGE),
-    _case("merge/refused/int32_weight", weight_dtype=torch.int32, error=(TypeError, r"weight .*torch\.int32"),
-          **_MERGE),
-    _case("merge/refused/bool_weight", weight_dtype=torch.bool, error=(TypeError, r"weight .*torch\.bool"),
-          **_MERGE),
-    _case("merge/refused/row_strided_weight", w_layout="row_pad",
-          error=(ValueError, r"weight \(shape \(23, 37\).*contiguous"), **_MERGE),
+    _case(
+        "merge/fp16/safe_overflow_refused",
+        dtype=F16,
+        safe=True,
+        overflow=True,
+        error=(ValueError, r"weight \(shape \(23, 37\), torch\.float16.*non-finite"),
+        **_MERGE,
+    ),
+    _case(
+        "merge/fp32/safe_overflow_refused",
+        dtype=F32,
+        safe=True,
+        overflow=True,
+        error=(ValueError, r"weight \(shape \(23, 37\), torch\.float32.*non-finite"),
+        **_MERGE,
+    ),
+    _case(
+        "unmerge/bf16/safe_overflow_refused",
+        api="unmerge",
+        dtype=BF16,
+        safe=True,
+        overflow=True,
+        error=(ValueError, r"weight \(shape \(23, 37\), torch\.bfloat16.*non-finite"),
+    ),
+    _case("merge/refused/int8_weight", weight_dtype=torch.int8, error=(TypeError, r"weight .*torch\.int8"), **_MERGE),
+    _case(
+        "merge/refused/int32_weight", weight_dtype=torch.int32, error=(TypeError, r"weight .*torch\.int32"), **_MERGE
+    ),
+    _case("merge/refused/bool_weight", weight_dtype=torch.bool, error=(TypeError, r"weight .*torch\.bool"), **_MERGE),
+    _case(
+        "merge/refused/row_strided_weight",
+        w_layout="row_pad",
+        error=(ValueError, r"weight \(shape \(23, 37\).*contiguous"),
+        **_MERGE,
+    ),
 ]
 
 _names = [c.name for c in CASES]
@@ -222,15 +340,15 @@ assert len(_names) == len(set(_names)), "case names must be unique"
 # ---- backends ----
 @dataclass(frozen=True)
 class Backend:
-    name: str                       # the test id: reference, cpp[<isa>], cublas, triton, cuda, cuda[cublas]
-    env: str                        # FUSED_LORA_BACKEND while the case runs
+    name: str  # the test id: reference, cpp[<isa>], cublas, triton, cuda, cuda[cublas]
+    env: str  # FUSED_LORA_BACKEND while the case runs
     device: str = "cpu"
-    isa: Optional[str] = None       # cpp: the ISA path forced for the case (cpp_backend.use_isa)
-    interpreter: bool = False       # Triton kernels run by TRITON_INTERPRET=1
-    unavailable: Optional[str] = None   # why it cannot run here (its cases skip, or fail on CI)
-    env_extra: tuple[tuple[str, str], ...] = ()   # further environment switches while the case runs
-    only_16bit: bool = False        # a variant of the 16-bit base GEMM of lora_linear(_rows): runs only those cases
-    only_gemm: bool = False         # a variant of the base GEMM of lora_linear(_rows): runs only those cases
+    isa: Optional[str] = None  # cpp: the ISA path forced for the case (cpp_backend.use_isa)
+    interpreter: bool = False  # Triton kernels run by TRITON_INTERPRET=1
+    unavailable: Optional[str] = None  # why it cannot run here (its cases skip, or fail on CI)
+    env_extra: tuple[tuple[str, str], ...] = ()  # further environment switches while the case runs
+    only_16bit: bool = False  # a variant of the 16-bit base GEMM of lora_linear(_rows): runs only those cases
+    only_gemm: bool = False  # a variant of the base GEMM of lora_linear(_rows): runs only those cases
 
     def runs(self, case: Case) -> bool:
         if self.only_gemm and case.api not in ("linear", "rows"):
@@ -259,6 +377,7 @@ def autocast_supported(device: str, dtype: torch.dtype) -> bool:
 
 def _cpp_backends() -> list[Backend]:
     from fused_lora.ops.backends import _import_cpp
+
     module, why = _import_cpp()
     if module is None:
         return [Backend("cpp", "cpp", unavailable=f"C++ backend not built ({why})")]
@@ -268,12 +387,27 @@ def _cpp_backends() -> list[Backend]:
     for isa in module.isa_paths():
         out.append(Backend(f"cpp[{isa}]", "cpp", isa=isa))
         # the other 16-bit base GEMM of each dtype (CONTRACT.md): fp16 with two roundings, bf16 with one
-        out.append(Backend(f"cpp[{isa},alt_16bit_gemm]", "cpp", isa=isa, only_16bit=True,
-                           env_extra=(("FUSED_LORA_CPU_FP16_FAST", "1"), ("FUSED_LORA_CPU_BF16_EXACT", "1"))))
+        out.append(
+            Backend(
+                f"cpp[{isa},alt_16bit_gemm]",
+                "cpp",
+                isa=isa,
+                only_16bit=True,
+                env_extra=(("FUSED_LORA_CPU_FP16_FAST", "1"), ("FUSED_LORA_CPU_BF16_EXACT", "1")),
+            )
+        )
         if hasattr(module, "BASE_GEMMS"):  # each base GEMM forced (csrc/gemm_choice.h), whatever the rule picks here
             for gemm in module.BASE_GEMMS:
-                out.append(Backend(f"cpp[{isa},gemm={gemm}]", "cpp", isa=isa, only_gemm=True,
-                                   only_16bit=gemm == "mixed", env_extra=(("FUSED_LORA_CPU_GEMM", gemm),)))
+                out.append(
+                    Backend(
+                        f"cpp[{isa},gemm={gemm}]",
+                        "cpp",
+                        isa=isa,
+                        only_gemm=True,
+                        only_16bit=gemm == "mixed",
+                        env_extra=(("FUSED_LORA_CPU_GEMM", gemm),),
+                    )
+                )
     return out
 
 
@@ -287,6 +421,7 @@ def available_backends(device_option: str = "cpu") -> list[Backend]:
     out.append(Backend("cublas", "cublas"))
     try:
         import triton  # noqa: F401
+
         triton_missing = None
     except ImportError as exc:
         triton_missing = f"triton not installed ({exc})"

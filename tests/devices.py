@@ -8,6 +8,7 @@ cuda: compiled kernels, bfloat16 included, on the cases marked for the GPU. Each
 Inputs are drawn on the CPU (the same numbers on every device) and moved with their strides; the float64
 reference and PyTorch's same-dtype result stay on the CPU, so the judgement (tests/checks.py) is the same rule.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ from typing import Callable, Iterable, Optional, Sequence
 import pytest
 import torch
 
-BF16_UNDER_INTERPRETER = "the Triton interpreter corrupts bfloat16 silently (triton-lang/triton#11584); bf16 runs " \
-                         "with --device cuda"
+BF16_UNDER_INTERPRETER = (
+    "the Triton interpreter corrupts bfloat16 silently (triton-lang/triton#11584); bf16 runs with --device cuda"
+)
 
 
 def move(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
@@ -33,8 +35,9 @@ def cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach().cpu()
 
 
-def device_params(config, cases: Sequence, ids: Sequence[str], on_gpu: Iterable[bool],
-                  dtype_of: Callable[[object], torch.dtype]) -> list:
+def device_params(
+    config, cases: Sequence, ids: Sequence[str], on_gpu: Iterable[bool], dtype_of: Callable[[object], torch.dtype]
+) -> list:
     """pytest.param list for --device: every case on cpu (bf16 ones skipped), the GPU-marked ones on cuda."""
     cuda = config.getoption("--device") == "cuda"
     every_case = os.environ.get("FUSED_LORA_GPU_TESTS", "").strip().lower() == "all"
@@ -42,8 +45,9 @@ def device_params(config, cases: Sequence, ids: Sequence[str], on_gpu: Iterable[
     for case, case_id, gpu in zip(cases, ids, on_gpu):
         if cuda and not (gpu or every_case):
             continue
-        marks = [pytest.mark.skip(reason=BF16_UNDER_INTERPRETER)] if (
-            not cuda and dtype_of(case) == torch.bfloat16) else []
+        marks = (
+            [pytest.mark.skip(reason=BF16_UNDER_INTERPRETER)] if (not cuda and dtype_of(case) == torch.bfloat16) else []
+        )
         params.append(pytest.param(case, id=case_id, marks=marks))
     return params
 
@@ -51,7 +55,11 @@ def device_params(config, cases: Sequence, ids: Sequence[str], on_gpu: Iterable[
 def dtypes_for(config, dtypes: Sequence[torch.dtype]) -> list:
     """pytest.param list of dtypes, bf16 skipped on cpu (for tests parametrized by dtype alone)."""
     cuda = config.getoption("--device") == "cuda"
-    return [pytest.param(dt, id=str(dt).replace("torch.", ""),
-                         marks=[pytest.mark.skip(reason=BF16_UNDER_INTERPRETER)] if (
-                             not cuda and dt == torch.bfloat16) else [])
-            for dt in dtypes]
+    return [
+        pytest.param(
+            dt,
+            id=str(dt).replace("torch.", ""),
+            marks=[pytest.mark.skip(reason=BF16_UNDER_INTERPRETER)] if (not cuda and dt == torch.bfloat16) else [],
+        )
+        for dt in dtypes
+    ]

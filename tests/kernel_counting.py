@@ -25,6 +25,7 @@ address), so offset arithmetic can be checked with arguments that point far past
 permutation): every program still runs once, so a kernel whose result depends on which program runs last (an
 arrival-order reduction) shows it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +41,10 @@ import torch
 class Launch:
     kernel: str
     grid: tuple
-    ranges: list = field(default_factory=list)      # (name, start byte, end byte, element size)
-    loaded: dict = field(default_factory=dict)      # argument name -> elements loaded (repeats included)
-    distinct: dict = field(default_factory=dict)    # argument name -> distinct elements loaded
-    stray: list = field(default_factory=list)       # guard mode: (kind, byte address) of skipped accesses
+    ranges: list = field(default_factory=list)  # (name, start byte, end byte, element size)
+    loaded: dict = field(default_factory=dict)  # argument name -> elements loaded (repeats included)
+    distinct: dict = field(default_factory=dict)  # argument name -> distinct elements loaded
+    stray: list = field(default_factory=list)  # guard mode: (kind, byte address) of skipped accesses
     _addresses: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -93,7 +94,7 @@ def _attribute(ptrs: np.ndarray, mask: np.ndarray) -> None:
     if addresses.size == 0:
         return
     claimed = np.zeros(addresses.shape, dtype=bool)
-    for name, start, end, size in launch.ranges:
+    for name, start, end, _size in launch.ranges:
         inside = (addresses >= start) & (addresses < end)
         n = int(inside.sum())
         if n:
@@ -116,8 +117,9 @@ def _sandbox(kind: str, ptrs, mask, guard: bool):
     if not outside.any():
         return mask
     room = _STRAY_KEPT - len(launch.stray)
-    launch.stray.extend((kind, int(a)) for a in addresses[outside].ravel()[:max(0, room)])
+    launch.stray.extend((kind, int(a)) for a in addresses[outside].ravel()[: max(0, room)])
     from triton.runtime.interpreter import TensorHandle
+
     return TensorHandle(on & ~outside, mask.dtype)
 
 
@@ -182,8 +184,11 @@ def program_order(order) -> Iterator[None]:
     def grid_dim(self, nx, ny, nz):
         set_dim(self, nx, ny, nz)
         every = [(x, y, z) for x in range(nx) for y in range(ny) for z in range(nz)]
-        permuted = every[::-1] if order == "reverse" else \
-            [every[i] for i in np.random.default_rng(int(order)).permutation(len(every))]
+        permuted = (
+            every[::-1]
+            if order == "reverse"
+            else [every[i] for i in np.random.default_rng(int(order)).permutation(len(every))]
+        )
         self._program_map = dict(zip(every, permuted))
 
     def grid_idx(self, x, y, z):

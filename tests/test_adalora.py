@@ -1,16 +1,17 @@
 """AdaLoRA SVDLinear layers run fused: per-rank scale lora_E * scaling / ranknum, lora_E still trains."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+from checks import assert_close_vs_reference
 from peft import AdaLoraConfig, get_peft_model
 from peft.tuners.adalora.layer import SVDLinear
 from torch import nn
 
 import fused_lora
-from checks import assert_close_vs_reference
 from fused_lora.integrations.peft import ADALORA_API, FusedSVDLinear, patch_model, register, unpatch_model
 
 
@@ -25,8 +26,16 @@ class Mlp(nn.Module):
 
 
 def adalora_models(dropout=0.0):
-    config = AdaLoraConfig(init_r=5, target_r=2, total_step=20, tinit=2, tfinal=5, target_modules=["up", "down"],
-                           lora_alpha=3, lora_dropout=dropout)
+    config = AdaLoraConfig(
+        init_r=5,
+        target_r=2,
+        total_step=20,
+        tinit=2,
+        tfinal=5,
+        target_modules=["up", "down"],
+        lora_alpha=3,
+        lora_dropout=dropout,
+    )
     model = get_peft_model(Mlp(), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -91,8 +100,12 @@ def test_merge_unmerge_in_place():
     expected = twin64.base_model.model.up.base_layer.weight + twin64.base_model.model.up.get_delta_weight("default")
     model.base_model.merge_adapter()
     twin.base_model.merge_adapter()
-    assert_close_vs_reference(layer.base_layer.weight.detach(), expected.detach(),
-                              twin.base_model.model.up.base_layer.weight.detach(), atol=1e-7)
+    assert_close_vs_reference(
+        layer.base_layer.weight.detach(),
+        expected.detach(),
+        twin.base_model.model.up.base_layer.weight.detach(),
+        atol=1e-7,
+    )
     x = torch.randn(4, 13)
     torch.testing.assert_close(model(x), twin(x), rtol=1e-5, atol=1e-5)
     model.base_model.unmerge_adapter()

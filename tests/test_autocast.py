@@ -5,6 +5,7 @@ leaves float64 alone; its output has the autocast dtype, and gradients come back
 (float32 master adapters get float32 gradients, x gets x's dtype). The yardstick for values is PEFT's order of
 operations (nn.Linear calls) under the same autocast, judged against float64 math on the autocast-rounded inputs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,9 +13,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import assert_close_vs_reference
 
 import fused_lora
-from checks import assert_close_vs_reference
 from fused_lora import ops
 
 ALL_BACKENDS = ["cpp", "reference", "triton"]
@@ -35,10 +36,10 @@ def _linear_lora(x, w, b, a, bb, s):
 def _inputs(x_dtype, adapter_dtype, shape=(3, 5, 24), n=18, r=6):
     k = shape[-1]
     x = torch.randn(*shape).to(x_dtype)
-    w = torch.randn(n, k) / k ** 0.5            # float32 master weights
+    w = torch.randn(n, k) / k**0.5  # float32 master weights
     b = torch.randn(n)
-    a = (torch.randn(r, k) / k ** 0.5).to(adapter_dtype)
-    bb = (torch.randn(n, r) / r ** 0.5).to(adapter_dtype)
+    a = (torch.randn(r, k) / k**0.5).to(adapter_dtype)
+    bb = (torch.randn(n, r) / r**0.5).to(adapter_dtype)
     return x, w, b, a, bb
 
 
@@ -62,18 +63,18 @@ def test_lora_linear_follows_nn_linear_under_autocast(cpu_backend, autocast_dtyp
         expected = _linear_lora(twins[0], w, b, twins[1], twins[2], 0.75)
     assert ours.dtype == expected.dtype == autocast_dtype
     leaves64 = [_rounded64(t, autocast_dtype).requires_grad_() for t in leaves]
-    ref64 = _linear_lora(leaves64[0], _rounded64(w, autocast_dtype), _rounded64(b, autocast_dtype),
-                         leaves64[1], leaves64[2], 0.75)
+    ref64 = _linear_lora(
+        leaves64[0], _rounded64(w, autocast_dtype), _rounded64(b, autocast_dtype), leaves64[1], leaves64[2], 0.75
+    )
     assert_close_vs_reference(ours, ref64, expected, atol=ATOL[autocast_dtype])
 
     g = torch.randn_like(expected)
-    ours.backward(g)          # outside autocast, as Trainer/accelerate do
+    ours.backward(g)  # outside autocast, as Trainer/accelerate do
     expected.backward(g)
     ref64.backward(g.double())
     for name, leaf, twin, leaf64 in zip(("x", "lora_a", "lora_b"), leaves, twins, leaves64):
         assert leaf.grad.dtype == twin.grad.dtype == leaf.dtype, f"d{name}: {leaf.grad.dtype}"
-        assert_close_vs_reference(leaf.grad, leaf64.grad, twin.grad, atol=10 * ATOL[autocast_dtype],
-                                  name=f"d{name}")
+        assert_close_vs_reference(leaf.grad, leaf64.grad, twin.grad, atol=10 * ATOL[autocast_dtype], name=f"d{name}")
 
 
 @pytest.mark.parametrize("cpu_backend", ALL_BACKENDS, indirect=True)
@@ -90,14 +91,14 @@ def test_rows_follow_nn_linear_under_autocast(cpu_backend, autocast_dtype):
         expected = F.linear(x, w, b)
         for i, sample in enumerate(ids.tolist()):
             if sample >= 0:
-                lo, hi = sum(ranks[:sample]), sum(ranks[:sample + 1])
+                lo, hi = sum(ranks[:sample]), sum(ranks[: sample + 1])
                 term = F.linear(F.linear(x[i].float(), a[lo:hi]), bb[:, lo:hi]) * scalings[sample]
                 expected = expected.index_add(0, torch.tensor([i]), term[None])
     assert ours.dtype == expected.dtype == autocast_dtype
     ref64 = x.double() @ _rounded64(w, autocast_dtype).T + _rounded64(b, autocast_dtype)
     for i, sample in enumerate(ids.tolist()):
         if sample >= 0:
-            lo, hi = sum(ranks[:sample]), sum(ranks[:sample + 1])
+            lo, hi = sum(ranks[:sample]), sum(ranks[: sample + 1])
             a64, b64 = _rounded64(a[lo:hi], autocast_dtype), _rounded64(bb[:, lo:hi], autocast_dtype)
             ref64[i] += scalings[sample] * (x[i].double() @ a64.T) @ b64.T
     assert_close_vs_reference(ours, ref64, expected, atol=ATOL[autocast_dtype])
@@ -157,8 +158,9 @@ def test_layer_with_low_precision_input_and_float32_weights(autocast_dtype):
 
     base = torch.nn.Linear(24, 18)
     layer = fused_lora.FusedLoRALinear.from_linear(base, r=4, lora_alpha=8, init_lora_weights=False)
-    peft_layer = PeftLinear(copy.deepcopy(base), "default", LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8,
-                            init_lora_weights=False)
+    peft_layer = PeftLinear(
+        copy.deepcopy(base), "default", LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8, init_lora_weights=False
+    )
     peft_layer.load_state_dict(layer.state_dict())
     x = torch.randn(3, 5, 24).to(autocast_dtype).requires_grad_()
     x_twin = x.detach().clone().requires_grad_()
@@ -167,9 +169,14 @@ def test_layer_with_low_precision_input_and_float32_weights(autocast_dtype):
         expected = peft_layer(x_twin)
     assert ours.dtype == expected.dtype == autocast_dtype
     a, bb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    ref64 = _linear_lora(x.detach().double(), _rounded64(base.weight, autocast_dtype),
-                         _rounded64(base.bias, autocast_dtype), _rounded64(a, autocast_dtype),
-                         _rounded64(bb, autocast_dtype), 2.0)
+    ref64 = _linear_lora(
+        x.detach().double(),
+        _rounded64(base.weight, autocast_dtype),
+        _rounded64(base.bias, autocast_dtype),
+        _rounded64(a, autocast_dtype),
+        _rounded64(bb, autocast_dtype),
+        2.0,
+    )
     assert_close_vs_reference(ours, ref64, expected, atol=ATOL[autocast_dtype])
     g = torch.randn_like(expected)
     ours.backward(g)
@@ -194,6 +201,7 @@ def _spy(monkeypatch, name):
 @pytest.mark.parametrize("autocast_dtype", LOW)
 def test_patched_peft_lora_runs_fused_with_low_precision_input(monkeypatch, autocast_dtype):
     from peft import LoraConfig, get_peft_model
+
     from fused_lora.integrations.peft import patch_model
 
     net = torch.nn.Sequential(torch.nn.Linear(24, 18), torch.nn.Tanh(), torch.nn.Linear(18, 7))
@@ -220,10 +228,13 @@ def test_patched_peft_lora_hands_float64_input_back_to_peft_under_autocast(monke
     """nn.Linear refuses float64 x over float32 weights under autocast (only the weights are cast): the patched
     layer must do exactly what PEFT does there, not raise an error of its own."""
     from peft import LoraConfig, get_peft_model
+
     from fused_lora.integrations.peft import patch_model
 
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(24, 18)),
-                           LoraConfig(r=3, lora_alpha=5, target_modules=["0"], init_lora_weights=False))
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(24, 18)),
+        LoraConfig(r=3, lora_alpha=5, target_modules=["0"], init_lora_weights=False),
+    )
     twin = copy.deepcopy(model)
     patch_model(model)
     x = torch.randn(4, 24, dtype=torch.float64)
@@ -238,6 +249,7 @@ def test_patched_peft_lora_hands_float64_input_back_to_peft_under_autocast(monke
 @pytest.mark.parametrize("autocast_dtype", LOW)
 def test_patched_adalora_runs_fused_with_low_precision_input(monkeypatch, autocast_dtype):
     from peft import AdaLoraConfig, get_peft_model
+
     from fused_lora.integrations.peft import patch_model
 
     net = torch.nn.Sequential(torch.nn.Linear(24, 18), torch.nn.Tanh(), torch.nn.Linear(18, 7))

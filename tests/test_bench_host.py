@@ -1,5 +1,6 @@
 """`python -m fused_lora bench --ops host`: the host-time table runs, its columns compute the same thing, and the
 report's --ops hook reaches it (timings themselves are benchmarks, never asserted)."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,21 @@ def test_check_outputs_agree_catches_a_wrong_column():
 def test_ops_host_prints_the_table(capsys):
     threads = torch.get_num_threads()
     try:
-        assert report.main(["--ops", "host", "--rounds", "1", "--min-sample-seconds", "0.0005",
-                            "--calls", "eval 1 adapter,train fwd+bwd"]) == 0
+        assert (
+            report.main(
+                [
+                    "--ops",
+                    "host",
+                    "--rounds",
+                    "1",
+                    "--min-sample-seconds",
+                    "0.0005",
+                    "--calls",
+                    "eval 1 adapter,train fwd+bwd",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

@@ -1,24 +1,26 @@
 """Behaviour of the benchmark harness and report (not timings): paired ratios, interleaving, the JSON schema, the
 plot, the peak-memory probe, and the cost model's byte counts against DESIGN.md §2."""
+
 import json
 import sys
 
 import pytest
 import torch
 
-from fused_lora.perf import cost_model, gpu_model
 from fused_lora.bench import memory
-from fused_lora.perf.gpu_model import Launch, Occupancy, launch_time
-from fused_lora.perf.plans import Shape
 from fused_lora.bench.report import main as bench_main
 from fused_lora.bench.timing import Timings, quantile, time_interleaved
+from fused_lora.perf import cost_model, gpu_model
+from fused_lora.perf.gpu_model import Launch, Occupancy, launch_time
+from fused_lora.perf.plans import Shape
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 # ---- cost model: DESIGN.md section 2, bf16, M=8192, K=N=4096 (r=16; the rank-r terms are < 1 MiB) ----
-@pytest.mark.parametrize("impl, mib, launches", [("merged", 160, 1), ("peft", 608, 5), ("addmm", 352, 3),
-                                                 ("fused_before", 224, 2)])
+@pytest.mark.parametrize(
+    "impl, mib, launches", [("merged", 160, 1), ("peft", 608, 5), ("addmm", 352, 3), ("fused_before", 224, 2)]
+)
 def test_forward_bytes_match_design(impl, mib, launches):
     est = cost_model.estimate(impl, Shape("forward", 8192, 4096, 4096, 16), "H100")
     assert est.bytes / MIB == pytest.approx(mib, abs=1.5)
@@ -48,12 +50,15 @@ def test_decode_fused_is_one_launch_reading_w_once():
     gpu = cost_model.GPUS["H100"]
     tail = decode.tail_latencies * gpu_model.value("epilogue_rt_s")
     assert decode.tail_latencies == 3
-    assert fused.gpu_s == pytest.approx(merged.gpu_s + extra_bytes / (gpu.bandwidth * gpu_model.value("mem_eff"))
-                                        + tail, rel=0.01)
+    assert fused.gpu_s == pytest.approx(
+        merged.gpu_s + extra_bytes / (gpu.bandwidth * gpu_model.value("mem_eff")) + tail, rel=0.01
+    )
 
 
-@pytest.mark.parametrize("regs, smem_kib, warps, ctas", [(116, 96, 8, 2), (76, 72, 8, 3), (123, 80, 4, 2),
-                                                         (56, 60, 4, 3), (220, 12, 4, 2), (64, 30, 4, 7)])
+@pytest.mark.parametrize(
+    "regs, smem_kib, warps, ctas",
+    [(116, 96, 8, 2), (76, 72, 8, 3), (123, 80, 4, 2), (56, 60, 4, 3), (220, 12, 4, 2), (64, 30, 4, 7)],
+)
 def test_ctas_per_sm_match_the_static_review(regs, smem_kib, warps, ctas):
     """GPU-REVIEW.md's occupancy table (sm_90: 64K registers, 228 KiB shared memory per SM)."""
     occ = Occupancy(regs, smem_kib * 1024, warps, "test")
@@ -65,8 +70,10 @@ def test_one_program_past_a_full_wave_doubles_a_compute_bound_launch():
     occ = Occupancy(116, 96 * 1024, 8, "test")
 
     def seconds(programs):
-        return launch_time(Launch("k", 1.0, programs * 1e9, "triton", programs, occ, 64 * 1024), gpu,
-                           "bfloat16").seconds
+        return launch_time(
+            Launch("k", 1.0, programs * 1e9, "triton", programs, occ, 64 * 1024), gpu, "bfloat16"
+        ).seconds
+
     assert seconds(132) == pytest.approx(seconds(100) * 132 / 100 * 100 / 132)  # one program per SM either way
     assert seconds(133) == pytest.approx(2 * seconds(132), rel=1e-6)
 
@@ -78,6 +85,7 @@ def test_too_few_programs_cannot_reach_hbm_bandwidth():
 
     def seconds(programs):
         return launch_time(Launch("k", w, 0.0, "triton", programs, occ, 48 * 1024), gpu, "bfloat16").seconds
+
     # 64 SMs of 132 pull W (the review's decode at N = 4096): each at the per-SM cap, not the HBM ceiling
     assert seconds(64) == pytest.approx(w / (64 * gpu_model.value("per_sm_bw")))
     assert seconds(64) > 1.2 * seconds(264)
@@ -120,6 +128,7 @@ def test_merge_model_fused_moves_two_weights_peft_six():
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_quick_grid_gives_every_plotted_line_two_points_or_more(device_type):
     from fused_lora.bench.grid import quick
+
     cases = quick(device_type)
     lines = {}
     for c in cases:
@@ -145,8 +154,14 @@ def test_time_interleaved_rotates_order_and_restores_after_each_call():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     restored = []
-    timings = time_interleaved(fns, torch.device("cpu"), rounds=3, warmup=0, min_sample_s=0.0,
-                               after_each={"b": lambda: restored.append(len(calls))})
+    timings = time_interleaved(
+        fns,
+        torch.device("cpu"),
+        rounds=3,
+        warmup=0,
+        min_sample_s=0.0,
+        after_each={"b": lambda: restored.append(len(calls))},
+    )
     measured = calls[-9:]
     assert measured == list("abc") + list("bca") + list("cab")
     assert all(len(v) == 3 for v in timings.samples.values())
@@ -166,16 +181,51 @@ def test_cpu_peak_extra_memory_sees_a_temporary():
 
 
 # ---- the report end to end, tiny shapes ----
-RECORD_KEYS = {"op": str, "impl": str, "device": str, "dtype": str, "M": int, "K": int, "N": int, "r": int,
-               "n_adapters": int, "median_s": float, "p20_s": float, "p80_s": float}
+RECORD_KEYS = {
+    "op": str,
+    "impl": str,
+    "device": str,
+    "dtype": str,
+    "M": int,
+    "K": int,
+    "N": int,
+    "r": int,
+    "n_adapters": int,
+    "median_s": float,
+    "p20_s": float,
+    "p80_s": float,
+}
 
 
 def test_report_writes_json_and_plot(tmp_path, capsys):
     json_path, png_path, md_path = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
-    rc = bench_main(["--device", "cpu", "--ops", "forward,forward_backward,merge,mixed_forward", "--tokens", "8,16",
-                     "--shapes", "40x24", "--ranks", "3", "--dtypes", "float32", "--adapters", "1,2", "--rounds", "3",
-                     "--json", str(json_path), "--plot", str(png_path), "--markdown", str(md_path),
-                     "--no-progress"])
+    rc = bench_main(
+        [
+            "--device",
+            "cpu",
+            "--ops",
+            "forward,forward_backward,merge,mixed_forward",
+            "--tokens",
+            "8,16",
+            "--shapes",
+            "40x24",
+            "--ranks",
+            "3",
+            "--dtypes",
+            "float32",
+            "--adapters",
+            "1,2",
+            "--rounds",
+            "3",
+            "--json",
+            str(json_path),
+            "--plot",
+            str(png_path),
+            "--markdown",
+            str(md_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "MODEL H100 us" in out and "x merged" in out
@@ -183,10 +233,9 @@ def test_report_writes_json_and_plot(tmp_path, capsys):
     assert max(len(line) for line in out.splitlines() if not line.startswith("wrote ")) <= 100
     data = json.loads(json_path.read_text())
     records = data["records"]
-    assert {(r["op"], r["impl"]) for r in records} == {
-        ("forward", i) for i in ("merged", "peft", "addmm", "fused")} | {
-        ("forward_backward", i) for i in ("merged", "peft", "addmm", "fused")} | {
-        ("merge", "peft"), ("merge", "fused")} | {("mixed_forward", i) for i in ("merged", "peft", "fused")}
+    assert {(r["op"], r["impl"]) for r in records} == {("forward", i) for i in ("merged", "peft", "addmm", "fused")} | {
+        ("forward_backward", i) for i in ("merged", "peft", "addmm", "fused")
+    } | {("merge", "peft"), ("merge", "fused")} | {("mixed_forward", i) for i in ("merged", "peft", "fused")}
     for rec in records:
         for key, kind in RECORD_KEYS.items():
             assert isinstance(rec[key], kind), (key, rec)
@@ -210,8 +259,10 @@ def test_report_writes_json_and_plot(tmp_path, capsys):
 
 def test_plot_has_no_lone_points_and_spreads_implementations_apart(tmp_path, monkeypatch):
     from fused_lora.bench import plot
+
     drawn = []
     import matplotlib.axes
+
     real = matplotlib.axes.Axes.errorbar
 
     def spy(self, x, y, *args, **kwargs):
@@ -223,9 +274,24 @@ def test_plot_has_no_lone_points_and_spreads_implementations_apart(tmp_path, mon
     records = []
     for M in (1, 16, 128):
         for impl, ratio in (("merged", 1.0), ("peft", 1.5), ("addmm", 1.2), ("fused", 1.2)):
-            records.append({"op": "forward", "impl": impl, "dtype": "float32", "M": M, "K": 8, "N": 8, "r": 2,
-                            "n_adapters": 1, "median_s": 1e-3, "p20_s": 1e-3, "p80_s": 1e-3,
-                            "ratio_vs_merged": ratio, "ratio_vs_merged_p20": ratio, "ratio_vs_merged_p80": ratio})
+            records.append(
+                {
+                    "op": "forward",
+                    "impl": impl,
+                    "dtype": "float32",
+                    "M": M,
+                    "K": 8,
+                    "N": 8,
+                    "r": 2,
+                    "n_adapters": 1,
+                    "median_s": 1e-3,
+                    "p20_s": 1e-3,
+                    "p80_s": 1e-3,
+                    "ratio_vs_merged": ratio,
+                    "ratio_vs_merged_p20": ratio,
+                    "ratio_vs_merged_p80": ratio,
+                }
+            )
     lone = dict(records[-1], op="forward_backward")  # one token count only: must become a bar, not a point
     plot.write_plot(records + [lone], str(tmp_path / "p.png"))
     assert {label for label, _ in drawn} == {"peft", "addmm", "fused"}
@@ -236,12 +302,14 @@ def test_plot_has_no_lone_points_and_spreads_implementations_apart(tmp_path, mon
 
 def test_quantiles_are_numpys():
     import numpy as np
+
     values = [4.0, 1.0, 3.0, 2.0, 5.0, 9.0]
     assert quantile(values, 0.2) == pytest.approx(np.quantile(values, 0.2))
 
 
 def test_info_does_not_claim_cuda_without_a_device(capsys, monkeypatch):
     from fused_lora.__main__ import main
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
@@ -251,6 +319,7 @@ def test_info_does_not_claim_cuda_without_a_device(capsys, monkeypatch):
 
 def test_info_explain_prints_the_choice_and_both_plans(capsys):
     from fused_lora.__main__ import main
+
     assert main(["info", "--explain", "16", "4096", "4096", "16", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "forward: fused" in out and "MODEL" in out and "cuBLAS composition" in out

@@ -6,11 +6,11 @@ their rows: under 2 minutes on 2 cores when no kernel changed; a changed kernel 
 Marker "codegen" (compiles; deselect with `-m "not codegen"`). The key tests compile nothing.
 Every run is a subprocess: the tool must see the real compiler, and this process may run the interpreter.
 """
+
 import json
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -30,14 +30,21 @@ def _env(**extra) -> dict:
 
 
 def _run_tool(*args, timeout=1800):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _modules_with_specs() -> set:
     # Read the sources instead of importing them: importing would decorate the kernels in this process.
-    return {f"fused_lora.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py")
-            if "def codegen_specs(" in p.read_text()}
+    return {
+        f"fused_lora.kernels.{p.stem}" for p in (ROOT / "kernels").glob("*.py") if "def codegen_specs(" in p.read_text()
+    }
 
 
 @pytest.mark.codegen
@@ -58,8 +65,9 @@ def test_every_kernel_config_compiles_without_spills_and_uses_tensor_cores(tmp_p
         for name in names:
             for arch in (a for a in ARCHES if a in only.get(name, ARCHES)):
                 assert (module, name, arch) in compiled, f"{name} not compiled for sm_{arch}"
-    failed = [f"sm_{r['arch']} {r['name']}: {r['failures']} ({r['source']})" for r in report["results"]
-              if r["failures"]]
+    failed = [
+        f"sm_{r['arch']} {r['name']}: {r['failures']} ({r['source']})" for r in report["results"] if r["failures"]
+    ]
     assert not failed, "\n".join(failed) + "\n" + tail
     for r in report["results"]:  # TMA where promised, whether the row was compiled now or recorded
         if r["requires_tma"] and r["arch"] >= 90:
@@ -70,8 +78,11 @@ def test_every_kernel_config_compiles_without_spills_and_uses_tensor_cores(tmp_p
     assert len(snap["sampled"]) == min(SAMPLE, recorded)  # the snapshot is checked against the compiler every run
     assert proc.returncode == 0, tail
     if snap["missing"]:
-        warnings.warn(f"{len(snap['missing'])} (spec, arch) pairs are not in {SNAPSHOT.name} (compiled and gated "
-                      f"now, every run): python benchmarks/codegen.py --arch 80 90 --update-snapshot --incremental")
+        warnings.warn(
+            f"{len(snap['missing'])} (spec, arch) pairs are not in {SNAPSHOT.name} (compiled and gated "
+            f"now, every run): python benchmarks/codegen.py --arch 80 90 --update-snapshot --incremental",
+            stacklevel=2,
+        )
 
 
 _CURRENT_KEYS = """
@@ -87,14 +98,30 @@ print(json.dumps({"schema": codegen.SNAPSHOT_SCHEMA, "rows": rows}))
 
 def _snapshot_with_current_keys(only: str, path: Path, measured: dict) -> dict:
     """A snapshot of made-up results under today's keys of the specs named `only`: {arch: row}."""
-    proc = subprocess.run([sys.executable, "-c", _CURRENT_KEYS, str(ROOT / "benchmarks"), only], cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CURRENT_KEYS, str(ROOT / "benchmarks"), only],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    made_up = {"registers": 24, "spill_stores": 0, "spill_loads": 0, "stack_frame": 0, "shared": 0, "mma": {},
-               "tma": {}, "tma_loads": 0, "ptx_missing": []}
-    rows = {r["arch"]: {**r, **made_up, "gpu_name": f"sm_{r['arch']}", **measured.get(r["arch"], {})}
-            for r in data["rows"]}
+    made_up = {
+        "registers": 24,
+        "spill_stores": 0,
+        "spill_loads": 0,
+        "stack_frame": 0,
+        "shared": 0,
+        "mma": {},
+        "tma": {},
+        "tma_loads": 0,
+        "ptx_missing": [],
+    }
+    rows = {
+        r["arch"]: {**r, **made_up, "gpu_name": f"sm_{r['arch']}", **measured.get(r["arch"], {})} for r in data["rows"]
+    }
     assert set(rows) == set(ARCHES), data
     path.write_text(json.dumps({"schema": data["schema"], "rows": list(rows.values())}))
     return rows
@@ -130,8 +157,7 @@ def test_check_gates_recorded_rows_without_compiling(tmp_path):
     """A recorded result is gated like a fresh one: a row that spills fails, with no compile at all."""
     path = tmp_path / "snap.json"
     _snapshot_with_current_keys("dropout_keep", path, {90: {"spill_stores": 8}})
-    proc = _run_tool("--arch", *ARCHES, "--check-snapshot", "--only", "dropout_keep", "--sample", 0,
-                     "--snapshot", path)
+    proc = _run_tool("--arch", *ARCHES, "--check-snapshot", "--only", "dropout_keep", "--sample", 0, "--snapshot", path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "0 sampled and recompiled, 0 compiled as missing" in proc.stdout, proc.stdout
     assert "GATE FAILED sm_90 dropout_keep[BLOCK=1024]: spills 8/0 B [recorded result]" in proc.stdout
@@ -142,19 +168,24 @@ def test_cost_model_reads_the_gate_snapshot_for_every_config_it_looks_up():
     """fused_lora.perf.occupancy reads the sm_90 rows of the same snapshot; a renamed spec would leave the model
     on estimates without this."""
     from fused_lora.perf import occupancy
+
     rows = [r for r in json.loads(SNAPSHOT.read_text())["rows"] if r["arch"] == 90 and "error" not in r]
     assert occupancy.SNAPSHOT == str(SNAPSHOT) and set(occupancy.snapshot()) == {r["name"] for r in rows}
     row = rows[0]
     assert occupancy.snapshot()[row["name"]]["registers"] == row["registers"]
-    for kernel, tokens in [("fused_gemm", ["y", "dense", "BM=128", "BN=128", "bf16"]), ("shrink", ["dense", "BR=16",
-                           "bf16"]), ("decode", ["BM=16", "bf16"]), ("ds", ["dense", "bf16"]),
-                           ("fused_gemm_tma", ["y", "dense", "BM=128", "BN=128", "bf16"])]:
+    for kernel, tokens in [
+        ("fused_gemm", ["y", "dense", "BM=128", "BN=128", "bf16"]),
+        ("shrink", ["dense", "BR=16", "bf16"]),
+        ("decode", ["BM=16", "bf16"]),
+        ("ds", ["dense", "bf16"]),
+        ("fused_gemm_tma", ["y", "dense", "BM=128", "BN=128", "bf16"]),
+    ]:
         assert occupancy.lookup(kernel, tokens).source == "codegen sm_90 snapshot", (kernel, tokens)
     assert occupancy.tma_loads("fused_gemm_tma", ["y", "dense", "BM=128", "bf16"]) > 0
 
 
 # ---- content keys (benchmarks/codegen_key.py): import only, nothing compiled -----------------------------------
-_HELPERS = '''
+_HELPERS = """
 import triton
 import triton.language as tl
 
@@ -169,8 +200,8 @@ def inner(x):
 @triton.jit
 def scale(x):
     return inner(x) + 1
-'''
-_KERNELS = '''
+"""
+_KERNELS = """
 import triton
 import triton.language as tl
 
@@ -188,8 +219,8 @@ def by_name(X, BLOCK: tl.constexpr):
 def by_attribute(X, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     tl.store(X + offs, helpers.scale(tl.load(X + offs)) + helpers.LIMIT)
-'''
-_KEYS = '''
+"""
+_KEYS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from types import SimpleNamespace
@@ -208,12 +239,18 @@ for name in ("by_name", "by_attribute"):
     keys[name + " variants"] = [key(fn, arch=80), key(fn, sig="*fp16"), key(fn, block=128), key(fn, warps=8),
                                 key(fn, stages=2), key(fn, ptx_patterns={"p": "bar"})]
 print(json.dumps(keys))
-'''
+"""
 
 
 def _probe_keys(package: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _KEYS, str(ROOT / "benchmarks")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=_env(PYTHONPATH=str(package.parent)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _KEYS, str(ROOT / "benchmarks")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(PYTHONPATH=str(package.parent)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -1,4 +1,5 @@
 """torch.compile(fullgraph=True) over a patched PEFT model: one graph, no breaks, same outputs and gradients."""
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,10 @@ def _fresh_dynamo():
 
 
 def two_adapter_model(dropout=0.0):
-    model = get_peft_model(Mlp(), LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"],
-                                             init_lora_weights=False, lora_dropout=dropout))
+    model = get_peft_model(
+        Mlp(),
+        LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], init_lora_weights=False, lora_dropout=dropout),
+    )
     model.add_adapter("two", LoraConfig(r=2, lora_alpha=3, target_modules=["up", "down"], init_lora_weights=False))
     model.base_model.set_adapter(["default", "two"])
     eager = copy.deepcopy(model)
@@ -101,12 +104,20 @@ def test_llama_model_compiles_fullgraph():
     transformers = pytest.importorskip("transformers")
     from peft import get_peft_model as make
 
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
-                                      max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
-    model = make(transformers.LlamaForCausalLM(config),
-                 LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model = make(
+        transformers.LlamaForCausalLM(config),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     eager = copy.deepcopy(model)
     assert patch_model(model) == 3
     model.eval(), eager.eval()
@@ -119,8 +130,10 @@ def test_llama_model_compiles_fullgraph():
 
 def _fused_layer():
     from fused_lora import FusedLoRALinear
-    layer = FusedLoRALinear.from_linear(nn.Linear(13, 7), "a", r=3, lora_alpha=6, init_lora_weights=False,
-                                        lora_dropout=0.1)
+
+    layer = FusedLoRALinear.from_linear(
+        nn.Linear(13, 7), "a", r=3, lora_alpha=6, init_lora_weights=False, lora_dropout=0.1
+    )
     layer.add_adapter("b", 2, 3, init_lora_weights=False, lora_bias=True)
     with torch.no_grad():
         for p in layer.lora_B.parameters():
@@ -139,8 +152,9 @@ def test_fused_layer_compiles_fullgraph_with_its_plan(call, training):
         layer.set_adapter("b"), eager.set_adapter("b")
     ids = torch.tensor([1, -1, 0, 1])
     names = ["b", "__base__", "a", "b"]
-    kwargs = {"adapter_ids": ids} if call == "adapter_ids" else {"adapter_names": names} if call == "adapter_names" \
-        else {}
+    kwargs = (
+        {"adapter_ids": ids} if call == "adapter_ids" else {"adapter_names": names} if call == "adapter_names" else {}
+    )
     counter = CompileCounterWithBackend("aot_eager")
     fast = torch.compile(lambda x: layer(x, **kwargs), backend=counter, fullgraph=True)
     x = torch.randn(4, 13)

@@ -13,6 +13,7 @@ every uninitialised allocation during a call is NaN-filled (checks.poisoned_empt
 whose skipped memory holds NaN. Dropout masks are the reference's bits (reference.dropout_keep) for the seed the
 call draws from torch's generator; a backend with other bits misses the float64 result by O(1).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,15 +23,20 @@ from typing import Optional
 
 import pytest
 import torch
+from checks import (
+    assert_bits_equal,
+    assert_close_vs_reference,
+    assert_rounded_once,
+    poisoned_empty,
+    strided_like,
+    torch_lora,
+    ulp_atol,
+)
+from contract_cases import BACKEND_PROPERTY, CASES, Backend, Case, available_backends
 
 import fused_lora
 from fused_lora import reference
 from fused_lora.functional import draw_dropout_seed
-
-from checks import (assert_bits_equal, assert_close_vs_reference, assert_rounded_once, poisoned_empty,
-                    strided_like, torch_lora, ulp_atol)
-from contract_cases import BACKEND_PROPERTY, CASES, Backend, Case, available_backends
-
 
 
 def pytest_generate_tests(metafunc):
@@ -38,8 +44,9 @@ def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames and "case" in metafunc.fixturenames:
         backends = available_backends(metafunc.config.getoption("--device", default="cpu"))
         pairs = [(b, c) for b in backends for c in CASES if b.runs(c)]
-        metafunc.parametrize(("backend", "case"), pairs, ids=[f"{b.name}-{c.name}" for b, c in pairs],
-                             indirect=["backend"])
+        metafunc.parametrize(
+            ("backend", "case"), pairs, ids=[f"{b.name}-{c.name}" for b, c in pairs], indirect=["backend"]
+        )
 
 
 @pytest.fixture
@@ -57,6 +64,7 @@ def backend(request, monkeypatch):
         yield b
         return
     from fused_lora.ops import cpp_backend
+
     with cpp_backend.use_isa(b.isa):
         assert cpp_backend.active_isa() == b.isa, f"use_isa({b.isa!r}) left {cpp_backend.active_isa()!r} active"
         yield b
@@ -111,11 +119,20 @@ def _make_operands(case: Case, device: str) -> dict:
             bias = torch.randn(N).to(device=device, dtype=bias_dtype)
         if case.bias_device is not None:
             bias = bias.to(case.bias_device)
-    ops = dict(x=strided_like(x.to(device), case.x_layout), weight=strided_like(w.to(device), case.w_layout),
-               bias=bias, lora_a=strided_like(a.to(device), case.ad_layout),
-               lora_b=strided_like(bb.to(device), case.ad_layout))
-    grads = {"x": case.x_grad, "weight": case.train_base, "bias": case.train_base and bias is not None,
-             "lora_a": True, "lora_b": True}
+    ops = dict(
+        x=strided_like(x.to(device), case.x_layout),
+        weight=strided_like(w.to(device), case.w_layout),
+        bias=bias,
+        lora_a=strided_like(a.to(device), case.ad_layout),
+        lora_b=strided_like(bb.to(device), case.ad_layout),
+    )
+    grads = {
+        "x": case.x_grad,
+        "weight": case.train_base,
+        "bias": case.train_base and bias is not None,
+        "lora_a": True,
+        "lora_b": True,
+    }
     if case.error is None:
         for name, wanted in grads.items():
             if wanted:
@@ -191,11 +208,31 @@ def _run_linear(case: Case, device: str) -> None:
     rank_ptr = _rank_ptr(case.ranks)
     plain = _leaf_copies(ops)
     with _autocast(case, device):
-        y_torch = torch_lora(plain["x"], plain["weight"], plain["bias"], plain["lora_a"], plain["lora_b"],
-                             scale.to(device), rank_ptr, keeps, inv, rows)
+        y_torch = torch_lora(
+            plain["x"],
+            plain["weight"],
+            plain["bias"],
+            plain["lora_a"],
+            plain["lora_b"],
+            scale.to(device),
+            rank_ptr,
+            keeps,
+            inv,
+            rows,
+        )
     exact = _leaf_copies(ops, torch.float64)
-    y64 = torch_lora(exact["x"], exact["weight"], exact["bias"], exact["lora_a"], exact["lora_b"],
-                     scale.to(device, torch.float64), rank_ptr, keeps, inv, rows)
+    y64 = torch_lora(
+        exact["x"],
+        exact["weight"],
+        exact["bias"],
+        exact["lora_a"],
+        exact["lora_b"],
+        scale.to(device, torch.float64),
+        rank_ptr,
+        keeps,
+        inv,
+        rows,
+    )
 
     assert y.dtype == y_torch.dtype, f"y: dtype {y.dtype}, plain torch (nn.Linear rules) gives {y_torch.dtype}"
     assert y.shape == y_torch.shape, f"y: shape {tuple(y.shape)} != {tuple(y_torch.shape)}"
@@ -215,8 +252,9 @@ def _run_linear(case: Case, device: str) -> None:
             continue
         assert ours is not None, f"d{name}: missing"
         assert ours.dtype == yard.dtype, f"d{name}: dtype {ours.dtype}, plain torch gives {yard.dtype}"
-        assert_close_vs_reference(ours, truth.reshape(ours.shape), yard.reshape(ours.shape),
-                                  atol=ulp_atol(yard.dtype, truth), name=f"d{name}")
+        assert_close_vs_reference(
+            ours, truth.reshape(ours.shape), yard.reshape(ours.shape), atol=ulp_atol(yard.dtype, truth), name=f"d{name}"
+        )
 
 
 # ---------------------------------------------------------------- merge_ / unmerge_
@@ -247,8 +285,11 @@ def _run_merge(case: Case, device: str) -> None:
     a_dev = strided_like(a.to(device), case.ad_layout)
     bb_dev = strided_like(bb.to(device), case.ad_layout)
     fn = fused_lora.merge_ if case.api == "merge" else fused_lora.unmerge_
-    kw = dict(fan_in_fan_out=case.fan_in_fan_out, safe=case.safe,
-              rank_splits=list(case.ranks) if len(case.ranks) > 1 else None)
+    kw = dict(
+        fan_in_fan_out=case.fan_in_fan_out,
+        safe=case.safe,
+        rank_splits=list(case.ranks) if len(case.ranks) > 1 else None,
+    )
     scaling = _scaling_arg(case, scale, device)
 
     if case.error is not None:

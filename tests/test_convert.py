@@ -1,4 +1,5 @@
 """OLoRA/PiSSA-trained adapters become plain LoRA adapters for the original base with identical outputs."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from fused_lora.convert import (converted_alpha, converted_config, mutated_to_lora, mutated_to_lora_dir,
-                                mutated_to_lora_tensors)
+from fused_lora.convert import (
+    converted_alpha,
+    converted_config,
+    mutated_to_lora,
+    mutated_to_lora_dir,
+    mutated_to_lora_tensors,
+)
 
 
 class Mlp(nn.Module):
@@ -27,8 +33,15 @@ class Mlp(nn.Module):
 
 
 def mutated_config(init, rslora):
-    return LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], init_lora_weights=init, use_rslora=rslora,
-                      rank_pattern={"down": 5}, alpha_pattern={"down": 4})
+    return LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=["up", "down"],
+        init_lora_weights=init,
+        use_rslora=rslora,
+        rank_pattern={"down": 5},
+        alpha_pattern={"down": 4},
+    )
 
 
 def clone_sd(sd):

@@ -7,6 +7,7 @@ AVX2-only CPU), with the kernels capped at that level.
 Where fused_lora._C is not built this module is skipped (CI fails instead); for a development build set
 FUSED_LORA_CPP_DEV_BUILD=<build dir> to compile csrc/ with torch.utils.cpp_extension.load.
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_lora import reference as ref
+
 try:
     from tests.checks import assert_close_vs_reference
 except ImportError:  # pytest run with tests/ (not the repo root) on sys.path
@@ -29,6 +31,7 @@ except ImportError:  # pytest run with tests/ (not the repo root) on sys.path
 def _load_backend():
     try:
         from fused_lora.ops import cpp_backend
+
         return cpp_backend
     except ImportError as exc:
         build_dir = os.environ.get("FUSED_LORA_CPP_DEV_BUILD")
@@ -37,13 +40,19 @@ def _load_backend():
                 raise
             pytest.skip(f"C++ backend not built: {exc}", allow_module_level=True)
     from torch.utils.cpp_extension import load
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.makedirs(build_dir, exist_ok=True)
-    module = load(name="fused_lora_C_dev", sources=sorted(glob.glob(os.path.join(root, "csrc", "*.cpp"))),
-                  extra_cflags=["-O3", "-fopenmp", "-std=c++17"], extra_ldflags=["-fopenmp"],
-                  build_directory=build_dir)
+    module = load(
+        name="fused_lora_C_dev",
+        sources=sorted(glob.glob(os.path.join(root, "csrc", "*.cpp"))),
+        extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=build_dir,
+    )
     sys.modules["fused_lora._C"] = module
     from fused_lora.ops import cpp_backend
+
     return cpp_backend
 
 
@@ -56,6 +65,7 @@ def isa_level(request):
     with cb.use_isa(request.param) as level:
         assert cb.active_isa() == level == request.param
         yield level
+
 
 LOWP = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,9 +104,9 @@ def _case(M, K, N, ranks, dtype, adapter_dtype=None, bias=True):
     adapter_dtype = adapter_dtype or dtype
     R = sum(ranks)
     x = torch.randn(M, K).to(dtype)
-    w = (torch.randn(N, K) / K ** 0.5).to(dtype)
+    w = (torch.randn(N, K) / K**0.5).to(dtype)
     b = torch.randn(N).to(dtype) if bias else None
-    a = (torch.randn(R, K) / K ** 0.5).to(adapter_dtype)
+    a = (torch.randn(R, K) / K**0.5).to(adapter_dtype)
     bb = torch.randn(N, R).to(adapter_dtype)
     scale = (torch.rand(R) + 0.5).float()
     return x, w, b, a, bb, scale
@@ -213,16 +223,18 @@ def test_rows_fwd_bwd_vs_reference(dtype):
     y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
     y64, t64 = ref.lora_rows_fwd(_d64(x), _d64(w), _d64(b), _d64(a), _d64(bb), scale, rp, row_ids, dps, seed)
     assert t.shape == (M, 7) and t.dtype == torch.float32
-    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids),
-                              atol=_atol(y64), name="y")
+    assert_close_vs_reference(
+        y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64), name="y"
+    )
     t_fp32 = ref.lora_rows_fwd(x.float(), w.float(), None, a.float(), bb.float(), scale, rp, row_ids, dps, seed)[1]
     assert_close_vs_reference(t, t64, t_fp32, atol=_atol(t64), name="t")
     assert (t[row_ids == -1] == 0).all() and (t[row_ids == 0, 1:] == 0).all()
 
     dy = torch.randn(M, N).to(dtype)
     dx, da, db = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
-    ref_g = ref.lora_rows_bwd(_d64(dy), _d64(x), _d64(w), _d64(a), _d64(bb), scale, _d64(t), rp, row_ids, dps,
-                              seed, True)
+    ref_g = ref.lora_rows_bwd(
+        _d64(dy), _d64(x), _d64(w), _d64(a), _d64(bb), scale, _d64(t), rp, row_ids, dps, seed, True
+    )
     torch_g = _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)
     for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g, torch_g):
         assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=name)
@@ -250,13 +262,21 @@ def test_empty_batch(dtype):
     row_ids = torch.empty(0, dtype=torch.int64)
     y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
     assert y.shape == (0, 11) and t.shape == (0, 3)
-    dx, da, db = cb.lora_rows_bwd(torch.randn(0, 11).to(dtype), x, w, a, bb, scale, t, rp, row_ids, dps, seed,
-                                  True)
+    dx, da, db = cb.lora_rows_bwd(torch.randn(0, 11).to(dtype), x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
     assert dx.shape == (0, 13) and (da == 0).all() and (db == 0).all()
 
 
-@pytest.mark.parametrize("M,K,p,salt,seed", [(5, 7, 0.3, 0, 0), (3, 13, 0.5, 2, -1), (17, 33, 0.9, 1, 2**40 + 3),
-                                             (64, 130, 0.1, 5, 12345), (4, 4, 1.0, 0, 9), (6, 9, 0.0, 3, 1)])
+@pytest.mark.parametrize(
+    "M,K,p,salt,seed",
+    [
+        (5, 7, 0.3, 0, 0),
+        (3, 13, 0.5, 2, -1),
+        (17, 33, 0.9, 1, 2**40 + 3),
+        (64, 130, 0.1, 5, 12345),
+        (4, 4, 1.0, 0, 9),
+        (6, 9, 0.0, 3, 1),
+    ],
+)
 def test_dropout_keep_bit_identical(M, K, p, salt, seed):
     s = _seed(seed)
     assert torch.equal(cb.dropout_keep(s, M, K, p, salt), ref.dropout_keep(s, M, K, p, salt))
@@ -300,7 +320,7 @@ def test_merge_rounds_once(dtype, fan_in_fan_out, sign):
     rounded_once = exact.to(dtype)
     assert (ours == rounded_once).double().mean().item() >= 0.99
     # where the sum does not cancel, at most one ulp from the exact value
-    big = exact.abs() >= 2.0 ** -8 * (w.double().abs() + delta.abs())
+    big = exact.abs() >= 2.0**-8 * (w.double().abs() + delta.abs())
     ulp = torch.finfo(dtype).eps * exact.abs().to(dtype).double()
     assert ((ours.double() - exact).abs() <= ulp + 1e-30)[big].all()
 
@@ -354,10 +374,16 @@ def test_fp16_rounds_once():
 # batches where torch runs bf16 GEMMs on oneDNN; fp16 with FUSED_LORA_CPU_FP16_FAST=1): the base GEMM first, rounded,
 # then bias + rank term added onto it in fp32 and rounded once more. N and K above 64 reach the kernels' full
 # 64-column steps as well as their tails. tests/test_cpp_strategies.py covers the other base GEMMs.
-FAST_MODES = {"bf16": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "vendor"}),
-              "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"})}
-GEMM_SWITCHES = ("FUSED_LORA_CPU_GEMM", "FUSED_LORA_CPU_DIRECT_MAX_ROWS", "FUSED_LORA_CPU_FP16_FAST",
-                 "FUSED_LORA_CPU_BF16_EXACT")
+FAST_MODES = {
+    "bf16": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "vendor"}),
+    "fp16_fast": (torch.float16, {"FUSED_LORA_CPU_FP16_FAST": "1"}),
+}
+GEMM_SWITCHES = (
+    "FUSED_LORA_CPU_GEMM",
+    "FUSED_LORA_CPU_DIRECT_MAX_ROWS",
+    "FUSED_LORA_CPU_FP16_FAST",
+    "FUSED_LORA_CPU_BF16_EXACT",
+)
 
 
 def _fast_mode(monkeypatch, mode):
@@ -412,8 +438,9 @@ def test_fast_mode_dense_and_rows_vs_reference(monkeypatch, mode, bias):
     for drop in ([0.0, 0.0, 0.0], dps):  # the expand-only path, and the dropout path's fp32 rows
         y, t = cb.lora_fwd(x, w, b, a, bb, scale, rp, drop, seed)
         y64, _ = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rp, drop, seed)
-        assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64),
-                                  name=f"y {drop}")
+        assert_close_vs_reference(
+            y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64), name=f"y {drop}"
+        )
         dx, _, _ = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed, True)
         dx64 = ref.lora_bwd(_d64(dy), x64, w64, a64, bb64, scale, _d64(t), rp, drop, seed, True)[0]
         dx_torch = _torch_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed)[0]
@@ -423,8 +450,9 @@ def test_fast_mode_dense_and_rows_vs_reference(monkeypatch, mode, bias):
     row_ids[:4] = torch.tensor([-1, 0, 1, 2])
     y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
     y64, _ = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rp, row_ids, dps, seed)
-    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64),
-                              name="rows y")
+    assert_close_vs_reference(
+        y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64), name="rows y"
+    )
     none = row_ids == -1  # rows without an adapter: the rounded base, plus the bias when there is one
     base_only = _base_then_term(x64 @ w64.T, b64 if bias else torch.zeros(N, dtype=torch.float64), dtype)
     assert (y[none] == base_only[none]).double().mean().item() >= 0.99
@@ -518,8 +546,7 @@ def test_float64_empty_batch():
     row_ids = torch.empty(0, dtype=torch.int64)
     y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
     assert y.shape == (0, 11) and t.shape == (0, 3) and t.dtype == F64
-    dx, da, db = cb.lora_rows_bwd(torch.randn(0, 11, dtype=F64), x, w, a, bb, scale, t, rp, row_ids, dps, seed,
-                                  True)
+    dx, da, db = cb.lora_rows_bwd(torch.randn(0, 11, dtype=F64), x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
     assert dx.shape == (0, 13) and (da == 0).all() and (db == 0).all()
 
 
@@ -632,14 +659,21 @@ def test_row_strided_operands_with_nan_padding(monkeypatch, mode, operand):
             return v
         return _nan_strided_1d(v) if v.dim() == 1 else _noncontig_rows(v, "pad")
 
-    xs, ws, bs, as_, bbs, dys = lay("x", x), lay("weight", w), lay("bias", b), lay("lora_a", a), lay("lora_b", bb), \
-        lay("dy", dy)
+    xs, ws, bs, as_, bbs, dys = (
+        lay("x", x),
+        lay("weight", w),
+        lay("bias", b),
+        lay("lora_a", a),
+        lay("lora_b", bb),
+        lay("dy", dy),
+    )
     x64, w64, b64, a64, bb64, dy64 = _d64(x), _d64(w), _d64(b), _d64(a), _d64(bb), _d64(dy)
     for drop in ([0.0, 0.0, 0.0], dps):  # direct kernels (no dropout) and the fp32 staging with masks
         y, t = cb.lora_fwd(xs, ws, bs, as_, bbs, scale, rp, drop, seed)
         y64, t64 = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rp, drop, seed)
-        assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64),
-                                  name=f"y {drop}")
+        assert_close_vs_reference(
+            y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64), name=f"y {drop}"
+        )
         t_fp32 = ref.lora_fwd(x.float(), w.float(), None, a.float(), bb.float(), scale, rp, drop, seed)[1]
         assert_close_vs_reference(t, t64, t_fp32, atol=_atol(t64), name=f"t {drop}")
         grads = cb.lora_bwd(dys, xs, ws, as_, bbs, scale, lay("t", t), rp, drop, seed, True)
@@ -650,8 +684,9 @@ def test_row_strided_operands_with_nan_padding(monkeypatch, mode, operand):
 
     y, t = cb.lora_rows_fwd(xs, ws, bs, as_, bbs, scale, rp, row_ids, dps, seed)
     y64, t64 = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rp, row_ids, dps, seed)
-    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64),
-                              name="rows y")
+    assert_close_vs_reference(
+        y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64), name="rows y"
+    )
     grads = cb.lora_rows_bwd(dys, xs, ws, as_, bbs, scale, lay("t", t), rp, row_ids, dps, seed, True)
     ref_g = ref.lora_rows_bwd(dy64, x64, w64, a64, bb64, scale, _d64(t), rp, row_ids, dps, seed, True)
     torch_g = _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)
@@ -671,8 +706,9 @@ def test_single_padded_row_and_broadcast_rows():
         dy = torch.randn(1, N).to(torch.bfloat16).expand(x.shape[0], N)
         dx, da, db = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, [0.0], seed, True)
         ref_g = ref.lora_bwd(_d64(dy), _d64(x), _d64(w), _d64(a), _d64(bb), scale, _d64(t), rp, [0.0], seed, True)
-        for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g,
-                                         _torch_bwd(dy, x, w, a, bb, scale, t, rp, [0.0], seed)):
+        for name, ours, r64, same in zip(
+            ("dx", "dA", "dB"), (dx, da, db), ref_g, _torch_bwd(dy, x, w, a, bb, scale, t, rp, [0.0], seed)
+        ):
             assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=name)
 
 
@@ -685,7 +721,7 @@ def test_merge_into_row_strided_weight():
     assert bool(cb.lora_merge_(expected, a, bb, scale, 1.0, False, True))
     assert bool(cb.lora_merge_(wide[:, : w.shape[1]], a, bb, scale, 1.0, False, True))
     assert torch.equal(wide[:, : w.shape[1]], expected)
-    assert wide[:, w.shape[1]:].isnan().all()
+    assert wide[:, w.shape[1] :].isnan().all()
 
 
 # ---- per-row adapter ids outside [-1, n): no adapter for that row, on every backend (CONTRACT.md) ----
@@ -695,7 +731,7 @@ def test_rows_out_of_range_ids_act_as_no_adapter(dtype):
     x, w, b, a, bb, scale = _case(M, K, N, ranks, dtype)
     rp, seed = _rank_ptr(ranks), _seed(21)
     row_ids = torch.randint(0, 2, (M,))
-    row_ids[[0, 3, 7, 11, 20]] = torch.tensor([2, -2, 99, -(2 ** 40), 2 ** 62])
+    row_ids[[0, 3, 7, 11, 20]] = torch.tensor([2, -2, 99, -(2**40), 2**62])
     as_none = torch.where((row_ids < -1) | (row_ids >= len(ranks)), -1, row_ids)
     y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
     y_none, t_none = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, as_none, dps, seed)
@@ -720,8 +756,13 @@ DTYPE_COMBOS = {  # (x/weight/bias dtype, lora_a/lora_b dtype)
     "fp64": (torch.float64, torch.float64),
     "fp64_fp32ad": (torch.float64, torch.float32),
 }
-EDGE_SHAPES = {"K0": (6, 0, 7, [2, 1]), "N0": (6, 9, 0, [2, 1]), "M0": (0, 9, 7, [2, 1]), "rank1": (6, 9, 7, [1]),
-               "one": (1, 1, 1, [1])}
+EDGE_SHAPES = {
+    "K0": (6, 0, 7, [2, 1]),
+    "N0": (6, 9, 0, [2, 1]),
+    "M0": (0, 9, 7, [2, 1]),
+    "rank1": (6, 9, 7, [1]),
+    "one": (1, 1, 1, [1]),
+}
 
 
 def _tol_check(ours, r64, same, name):
@@ -755,8 +796,9 @@ def test_edge_shapes_every_dtype_combination(combo, shape):
     dx, da, db = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, True)
     assert dx.dtype == dtype and da.dtype == ad and db.dtype == ad
     ref_g = ref.lora_bwd(_d64(dy), *args64[:2], *args64[3:], scale, _d64(t), rp, dps, seed, True)
-    for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g,
-                                     _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed)):
+    for name, ours, r64, same in zip(
+        ("dx", "dA", "dB"), (dx, da, db), ref_g, _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed)
+    ):
         _tol_check(ours, r64, same, name)
     if K == 0 or N == 0 or M == 0:
         assert (da == 0).all() and (db == 0).all() and (dx == 0).all()
@@ -769,8 +811,9 @@ def test_edge_shapes_every_dtype_combination(combo, shape):
     _tol_check(t, t64, t64, "rows t")
     grads = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
     ref_g = ref.lora_rows_bwd(_d64(dy), *args64[:2], *args64[3:], scale, _d64(t), rp, row_ids, dps, seed, True)
-    for name, ours, r64, same in zip(("dx", "dA", "dB"), grads, ref_g,
-                                     _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)):
+    for name, ours, r64, same in zip(
+        ("dx", "dA", "dB"), grads, ref_g, _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)
+    ):
         _tol_check(ours, r64, same, f"rows {name}")
 
 
@@ -785,11 +828,23 @@ def test_integer_and_bool_tensors_are_refused_by_name(dtype):
     with pytest.raises(TypeError, match=r"lora_fwd: x has dtype"):
         cb.lora_fwd(torch.ones(3, 4).to(dtype), torch.randn(5, 4), None, a, bb, scale, [0, 2], [0.0], _seed())
     with pytest.raises(TypeError, match=r"lora_rows_fwd: weight has dtype"):
-        cb.lora_rows_fwd(torch.randn(3, 4), w, None, a, bb, scale, [0, 2], torch.zeros(3, dtype=torch.int64),
-                         [0.0], _seed())
+        cb.lora_rows_fwd(
+            torch.randn(3, 4), w, None, a, bb, scale, [0, 2], torch.zeros(3, dtype=torch.int64), [0.0], _seed()
+        )
     with pytest.raises(TypeError, match=r"lora_bwd: dy has dtype"):
-        cb.lora_bwd(torch.ones(3, 5).to(dtype), torch.randn(3, 4), torch.randn(5, 4), a, bb, scale,
-                    torch.zeros(3, 2), [0, 2], [0.0], _seed(), True)
+        cb.lora_bwd(
+            torch.ones(3, 5).to(dtype),
+            torch.randn(3, 4),
+            torch.randn(5, 4),
+            a,
+            bb,
+            scale,
+            torch.zeros(3, 2),
+            [0, 2],
+            [0.0],
+            _seed(),
+            True,
+        )
 
 
 def test_float_row_ids_are_refused_by_name():

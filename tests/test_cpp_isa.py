@@ -1,6 +1,7 @@
 """ISA levels of the C++ backend (csrc/isa.h): every level the CPU supports can be forced, by FUSED_LORA_CPU_ISA at
 load or by cpp_backend.use_isa at run time, and forcing one really runs that level's code (dispatch trace, distinct
 builds). Results per level are checked by tests/test_cpp_backend.py, which runs every case once per level."""
+
 from __future__ import annotations
 
 import json
@@ -59,12 +60,14 @@ def test_levels_are_the_cpus_lowest_first():
         assert paths == expected
 
 
-_PROBE = ("import json, warnings\n"
-          "with warnings.catch_warnings(record=True) as caught:\n"
-          "    warnings.simplefilter('always')\n"
-          "    from fused_lora.ops import cpp_backend as cb\n"
-          "print(json.dumps({'active': cb.active_isa(),\n"
-          "                  'warnings': [str(w.message) for w in caught if 'FUSED_LORA_CPU_ISA' in str(w.message)]}))\n")
+_PROBE = (
+    "import json, warnings\n"
+    "with warnings.catch_warnings(record=True) as caught:\n"
+    "    warnings.simplefilter('always')\n"
+    "    from fused_lora.ops import cpp_backend as cb\n"
+    "print(json.dumps({'active': cb.active_isa(),\n"
+    "                  'warnings': [str(w.message) for w in caught if 'FUSED_LORA_CPU_ISA' in str(w.message)]}))\n"
+)
 
 
 def _probe(env_values: list[str | None]) -> list[dict]:
@@ -77,8 +80,16 @@ def _probe(env_values: list[str | None]) -> list[dict]:
         env.pop("FUSED_LORA_CPU_ISA", None)
         if value is not None:
             env["FUSED_LORA_CPU_ISA"] = value
-        procs.append(subprocess.Popen([sys.executable, "-c", _PROBE], env=env, cwd=root, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _PROBE],
+                env=env,
+                cwd=root,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     for value, proc in zip(env_values, procs):
         out, err = proc.communicate(timeout=300)
@@ -173,5 +184,5 @@ def test_level_builds_are_distinct_code():
     builds = [lv for lv in ("baseline", "avx2", "avx512") if lv in cb.isa_paths()]
     assert sorted(addresses) == sorted(builds)
     for i, lv in enumerate(builds):
-        for other in builds[i + 1:]:
+        for other in builds[i + 1 :]:
             assert all(p != q for p, q in zip(addresses[lv], addresses[other])), (lv, other)

@@ -14,6 +14,7 @@ ISA and capped at AVX512_CORE_BF16.
 Run as a script (`python tests/test_cpp_isa_gemm.py [--emulate-tail]`) it executes the cases and exits non-zero on
 the first wrong output.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -36,8 +37,12 @@ MODES = {  # name: (dtype, environment of the C++ backend); every base GEMM of c
     "bf16_direct": (torch.bfloat16, {"FUSED_LORA_CPU_GEMM": "direct"}),
     "bf16_exact": (torch.bfloat16, {"FUSED_LORA_CPU_BF16_EXACT": "1"}),
 }
-SWITCHES = ("FUSED_LORA_CPU_GEMM", "FUSED_LORA_CPU_DIRECT_MAX_ROWS", "FUSED_LORA_CPU_FP16_FAST",
-            "FUSED_LORA_CPU_BF16_EXACT")
+SWITCHES = (
+    "FUSED_LORA_CPU_GEMM",
+    "FUSED_LORA_CPU_DIRECT_MAX_ROWS",
+    "FUSED_LORA_CPU_FP16_FAST",
+    "FUSED_LORA_CPU_BF16_EXACT",
+)
 EMULATED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -53,7 +58,7 @@ def _tail_rows(a: torch.Tensor) -> tuple[torch.Tensor, int]:
     for m in range(M):
         start = a.storage_offset() + m * a.stride(0)
         n = max(0, min(Kp, memory.numel() - start))
-        ext[m, :n] = memory[start:start + n]
+        ext[m, :n] = memory[start : start + n]
     return ext, K
 
 
@@ -78,6 +83,7 @@ def _addmm64(c, a, b, beta, alpha):
 
 def install_tail_reading_gemm() -> torch.library.Library:
     """Replaces torch's CPU GEMMs by the over-reading one for this process (kept while the Library lives)."""
+
     def mm(a, b):
         return _product(a, b).to(a.dtype)
 
@@ -96,8 +102,13 @@ def install_tail_reading_gemm() -> torch.library.Library:
     lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        for name, fn in (("mm", mm), ("mm.out", mm_out), ("addmm", addmm), ("addmm.out", addmm_out),
-                         ("addmm_", addmm_)):
+        for name, fn in (
+            ("mm", mm),
+            ("mm.out", mm_out),
+            ("addmm", addmm),
+            ("addmm.out", addmm_out),
+            ("addmm_", addmm_),
+        ):
             lib.impl(name, fn, "CPU")
     return lib
 
@@ -140,9 +151,9 @@ def run_cases(levels: list[str] | None = None) -> list[str]:
             os.environ.pop(key, None)
         os.environ.update(env)
         x = torch.randn(M, K, generator=gen).to(dtype)
-        w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+        w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
         b = torch.randn(N, generator=gen).to(dtype)
-        a = (torch.randn(sum(ranks), K, generator=gen) / K ** 0.5).to(dtype)
+        a = (torch.randn(sum(ranks), K, generator=gen) / K**0.5).to(dtype)
         bb = torch.randn(N, sum(ranks), generator=gen).to(dtype)
         dy = torch.randn(M, N, generator=gen).to(dtype)
         scale = torch.rand(sum(ranks), generator=gen) + 0.5
@@ -156,13 +167,15 @@ def run_cases(levels: list[str] | None = None) -> list[str]:
                 y, t = cb.lora_fwd(xs, ws, bs, as_, bbs, scale, rank_ptr, dps, seed)
                 grads = cb.lora_bwd(dys, xs, ws, as_, bbs, scale, _padded(t), rank_ptr, dps, seed, True)
                 y_r, t_r = cb.lora_rows_fwd(xs, ws, bs, as_, bbs, scale, rank_ptr, row_ids, dps, seed)
-                grads_r = cb.lora_rows_bwd(dys, xs, ws, as_, bbs, scale, _padded(t_r), rank_ptr, row_ids, dps,
-                                           seed, True)
+                grads_r = cb.lora_rows_bwd(
+                    dys, xs, ws, as_, bbs, scale, _padded(t_r), rank_ptr, row_ids, dps, seed, True
+                )
             want_y, _ = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rank_ptr, dps, seed)
             want_g = ref.lora_bwd(dy64, x64, w64, a64, bb64, scale, t.double(), rank_ptr, dps, seed, True)
             want_yr, _ = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rank_ptr, row_ids, dps, seed)
-            want_gr = ref.lora_rows_bwd(dy64, x64, w64, a64, bb64, scale, t_r.double(), rank_ptr, row_ids, dps,
-                                        seed, True)
+            want_gr = ref.lora_rows_bwd(
+                dy64, x64, w64, a64, bb64, scale, t_r.double(), rank_ptr, row_ids, dps, seed, True
+            )
             outputs = [("y", y, want_y), ("rows y", y_r, want_yr)]
             outputs += [(n, g, r) for n, g, r in zip(("dx", "dA", "dB"), grads, want_g)]
             outputs += [(f"rows {n}", g, r) for n, g, r in zip(("dx", "dA", "dB"), grads_r, want_gr)]
@@ -183,8 +196,14 @@ def _run_script(extra_args: list[str], env_update: dict[str, str | None]) -> sub
         else:
             env[key] = value
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, os.path.abspath(__file__), *extra_args], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *extra_args],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _cpp_backend_or_skip():
@@ -213,9 +232,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-@pytest.mark.skipif("amx_bf16" not in _cpu_flags(),
-                    reason="no AMX on this CPU: oneDNN's AMX bf16 kernels (whose K-tail reads go past a row's end) "
-                           "cannot run here; the emulated test above covers the layouts")
+@pytest.mark.skipif(
+    "amx_bf16" not in _cpu_flags(),
+    reason="no AMX on this CPU: oneDNN's AMX bf16 kernels (whose K-tail reads go past a row's end) "
+    "cannot run here; the emulated test above covers the layouts",
+)
 @pytest.mark.parametrize("onednn_isa", [None, "AVX512_CORE_BF16"], ids=["onednn_default_amx", "onednn_avx512_bf16"])
 def test_strided_operands_with_real_onednn_isa(onednn_isa):
     """oneDNN reads ONEDNN_MAX_CPU_ISA once per process, so each cap gets its own subprocess."""

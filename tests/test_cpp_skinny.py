@@ -3,11 +3,11 @@ ISA level: every tile shape and tail (rows 1..7 and past a task's 48, columns of
 reductions shorter and longer than a row block), every element type, strided and transposed coefficients, against
 float64; operands whose rows are followed by NaN show that nothing past a row's last element is read.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from test_cpp_backend import cb
 
 _C = cb._C
@@ -109,7 +109,11 @@ def test_one_row_long_reduction_split_over_threads():
             for _ in range(5):
                 assert torch.equal(_C.skinny_nn(g, w, None, e, E, base, torch.float32), first)
             cs = torch.rand(1001) + 0.5
-            _check(_C.skinny_nn(g, w, cs, None, None, None, dtype), cs.double() * (g.double() @ w.double()), dtype,
-                   f"split colscale {dtype}")
+            _check(
+                _C.skinny_nn(g, w, cs, None, None, None, dtype),
+                cs.double() * (g.double() @ w.double()),
+                dtype,
+                f"split colscale {dtype}",
+            )
     finally:
         torch.set_num_threads(previous)

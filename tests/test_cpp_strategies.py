@@ -5,6 +5,7 @@ honoured and refused by name when malformed.
 
 AVX-512/AMX machines take the vendor GEMM where the rule says so; the strategies themselves are all exercised here.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,18 @@ try:
 except ImportError:  # pytest run with tests/ (not the repo root) on sys.path
     from checks import assert_close_vs_reference
 
-from test_cpp_backend import (GEMM_SWITCHES, _atol, _case, _d64, _noncontig_rows, _rank_ptr, _seed, _torch_bwd,
-                              _torch_fwd, cb)
+from test_cpp_backend import (
+    GEMM_SWITCHES,
+    _atol,
+    _case,
+    _d64,
+    _noncontig_rows,
+    _rank_ptr,
+    _seed,
+    _torch_bwd,
+    _torch_fwd,
+    cb,
+)
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 STRATEGIES = {  # name: (x dtype, adapter dtype, FUSED_LORA_CPU_GEMM)
@@ -71,13 +82,15 @@ def test_each_strategy_matches_the_reference(monkeypatch, strategy, M):
         assert counts == {g: (2 if g == _expected_gemm(dtype, gemm) else 0) for g in cb.BASE_GEMMS}, counts
         y64, t64 = ref.lora_fwd(x64, w64, b64, a64, bb64, scale, rp, drop, seed)
         assert y.dtype == dtype and t.dtype == F32
-        assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64),
-                                  name=f"y {drop}")
+        assert_close_vs_reference(
+            y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, drop, seed), atol=_atol(y64), name=f"y {drop}"
+        )
         t_fp32 = ref.lora_fwd(x.float(), w.float(), None, a.float(), bb.float(), scale, rp, drop, seed)[1]
         assert_close_vs_reference(t, t64, t_fp32, atol=_atol(t64), name=f"t {drop}")
         ref_g = ref.lora_bwd(dy64, x64, w64, a64, bb64, scale, _d64(t), rp, drop, seed, True)
-        for name, ours, r64, same in zip(("dx", "dA", "dB"), (dx, da, db), ref_g,
-                                         _torch_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed)):
+        for name, ours, r64, same in zip(
+            ("dx", "dA", "dB"), (dx, da, db), ref_g, _torch_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed)
+        ):
             assert ours.dtype == same.dtype, name
             assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=f"{name} {drop}")
         none_dx, da2, db2 = cb.lora_bwd(dy, x, w, a, bb, scale, t, rp, drop, seed, False)
@@ -87,12 +100,14 @@ def test_each_strategy_matches_the_reference(monkeypatch, strategy, M):
     row_ids[: min(M, 4)] = torch.tensor([-1, 0, 1, 2])[: min(M, 4)]
     y, t = cb.lora_rows_fwd(x, w, b, a, bb, scale, rp, row_ids, dps, seed)
     y64, _ = ref.lora_rows_fwd(x64, w64, b64, a64, bb64, scale, rp, row_ids, dps, seed)
-    assert_close_vs_reference(y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64),
-                              name="rows y")
+    assert_close_vs_reference(
+        y, y64, _torch_fwd(x, w, b, a, bb, scale, rp, dps, seed, row_ids), atol=_atol(y64), name="rows y"
+    )
     grads = cb.lora_rows_bwd(dy, x, w, a, bb, scale, t, rp, row_ids, dps, seed, True)
     ref_g = ref.lora_rows_bwd(dy64, x64, w64, a64, bb64, scale, _d64(t), rp, row_ids, dps, seed, True)
-    for name, ours, r64, same in zip(("dx", "dA", "dB"), grads, ref_g,
-                                     _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)):
+    for name, ours, r64, same in zip(
+        ("dx", "dA", "dB"), grads, ref_g, _torch_bwd(dy, x, w, a, bb, scale, t, rp, dps, seed, row_ids)
+    ):
         assert_close_vs_reference(ours, r64, same, atol=_atol(r64), name=f"rows {name}")
 
 
@@ -101,8 +116,9 @@ def _rounded(v64, dtype):
 
 
 @pytest.mark.parametrize("M", [5, 70])
-@pytest.mark.parametrize("strategy", ["bf16_vendor", "bf16_mixed", "bf16_direct", "fp16_vendor", "fp16_mixed",
-                                      "fp16_direct"])
+@pytest.mark.parametrize(
+    "strategy", ["bf16_vendor", "bf16_mixed", "bf16_direct", "fp16_vendor", "fp16_mixed", "fp16_direct"]
+)
 def test_rounding_count_of_each_16bit_strategy(monkeypatch, strategy, M):
     """vendor: round(round(x W^T) + (bias + rank term)); mixed and direct: round(x W^T + bias + rank term)."""
     dtype, _, gemm = _use(monkeypatch, strategy)
@@ -170,7 +186,7 @@ def test_rule_follows_the_machine(isa_level):
 def test_forcing_and_limits(monkeypatch):
     for gemm in cb.BASE_GEMMS:
         monkeypatch.setenv("FUSED_LORA_CPU_GEMM", gemm)
-        assert cb.base_gemm_for(BF16, 3) == gemm and cb.base_gemm_for(BF16, 10 ** 6, backward=True) == gemm
+        assert cb.base_gemm_for(BF16, 3) == gemm and cb.base_gemm_for(BF16, 10**6, backward=True) == gemm
         assert cb.base_gemm_for(F32, 3) == ("vendor" if gemm == "mixed" else gemm)
     monkeypatch.setenv("FUSED_LORA_CPU_GEMM", "auto")
     monkeypatch.setenv("FUSED_LORA_CPU_DIRECT_MAX_ROWS", "0")
@@ -182,26 +198,29 @@ def test_forcing_and_limits(monkeypatch):
     monkeypatch.delenv("FUSED_LORA_CPU_DIRECT_MAX_ROWS")
     monkeypatch.setenv("FUSED_LORA_CPU_BF16_EXACT", "1")  # never vendor for bf16 (where MKL has its mixed GEMM)
     if "no MKL mixed GEMM" not in cb.gemm_rule().split("bfloat16:")[1].split("\n")[0]:
-        assert cb.base_gemm_for(BF16, 10 ** 6) == "mixed"
+        assert cb.base_gemm_for(BF16, 10**6) == "mixed"
 
 
 def test_use_base_gemm_sets_and_restores(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_CPU_GEMM", "mixed")
     with cb.use_base_gemm("direct"):
-        assert cb.base_gemm_for(F32, 10 ** 6) == "direct"
+        assert cb.base_gemm_for(F32, 10**6) == "direct"
         with cb.use_base_gemm(None):
-            assert cb.base_gemm_for(F32, 10 ** 6) == "vendor"
+            assert cb.base_gemm_for(F32, 10**6) == "vendor"
     assert cb.base_gemm_for(BF16, 1) == "mixed"
     with pytest.raises(ValueError, match="not one of auto, vendor, mixed, direct"):
         with cb.use_base_gemm("amx"):
             pass
 
 
-@pytest.mark.parametrize("name,value,pattern", [
-    ("FUSED_LORA_CPU_GEMM", "fastest", r"FUSED_LORA_CPU_GEMM=fastest is not a strategy; expected auto, vendor"),
-    ("FUSED_LORA_CPU_DIRECT_MAX_ROWS", "-3", r"FUSED_LORA_CPU_DIRECT_MAX_ROWS=-3 is not a row count"),
-    ("FUSED_LORA_CPU_DIRECT_MAX_ROWS", "12x", r"FUSED_LORA_CPU_DIRECT_MAX_ROWS=12x is not a row count"),
-])
+@pytest.mark.parametrize(
+    "name,value,pattern",
+    [
+        ("FUSED_LORA_CPU_GEMM", "fastest", r"FUSED_LORA_CPU_GEMM=fastest is not a strategy; expected auto, vendor"),
+        ("FUSED_LORA_CPU_DIRECT_MAX_ROWS", "-3", r"FUSED_LORA_CPU_DIRECT_MAX_ROWS=-3 is not a row count"),
+        ("FUSED_LORA_CPU_DIRECT_MAX_ROWS", "12x", r"FUSED_LORA_CPU_DIRECT_MAX_ROWS=12x is not a row count"),
+    ],
+)
 def test_malformed_switches_are_refused_by_name(monkeypatch, name, value, pattern):
     monkeypatch.setenv(name, value)
     x, w, b, a, bb, scale = _case(3, 8, 5, [2], F32)

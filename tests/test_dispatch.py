@@ -6,6 +6,7 @@ there). Each is judged against the float64 reference relative to PyTorch's own s
 (tests/checks.py). The decision rules are tested without a GPU by calling the decision with a CUDA device's
 name and a tuned file named through FUSED_LORA_TUNED_GPU / FUSED_LORA_TUNED_DIR.
 """
+
 import json
 
 import pytest
@@ -36,9 +37,9 @@ def _inputs(M, K, N, ranks, dtype, adapter_dtype, bias, layout, seed):
     else:
         x = torch.randn(M, K, generator=gen)
     x = x.to(dtype)
-    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
     b = torch.randn(N, generator=gen).to(dtype) if bias else None
-    a = (torch.randn(R, K, generator=gen) / K ** 0.5).to(adapter_dtype)
+    a = (torch.randn(R, K, generator=gen) / K**0.5).to(adapter_dtype)
     bb = (torch.randn(N, R, generator=gen) * 0.5).to(adapter_dtype)
     scale = (torch.rand(R, generator=gen) + 0.5).to(torch.float32)
     dy = torch.randn(M, N, generator=gen).to(dtype)
@@ -75,7 +76,7 @@ def _torch_same_dtype(x, w, b, a, bb, scale, rank_ptr, dropout_p, dy, row_ids=No
     else:
         r_max = max([1] + [rank_ptr[i + 1] - rank_ptr[i] for i in range(len(rank_ptr) - 1)])
         t = torch.zeros(x.shape[0], r_max, dtype=adt)
-        for i, ti in enumerate(t_parts):
+        for ti in t_parts:
             t[:, : ti.shape[1]] += ti
     return y, t, dx, da, db
 
@@ -99,8 +100,10 @@ CASES = [
 
 def _case_id(c):
     M, K, N, ranks, ps, dt, adt, bias, layout = c
-    return (f"M{M}K{K}N{N}-r{'_'.join(map(str, ranks))}-p{'_'.join(map(str, ps))}-{str(dt)[6:]}-{str(adt)[6:]}-"
-            f"{'bias' if bias else 'nobias'}-{layout}")
+    return (
+        f"M{M}K{K}N{N}-r{'_'.join(map(str, ranks))}-p{'_'.join(map(str, ps))}-{str(dt)[6:]}-{str(adt)[6:]}-"
+        f"{'bias' if bias else 'nobias'}-{layout}"
+    )
 
 
 def _skip_interpreter_bf16(path, dtype, adapter_dtype):
@@ -113,6 +116,7 @@ def force(monkeypatch):
     def set_path(path):
         monkeypatch.setenv("FUSED_LORA_DISPATCH", path)
         cuda_dispatch.clear_cache()
+
     yield set_path
     cuda_dispatch.clear_cache()
 
@@ -136,8 +140,9 @@ def test_dense_forward_and_backward_on_both_paths(case, path, force):
     t_in = t64.to(torch.float32)
     for need_dx in (True, False):
         dx, da, db = cuda_dispatch.lora_bwd(dy, x, w, a, bb, scale, t_in, rank_ptr, dropout_p, SEED, need_dx)
-        dx64, da64, db64 = ref.lora_bwd(_f64(dy), _f64(x), _f64(w), _f64(a), _f64(bb), scale.double(), t64,
-                                        rank_ptr, dropout_p, SEED, True)
+        dx64, da64, db64 = ref.lora_bwd(
+            _f64(dy), _f64(x), _f64(w), _f64(a), _f64(bb), scale.double(), t64, rank_ptr, dropout_p, SEED, True
+        )
         assert da.dtype == adapter_dtype and db.dtype == adapter_dtype
         assert_close_vs_reference(db, db64, db_t, atol=atol, name="dB")
         assert_close_vs_reference(da, da64, da_t, atol=atol, name="dA")
@@ -167,16 +172,18 @@ def test_mixed_batch_forward_and_backward_on_both_paths(case, path, force):
     x, w, b, a, bb, scale, dy, row_ids = _inputs(M, K, N, ranks, dtype, adapter_dtype, bias, layout, M * 11 + N)
     atol = ATOL[dtype]
     y, t = cuda_dispatch.lora_rows_fwd(x, w, b, a, bb, scale, rank_ptr, row_ids, dropout_p, SEED)
-    y64, t64 = ref.lora_rows_fwd(_f64(x), _f64(w), _f64(b), _f64(a), _f64(bb), scale.double(), rank_ptr, row_ids,
-                                 dropout_p, SEED)
+    y64, t64 = ref.lora_rows_fwd(
+        _f64(x), _f64(w), _f64(b), _f64(a), _f64(bb), scale.double(), rank_ptr, row_ids, dropout_p, SEED
+    )
     y_t, t_t, dx_t, da_t, db_t = _torch_same_dtype(x, w, b, a, bb, scale, rank_ptr, dropout_p, dy, row_ids)
     assert t.shape == t64.shape and t.dtype == torch.float32
     assert_close_vs_reference(t, t64, t_t, atol=atol, name="t")
     assert_close_vs_reference(y, y64, y_t, atol=atol, name="y")
     t_in = t64.to(torch.float32)
     dx, da, db = cuda_dispatch.lora_rows_bwd(dy, x, w, a, bb, scale, t_in, rank_ptr, row_ids, dropout_p, SEED, True)
-    dx64, da64, db64 = ref.lora_rows_bwd(_f64(dy), _f64(x), _f64(w), _f64(a), _f64(bb), scale.double(), t64,
-                                         rank_ptr, row_ids, dropout_p, SEED, True)
+    dx64, da64, db64 = ref.lora_rows_bwd(
+        _f64(dy), _f64(x), _f64(w), _f64(a), _f64(bb), scale.double(), t64, rank_ptr, row_ids, dropout_p, SEED, True
+    )
     assert_close_vs_reference(db, db64, db_t, atol=atol, name="dB")
     assert_close_vs_reference(da, da64, da_t, atol=atol, name="dA")
     assert_close_vs_reference(dx, dx64, dx_t, atol=atol, name="dX")
@@ -225,8 +232,7 @@ def test_cpu_tensors_take_the_triton_kernels(force):
 
 def _model(op, M, N=4096, K=4096, r=16, n=1, core="tutorial", device_name="NVIDIA H100 80GB HBM3"):
     cuda_dispatch.clear_cache()
-    return cuda_dispatch._decide(op, "cuda", device_name, torch.bfloat16, M, N, K, r, False, n, False, core,
-                                 None, None)
+    return cuda_dispatch._decide(op, "cuda", device_name, torch.bfloat16, M, N, K, r, False, n, False, core, None, None)
 
 
 def test_model_keeps_memory_bound_decode_fused():
@@ -245,6 +251,7 @@ def test_model_gives_compute_bound_prefill_to_cublas_with_the_tutorial_core():
 def test_margin_inside_the_uncertainty_goes_to_cublas():
     from fused_lora.perf.cost_model import compare
     from fused_lora.perf.plans import Shape
+
     shape = Shape("forward", 8192, 4096, 4096, 16)
     cmp = compare(shape, "H100", core="tma")
     assert cmp.fused_s < cmp.cublas_s  # the central estimate favours the Hopper core...
@@ -257,6 +264,7 @@ def test_margin_inside_the_uncertainty_goes_to_cublas():
 def test_model_picks_fused_only_when_it_wins_at_the_pessimistic_end(op):
     from fused_lora.perf.cost_model import compare
     from fused_lora.perf.plans import Shape
+
     for M in (1, 16, 64, 65, 512, 2048, 8192):
         for N, K in ((4096, 4096), (1024, 4096), (14336, 4096)):
             cmp = compare(Shape(op, M, K, N, 16, n_adapters=4 if op.startswith("mixed") else 1), "H100")
@@ -266,19 +274,33 @@ def test_model_picks_fused_only_when_it_wins_at_the_pessimistic_end(op):
 def test_tuned_measurement_overrides_the_model(monkeypatch, tmp_path):
     key = cuda_dispatch.shape_class("forward", torch.bfloat16, 16, 4096, 4096, 16, False, 1, False)
     assert key == "forward:bfloat16:M<=16:N4096:K4096:r<=16:p0:a1:ad16"
-    data = {"schema": 1, "gpu": "Test GPU", "meta": {},
-            "kernels": {"dispatch": {key: {"config": {"path": "cublas"}}}}}
+    data = {"schema": 1, "gpu": "Test GPU", "meta": {}, "kernels": {"dispatch": {key: {"config": {"path": "cublas"}}}}}
     (tmp_path / "test-gpu.json").write_text(json.dumps(data))
     monkeypatch.setenv("FUSED_LORA_TUNED_GPU", "Test GPU")
     monkeypatch.setenv("FUSED_LORA_TUNED_DIR", str(tmp_path))
     from fused_lora.kernels import tuned
+
     tuned.clear_cache()
     try:
         assert cuda_dispatch._tuned_path("cpu", key) == "cublas"
         assert cuda_dispatch._tuned_path("cpu", key.replace("M<=16", "M<=64")) is None
         cuda_dispatch.clear_cache()
-        d = cuda_dispatch._decide("forward", "cuda", "Test GPU", torch.bfloat16, 16, 4096, 4096, 16, False, 1,
-                                  False, "tutorial", None, "cublas")
+        d = cuda_dispatch._decide(
+            "forward",
+            "cuda",
+            "Test GPU",
+            torch.bfloat16,
+            16,
+            4096,
+            4096,
+            16,
+            False,
+            1,
+            False,
+            "tutorial",
+            None,
+            "cublas",
+        )
         assert (d.path, d.source) == ("cublas", "tuned") and "Test GPU" in d.reason
     finally:
         tuned.clear_cache()
@@ -289,8 +311,22 @@ def test_decisions_are_cached():
     cuda_dispatch.clear_cache()
     _model("forward", 512)
     before = cuda_dispatch._decide.cache_info().hits
-    cuda_dispatch._decide("forward", "cuda", "NVIDIA H100 80GB HBM3", torch.bfloat16, 512, 4096, 4096, 16, False, 1,
-                          False, "tutorial", None, None)
+    cuda_dispatch._decide(
+        "forward",
+        "cuda",
+        "NVIDIA H100 80GB HBM3",
+        torch.bfloat16,
+        512,
+        4096,
+        4096,
+        16,
+        False,
+        1,
+        False,
+        "tutorial",
+        None,
+        None,
+    )
     assert cuda_dispatch._decide.cache_info().hits == before + 1
 
 
@@ -310,5 +346,13 @@ def test_tune_space_measures_the_decision_under_the_key_decide_reads():
 
 
 def test_model_decides_per_power_of_two_bucket_of_tokens():
-    assert [cuda_dispatch.model_tokens(M) for M in (0, 1, 2, 3, 64, 65, 2048, 2049)] == [1, 1, 2, 4, 64, 128, 2048,
-                                                                                          4096]
+    assert [cuda_dispatch.model_tokens(M) for M in (0, 1, 2, 3, 64, 65, 2048, 2049)] == [
+        1,
+        1,
+        2,
+        4,
+        64,
+        128,
+        2048,
+        4096,
+    ]

@@ -1,4 +1,5 @@
 """DDP and FSDP2 training of a fused PEFT model across 2 CPU processes (gloo) gives one process's losses."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,7 @@ WORKER = Path(__file__).with_name("_dist_worker.py")
 def test_ddp_and_fsdp2_match_single_process(tmp_path):
     out = tmp_path / "losses.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     steps = len(result["single"])

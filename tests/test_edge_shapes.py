@@ -1,6 +1,7 @@
 """Empty dimensions through the public API, as F.linear treats them: in_features == 0 gives the bias broadcast to
 [..., N] (zeros without bias), out_features == 0 and zero rows give empty outputs; gradients flow (zeros, or the
 bias's row sums) on every backend."""
+
 import math
 import warnings
 
@@ -15,8 +16,9 @@ ALL_BACKENDS = ["cpp", "reference", "triton"]
 
 def _leaves(shape_x, n, r, bias=True):
     k = shape_x[-1]
-    tensors = dict(x=torch.randn(*shape_x), b=torch.randn(n) if bias else None, a=torch.randn(r, k),
-                   bb=torch.randn(n, r))
+    tensors = dict(
+        x=torch.randn(*shape_x), b=torch.randn(n) if bias else None, a=torch.randn(r, k), bb=torch.randn(n, r)
+    )
     for t in tensors.values():
         if t is not None:
             t.requires_grad_()
@@ -33,9 +35,11 @@ def _expected_grads(shape_x, n, r, g, bias):
 
 
 @pytest.mark.parametrize("cpu_backend", ALL_BACKENDS, indirect=True)
-@pytest.mark.parametrize("shape_x,n", [((2, 3, 0), 5), ((4, 0), 5), ((0,), 3), ((3, 7), 0), ((0, 7), 5),
-                                       ((2, 0, 7), 5)],
-                         ids=["K0_3d", "K0", "K0_1d", "N0", "M0", "M0_3d"])
+@pytest.mark.parametrize(
+    "shape_x,n",
+    [((2, 3, 0), 5), ((4, 0), 5), ((0,), 3), ((3, 7), 0), ((0, 7), 5), ((2, 0, 7), 5)],
+    ids=["K0_3d", "K0", "K0_1d", "N0", "M0", "M0_3d"],
+)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows_api", [False, True], ids=["lora_linear", "lora_linear_rows"])
 def test_empty_dims_follow_f_linear(cpu_backend, shape_x, n, bias, rows_api):

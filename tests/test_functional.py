@@ -1,9 +1,10 @@
 """fused_lora.lora_linear / lora_linear_rows through the op boundary: values, gradients, shapes, dtypes, errors."""
+
 import pytest
 import torch
+from checks import assert_close_vs_reference
 
 import fused_lora
-from checks import assert_close_vs_reference
 
 CPU_BACKENDS = ["cpp", "reference"]
 # the Triton kernels run here under the interpreter (CPU tensors), which cannot do float64 nor bfloat16
@@ -21,11 +22,11 @@ def _plain_torch(x, w, b, a, bb, s):
 def _inputs(shape_x, n, r, dtype, adapter_dtype=None, bias=True):
     k = shape_x[-1]
     x = torch.randn(*shape_x, dtype=dtype)
-    w = torch.randn(n, k, dtype=dtype) / k ** 0.5
+    w = torch.randn(n, k, dtype=dtype) / k**0.5
     b = torch.randn(n, dtype=dtype) if bias else None
     ad = adapter_dtype or dtype
-    a = torch.randn(r, k, dtype=ad) / k ** 0.5
-    bb = torch.randn(n, r, dtype=ad) / r ** 0.5
+    a = torch.randn(r, k, dtype=ad) / k**0.5
+    bb = torch.randn(n, r, dtype=ad) / r**0.5
     return x, w, b, a, bb
 
 
@@ -36,8 +37,10 @@ def _skip_interpreter_bf16(backend, dtype):
 
 @pytest.mark.parametrize("cpu_backend", ALL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape_x,n,r,bias", [((5, 37), 19, 1, True), ((3, 7, 33), 21, 7, False),
-                                              ((0, 16), 8, 4, True), ((64, 48), 80, 16, True)])
+@pytest.mark.parametrize(
+    "shape_x,n,r,bias",
+    [((5, 37), 19, 1, True), ((3, 7, 33), 21, 7, False), ((0, 16), 8, 4, True), ((64, 48), 80, 16, True)],
+)
 def test_forward_matches_float64(cpu_backend, dtype, shape_x, n, r, bias):
     _skip_interpreter_bf16(cpu_backend, dtype)
     x, w, b, a, bb = _inputs(shape_x, n, r, dtype, bias=bias)
@@ -140,8 +143,7 @@ def test_gradcheck_rows_float64_with_dropout(cpu_backend):
 
     def f(x, a, bb):
         torch.manual_seed(3)
-        return fused_lora.lora_linear_rows(x, w, b, a, bb, [0.5, 2.0], [2, 3], ids, dropout_p=[0.3, 0.0],
-                                           training=True)
+        return fused_lora.lora_linear_rows(x, w, b, a, bb, [0.5, 2.0], [2, 3], ids, dropout_p=[0.3, 0.0], training=True)
 
     assert torch.autograd.gradcheck(f, (x, a, bb), eps=1e-6, atol=1e-5)
 
@@ -162,32 +164,47 @@ def test_rows_gradients_come_only_from_own_rows(cpu_backend):
 def test_autocast_matches_peft_dtype_behaviour():
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
+
     base = torch.nn.Linear(32, 24)
     layer = PeftLinear(base, "default", LoraConfig(r=4, lora_alpha=8), r=4, lora_alpha=8)
     torch.nn.init.normal_(layer.lora_B["default"].weight)
     x = torch.randn(5, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = layer(x)
-        ours = fused_lora.lora_linear(x, base.weight, base.bias, layer.lora_A["default"].weight,
-                                      layer.lora_B["default"].weight, layer.scaling["default"])
+        ours = fused_lora.lora_linear(
+            x,
+            base.weight,
+            base.bias,
+            layer.lora_A["default"].weight,
+            layer.lora_B["default"].weight,
+            layer.scaling["default"],
+        )
     assert ours.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), expected.float(), atol=0.1, rtol=0.02)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(x=torch.randn(3, 9)), r"x \(shape \(3, 9\).*in_features"),
-    (dict(weight=torch.randn(8, 16, 2)), r"weight .*2-D"),
-    (dict(bias=torch.randn(7)), r"bias \(shape \(7,\)"),
-    (dict(lora_a=torch.randn(4, 15)), r"lora_a \(shape \(4, 15\)"),
-    (dict(lora_b=torch.randn(9, 4)), r"lora_b \(shape \(9, 4\)"),
-    (dict(lora_b=torch.randn(8, 3)), r"rank mismatch"),
-    (dict(x=torch.randn(3, 16, dtype=torch.float16)), r"must share a dtype"),
-    (dict(x=torch.randint(0, 3, (3, 16))), r"x .*unsupported dtype"),
-    (dict(lora_a=torch.randn(4, 16, device="meta")), r"lora_a .*meta.* is on meta but x is on cpu"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(x=torch.randn(3, 9)), r"x \(shape \(3, 9\).*in_features"),
+        (dict(weight=torch.randn(8, 16, 2)), r"weight .*2-D"),
+        (dict(bias=torch.randn(7)), r"bias \(shape \(7,\)"),
+        (dict(lora_a=torch.randn(4, 15)), r"lora_a \(shape \(4, 15\)"),
+        (dict(lora_b=torch.randn(9, 4)), r"lora_b \(shape \(9, 4\)"),
+        (dict(lora_b=torch.randn(8, 3)), r"rank mismatch"),
+        (dict(x=torch.randn(3, 16, dtype=torch.float16)), r"must share a dtype"),
+        (dict(x=torch.randint(0, 3, (3, 16))), r"x .*unsupported dtype"),
+        (dict(lora_a=torch.randn(4, 16, device="meta")), r"lora_a .*meta.* is on meta but x is on cpu"),
+    ],
+)
 def test_bad_input_names_the_tensor(bad, match):
-    args = dict(x=torch.randn(3, 16), weight=torch.randn(8, 16), bias=torch.randn(8), lora_a=torch.randn(4, 16),
-                lora_b=torch.randn(8, 4))
+    args = dict(
+        x=torch.randn(3, 16),
+        weight=torch.randn(8, 16),
+        bias=torch.randn(8),
+        lora_a=torch.randn(4, 16),
+        lora_b=torch.randn(8, 4),
+    )
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_lora.lora_linear(args["x"], args["weight"], args["bias"], args["lora_a"], args["lora_b"], 1.0)
@@ -222,8 +239,9 @@ def test_many_row_blocks_with_grad(cpu_backend, dropout_p):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUSED_LORA_BACKEND", "reference")
         leaves = [t.detach().double().requires_grad_() for t in (x, a, bb)]
-        y64 = fused_lora.lora_linear(leaves[0], w.double(), b.double(), leaves[1], leaves[2], 0.5,
-                                     dropout_p=dropout_p, training=True)
+        y64 = fused_lora.lora_linear(
+            leaves[0], w.double(), b.double(), leaves[1], leaves[2], 0.5, dropout_p=dropout_p, training=True
+        )
         y64.square().sum().backward()
     assert_close_vs_reference(y, y64, y64.float(), atol=1e-4)
     for g, ref in zip(grads, leaves):

@@ -1,5 +1,6 @@
 """The GPU check kit (scripts/gpu_check.sh): its dry run end to end, as CI runs it, and the parts that decide what a
 GPU run reports (step selection, the budget stop, test outcomes, sanitizer output)."""
+
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 from fused_lora.gpu_check import plan
 from fused_lora.gpu_check.context import Context
 from fused_lora.gpu_check.driver import RunningStep, child_env
-from fused_lora.gpu_check.steps import sanitizer, tests as tests_step
+from fused_lora.gpu_check.steps import sanitizer
+from fused_lora.gpu_check.steps import tests as tests_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,11 +25,18 @@ def dry_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "TRITON_INTERPRET", "FUSED_LORA_BACKEND")}
     env.update(PIP_NO_INDEX="1", OUT=str(out), PYTHON=sys.executable)
     began = time.time()
-    done = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report_path = out / "gpu_check.json"
-    assert report_path.exists(), (f"no gpu_check.json; exit {done.returncode}\n{done.stdout[-3000:]}\n"
-                                  f"{done.stderr[-3000:]}")
+    assert report_path.exists(), (
+        f"no gpu_check.json; exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done, json.loads(report_path.read_text()), out, time.time() - began
 
 
@@ -68,6 +77,7 @@ def test_dry_run_tuned_file_round_trips(dry_run):
     tune = next(s for s in report["steps"] if s["name"] == "tune")
     assert tune["data"]["read_back"] == "ok"
     from fused_lora.kernels import tuned
+
     data = tuned.read_file(os.path.join(out, tune["data"]["path"]))
     assert data["gpu"] == tune["data"]["gpu"] and data["kernels"]
     for classes in data["kernels"].values():
@@ -123,16 +133,26 @@ def test_gpu_runs_the_contract_cuda_cases_only_and_bf16_first():
     cuda_fp32 = "tests/test_contract.py::test_contract[cuda-linear/fp32/dropout]"
     cpu = "tests/test_contract.py::test_contract[reference-linear/bf16/dropout]"
     ours = "tests/test_triton_dense.py::test_forward_and_backward_match_reference[M5]"
-    assert [tests_step.gpu_worthy(i, quick=True) for i in (cuda_bf16, cuda_fp32, cpu, ours)] == [True, False, False,
-                                                                                                  True]
-    assert [tests_step.gpu_worthy(i, quick=False) for i in (cuda_bf16, cuda_fp32, cpu, ours)] == [True, True, False,
-                                                                                                   True]
+    assert [tests_step.gpu_worthy(i, quick=True) for i in (cuda_bf16, cuda_fp32, cpu, ours)] == [
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert [tests_step.gpu_worthy(i, quick=False) for i in (cuda_bf16, cuda_fp32, cpu, ours)] == [
+        True,
+        True,
+        False,
+        True,
+    ]
 
 
 def test_declared_ranges_hold_what_is_tested():
     tomllib = pytest.importorskip("tomllib")
     import torch
+
     from fused_lora.gpu_check.steps.environment import MIN_TORCH, MIN_TRITON, version_tuple
+
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
 
@@ -153,12 +173,14 @@ def test_declared_ranges_hold_what_is_tested():
 
 def test_outcomes_take_the_worst_phase_of_each_test(tmp_path):
     path = tmp_path / "shard.jsonl"
-    lines = [{"nodeid": "a", "when": "call", "outcome": "passed", "seconds": 1.0},
-             {"nodeid": "b", "when": "call", "outcome": "failed", "seconds": 0.5, "message": "E  assert 1 == 2"},
-             {"nodeid": "c", "when": "setup", "outcome": "skipped", "seconds": 0.0, "message": "bf16"},
-             {"nodeid": "d", "when": "call", "outcome": "passed", "seconds": 0.1},
-             {"nodeid": "d", "when": "teardown", "outcome": "failed", "seconds": 0.0, "message": "boom"}]
-    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n{\"cut by a kill")
+    lines = [
+        {"nodeid": "a", "when": "call", "outcome": "passed", "seconds": 1.0},
+        {"nodeid": "b", "when": "call", "outcome": "failed", "seconds": 0.5, "message": "E  assert 1 == 2"},
+        {"nodeid": "c", "when": "setup", "outcome": "skipped", "seconds": 0.0, "message": "bf16"},
+        {"nodeid": "d", "when": "call", "outcome": "passed", "seconds": 0.1},
+        {"nodeid": "d", "when": "teardown", "outcome": "failed", "seconds": 0.0, "message": "boom"},
+    ]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"cut by a kill')
     got = tests_step.outcomes([str(path), str(tmp_path / "missing.jsonl")])
     assert {k: v["outcome"] for k, v in got.items()} == {"a": "passed", "b": "failed", "c": "skipped", "d": "error"}
 
@@ -170,9 +192,11 @@ def test_sanitizer_passes_only_flags_its_help_lists_and_reads_its_summaries():
     assert cmd[-2:] == ["python", "t.py"]
     clean = sanitizer.summarize("memcheck", 0, "rows_bwd ok (M=45)\n========= ERROR SUMMARY: 0 errors\n")
     assert clean["ok"] and clean["errors"] == 0
-    dirty = sanitizer.summarize("memcheck", sanitizer.SANITIZER_ERRORS,
-                                "========= Invalid __global__ read of size 2 bytes\n"
-                                "========= ERROR SUMMARY: 3 errors\n")
+    dirty = sanitizer.summarize(
+        "memcheck",
+        sanitizer.SANITIZER_ERRORS,
+        "========= Invalid __global__ read of size 2 bytes\n========= ERROR SUMMARY: 3 errors\n",
+    )
     assert not dirty["ok"] and dirty["errors"] == 3 and "Invalid" in dirty["findings"][0]
     race = sanitizer.summarize("racecheck", 0, "========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)")
     assert not race["ok"] and race["race_errors"] == 1 and race["race_warnings"] == 1

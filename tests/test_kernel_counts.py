@@ -11,6 +11,7 @@
 The times of these plans are fused_lora/perf's (tests/test_perf_model.py), not this file's.
 - sandboxed offsets: partial offsets past 2^31 elements are computed in 64 bits.
 """
+
 import pytest
 import torch
 
@@ -31,8 +32,10 @@ ARG_NAMES = {
     "db_kernel": {"dy_ptr": "dy", "t_ptr": "t"},
     "da_kernel": {"x_ptr": "x", "ds_ptr": "ds"},
 }
-GEMM_NAMES = {False: {"a_ptr": "x", "b_ptr": "w", "lt_ptr": "t", "lr_ptr": "b"},
-              True: {"a_ptr": "dy", "b_ptr": "w", "lt_ptr": "ds", "lr_ptr": "a"}}
+GEMM_NAMES = {
+    False: {"a_ptr": "x", "b_ptr": "w", "lt_ptr": "t", "lr_ptr": "b"},
+    True: {"a_ptr": "dy", "b_ptr": "w", "lt_ptr": "ds", "lr_ptr": "a"},
+}
 
 
 @pytest.fixture
@@ -50,8 +53,8 @@ def _run(op: str, s: lp.Shape, path=None):
     def rnd(*shape):
         return torch.randn(*shape, generator=gen)
 
-    x, w = rnd(M, K).to(dt), (rnd(N, K) / K ** 0.5).to(dt)
-    a, b = (rnd(R, K) / K ** 0.5).to(dt), rnd(N, R).to(dt)
+    x, w = rnd(M, K).to(dt), (rnd(N, K) / K**0.5).to(dt)
+    a, b = (rnd(R, K) / K**0.5).to(dt), rnd(N, R).to(dt)
     bias = rnd(N).to(dt) if s.bias else None
     scale, seed = torch.rand(R, generator=gen) + 0.5, torch.tensor([11], dtype=torch.int64)
     ids = torch.tensor([s.adapter_of(m) for m in range(M)], dtype=torch.int64)
@@ -71,21 +74,25 @@ def _run(op: str, s: lp.Shape, path=None):
 
 S = lp.Shape
 PLAN_CASES = [
-    ("forward", S(5, 131, 300, [5, 9], "float16", [0.0, 0.2], bias=True), "small_m"),    # decode, shrink in pass
-    ("forward", S(9, 70, 200, [40], "float32", 0.1), "small_m"),                          # decode after a shrink
+    ("forward", S(5, 131, 300, [5, 9], "float16", [0.0, 0.2], bias=True), "small_m"),  # decode, shrink in pass
+    ("forward", S(9, 70, 200, [40], "float32", 0.1), "small_m"),  # decode after a shrink
     ("forward", S(70, 33, 40, [1, 7, 3], "float32", [0.0, 0.3, 0.5], bias=True), None),  # shrink + fused GEMM
     ("backward", S(70, 131, 96, [1, 7, 3], "float16", [0.0, 0.3, 0.5]), None),
-    ("rows_forward", S(16, 64, 128, [4] * 6, "float16", 0.0, row_ids=[m % 7 - 1 for m in range(16)], bias=True),
-     None),
-    ("rows_forward", S(100, 40, 48, [16, 5, 1], "float32", [0.0, 0.2, 0.1], row_ids=[m % 4 - 1 for m in range(100)]),
-     None),
+    ("rows_forward", S(16, 64, 128, [4] * 6, "float16", 0.0, row_ids=[m % 7 - 1 for m in range(16)], bias=True), None),
+    (
+        "rows_forward",
+        S(100, 40, 48, [16, 5, 1], "float32", [0.0, 0.2, 0.1], row_ids=[m % 4 - 1 for m in range(100)]),
+        None,
+    ),
     ("rows_backward", S(70, 40, 130, [17, 2], "float16", [0.2, 0.0], row_ids=[m % 3 - 1 for m in range(70)]), None),
 ]
 
 
-@pytest.mark.parametrize("op,shape,path", PLAN_CASES,
-                         ids=[f"{c[0]}-M{c[1].M}N{c[1].N}K{c[1].K}-r{'_'.join(map(str, c[1].ranks))}"
-                              for c in PLAN_CASES])
+@pytest.mark.parametrize(
+    "op,shape,path",
+    PLAN_CASES,
+    ids=[f"{c[0]}-M{c[1].M}N{c[1].N}K{c[1].K}-r{'_'.join(map(str, c[1].ranks))}" for c in PLAN_CASES],
+)
 def test_plan_is_what_the_launchers_launch(cpu_only, op, shape, path):
     launches, _ = _run(op, shape, path)
     planned = lp.plan(op, shape, path=path)
@@ -104,17 +111,36 @@ def test_plan_is_what_the_launchers_launch(cpu_only, op, shape, path):
 BEFORE_COUNTED = [
     (("forward", 5, 131, 300, [5, 9], [0.0, 0.2], None), [("small_m_kernel", (3, 1, 1))], 57600, 43200),
     (("forward", 40, 70, 200, [16], [0.0], None), [("small_m_kernel", (2, 1, 1))], 25600, 51200),
-    (("forward", 200, 96, 80, [16], [0.0], None),
-     [("shrink_kernel", (4, 1, 1)), ("fused_gemm_kernel", (4, 1, 1))], 40960, 36480),
-    (("backward", 200, 80, 96, [16], [0.0], None),
-     [("ds_db_kernel", (4, 1, 1)), ("sum_partials_kernel", (2, 1, 1)), ("da_partial_kernel", (2, 1, 4)),
-      ("sum_partials_kernel", (2, 1, 1)), ("fused_gemm_kernel", (4, 1, 1))], 40960, 19200),
-    (("rows_forward", 16, 64, 64, [16] * 16, [0.0] * 16, list(range(16))),
-     [("_group_rows_kernel", (1, 1, 1)), ("_rows_shrink_kernel", (18, 1, 1)), ("_rows_gemm_kernel", (18, 1, 1))],
-     65536, 2048),
-    (("rows_forward", 16, 64, 64, [16] * 16, [0.0] * 16, [0] * 16),
-     [("_group_rows_kernel", (1, 1, 1)), ("_rows_shrink_kernel", (18, 1, 1)), ("_rows_gemm_kernel", (18, 1, 1))],
-     4096, 2048),
+    (
+        ("forward", 200, 96, 80, [16], [0.0], None),
+        [("shrink_kernel", (4, 1, 1)), ("fused_gemm_kernel", (4, 1, 1))],
+        40960,
+        36480,
+    ),
+    (
+        ("backward", 200, 80, 96, [16], [0.0], None),
+        [
+            ("ds_db_kernel", (4, 1, 1)),
+            ("sum_partials_kernel", (2, 1, 1)),
+            ("da_partial_kernel", (2, 1, 4)),
+            ("sum_partials_kernel", (2, 1, 1)),
+            ("fused_gemm_kernel", (4, 1, 1)),
+        ],
+        40960,
+        19200,
+    ),
+    (
+        ("rows_forward", 16, 64, 64, [16] * 16, [0.0] * 16, list(range(16))),
+        [("_group_rows_kernel", (1, 1, 1)), ("_rows_shrink_kernel", (18, 1, 1)), ("_rows_gemm_kernel", (18, 1, 1))],
+        65536,
+        2048,
+    ),
+    (
+        ("rows_forward", 16, 64, 64, [16] * 16, [0.0] * 16, [0] * 16),
+        [("_group_rows_kernel", (1, 1, 1)), ("_rows_shrink_kernel", (18, 1, 1)), ("_rows_gemm_kernel", (18, 1, 1))],
+        4096,
+        2048,
+    ),
 ]
 
 
@@ -256,7 +282,7 @@ def test_partial_offsets_past_int32_are_64_bit(cpu_only):
     written there, the address is recorded."""
     from fused_lora.kernels.lora_backward import db_kernel
 
-    stride = 2 ** 30
+    stride = 2**30
     dy = torch.randn(192, 64).half()
     t = torch.randn(192, 16)
     table = torch.zeros(1, 5, dtype=torch.int32)
@@ -264,8 +290,29 @@ def test_partial_offsets_past_int32_are_64_bit(cpu_only):
     part = torch.zeros(64 * 16)
     counters = torch.zeros(4, dtype=torch.int32)
     with count_launches(guard=True) as launches:
-        db_kernel[(1, 1, 3)](dy, t, table, table, db, part, counters, 192, 64, 16, 0, 3, stride, 64, 1, 16,
-                             BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, PER_ROW=False, PRECISION="ieee")
+        db_kernel[(1, 1, 3)](
+            dy,
+            t,
+            table,
+            table,
+            db,
+            part,
+            counters,
+            192,
+            64,
+            16,
+            0,
+            3,
+            stride,
+            64,
+            1,
+            16,
+            BLOCK_M=64,
+            BLOCK_N=64,
+            BLOCK_R=16,
+            PER_ROW=False,
+            PRECISION="ieee",
+        )
     stray = [addr for kind, addr in launches[0].stray if kind == "store"]
     base = part.data_ptr()
     assert stray, "splits 1 and 2 store past the small buffer"

@@ -1,13 +1,14 @@
 """FusedLoRALinear: construction, PEFT-like attributes and init, replace_linear, scaling, mixed activation
 (several active adapters in one fused call) against a float64 reference, with gradients per adapter."""
+
 import math
 
 import pytest
 import torch
+from checks import assert_close_vs_reference
 from torch import nn
 
 import fused_lora
-from checks import assert_close_vs_reference
 from fused_lora import FusedLoRALinear, replace_linear
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -16,18 +17,20 @@ RANKS = [1, 7, 3, 16, 2, 33, 5, 128]
 
 def dtype_id(dtype):
     """Readable test ids (float16, bfloat16...) so a backend's run can deselect e.g. -k "not bfloat16"."""
-    return str(dtype).removeprefix("torch.")   # n adapters use the first n: rank 1 and 7, odd, and a full 128
+    return str(dtype).removeprefix("torch.")  # n adapters use the first n: rank 1 and 7, odd, and a full 128
 
 
 # ---- helpers shared by the other test_layer_* files -----------------------------------------------------------
 def make_layer(n_adapters, dtype=torch.float32, k=37, n_out=29, bias=True, ranks=RANKS, **options):
     """A layer with n adapters named a0..a(n-1), all active, with random (non-zero) A and B."""
     base = nn.Linear(k, n_out, bias=bias, dtype=dtype)
-    layer = FusedLoRALinear.from_linear(base, "a0", r=ranks[0], lora_alpha=2 * ranks[0], init_lora_weights=False,
-                                        **options)
+    layer = FusedLoRALinear.from_linear(
+        base, "a0", r=ranks[0], lora_alpha=2 * ranks[0], init_lora_weights=False, **options
+    )
     for i in range(1, n_adapters):
-        layer.add_adapter(f"a{i}", ranks[i], lora_alpha=ranks[i] + i, init_lora_weights=False,
-                          use_rslora=(i % 3 == 2), **options)
+        layer.add_adapter(
+            f"a{i}", ranks[i], lora_alpha=ranks[i] + i, init_lora_weights=False, use_rslora=(i % 3 == 2), **options
+        )
     layer.set_adapter([f"a{i}" for i in range(n_adapters)])
     return layer
 
@@ -49,11 +52,20 @@ def plain_lora(x, weight, bias, adapters, row_masks=None):
 
 def layer_tensors(layer, names, dtype=None):
     """Leaf copies (requires_grad) of the base and of the named adapters, optionally cast (float64)."""
+
     def leaf(t):
         return None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
     base = layer.base_layer
-    adapters = [(leaf(layer.lora_A[n].weight), leaf(layer.lora_B[n].weight), leaf(layer.lora_B[n].bias),
-                 float(layer.scaling[n])) for n in names]
+    adapters = [
+        (
+            leaf(layer.lora_A[n].weight),
+            leaf(layer.lora_B[n].weight),
+            leaf(layer.lora_B[n].bias),
+            float(layer.scaling[n]),
+        )
+        for n in names
+    ]
     return leaf(base.weight), leaf(base.bias), adapters
 
 
@@ -102,8 +114,15 @@ def test_attributes_and_state_dict_names_follow_peft():
     assert isinstance(layer.lora_dropout["y"], nn.Identity)
     assert layer.active_adapter == "x" or layer.active_adapter == ["x"]
     assert layer.active_adapters == ["x"] and not layer.merged and layer.merged_adapters == []
-    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "lora_A.x.weight", "lora_A.y.weight",
-                                       "lora_B.x.weight", "lora_B.y.weight", "lora_B.y.bias"}
+    assert set(layer.state_dict()) == {
+        "base_layer.weight",
+        "base_layer.bias",
+        "lora_A.x.weight",
+        "lora_A.y.weight",
+        "lora_B.x.weight",
+        "lora_B.y.weight",
+        "lora_B.y.bias",
+    }
     assert layer.lora_B["y"].bias is not None and layer.lora_B["x"].bias is None
     # as PEFT's set_adapter: only active adapters train
     assert layer.lora_A["x"].weight.requires_grad and not layer.lora_A["y"].weight.requires_grad
@@ -129,13 +148,19 @@ def test_init_modes_match_peft():
     # seeded, the draws are PEFT's own
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
+
     for init in (True, "gaussian", False):
         torch.manual_seed(5)
-        lora_bias = init != "gaussian"   # PEFT refuses lora_bias with gaussian init, and so do we
+        lora_bias = init != "gaussian"  # PEFT refuses lora_bias with gaussian init, and so do we
         ours = FusedLoRALinear.from_linear(base, r=4, lora_alpha=8, init_lora_weights=init, lora_bias=lora_bias)
         torch.manual_seed(5)
-        theirs = PeftLinear(base, "default", config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
-                                                               lora_bias=lora_bias), r=4, lora_alpha=8)
+        theirs = PeftLinear(
+            base,
+            "default",
+            config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=init, lora_bias=lora_bias),
+            r=4,
+            lora_alpha=8,
+        )
         for key, value in theirs.state_dict().items():
             assert torch.equal(ours.state_dict()[key], value), (init, key)
 
@@ -155,7 +180,7 @@ def test_constructor_builds_its_own_linear():
     assert layer.base_layer.bias is None and layer.base_layer.weight.dtype == torch.float16
     assert len(layer.lora_A) == 0
     x = torch.randn(2, 9, dtype=torch.float16)
-    assert torch.equal(layer(x), layer.base_layer(x))   # no adapter: the base layer alone
+    assert torch.equal(layer(x), layer.base_layer(x))  # no adapter: the base layer alone
 
 
 @pytest.mark.parametrize("option", ["use_dora", "use_qalora", "alora_invocation_tokens", "use_bdlora"])
@@ -167,7 +192,7 @@ def test_variants_are_refused_by_name(option):
     with pytest.raises(ValueError, match=option):
         layer.add_adapter("other", 2, 2, **{option: value})
     assert "other" not in layer.lora_A
-    FusedLoRALinear.from_linear(nn.Linear(4, 4), r=2, use_dora=False)   # falsy variant options are plain LoRA
+    FusedLoRALinear.from_linear(nn.Linear(4, 4), r=2, use_dora=False)  # falsy variant options are plain LoRA
 
 
 def test_bad_adapter_arguments():
@@ -235,7 +260,7 @@ def test_replace_linear_suffix_shares_weights_and_counts():
     assert fused.base_layer.weight.data_ptr() == original.weight.data_ptr()
     assert not original.weight.requires_grad and fused.lora_A["default"].weight.requires_grad
     assert isinstance(model[0].mlp[0], nn.Linear) and not isinstance(model[0].mlp[0], FusedLoRALinear)
-    torch.testing.assert_close(model(x), y_before)   # B = 0 at init: outputs unchanged
+    torch.testing.assert_close(model(x), y_before)  # B = 0 at init: outputs unchanged
     # again, a new adapter is added to the fused layers, not wrapped twice
     assert replace_linear(model, ["q_proj"], adapter_name="second", r=2) == 2
     assert list(model[0].q_proj.lora_A.keys()) == ["default", "second"]
@@ -247,9 +272,9 @@ def test_replace_linear_exact_name_and_regex():
     assert replace_linear(model, ["0.mlp.2"], r=2) == 1
     assert isinstance(model[0].mlp[2], FusedLoRALinear) and not isinstance(model[1].mlp[2], FusedLoRALinear)
     model = _model()
-    assert replace_linear(model, r".*\.mlp\.[02]", r=2) == 4   # a regex must match the whole name
+    assert replace_linear(model, r".*\.mlp\.[02]", r=2) == 4  # a regex must match the whole name
     with pytest.raises(ValueError, match="not found"):
-        replace_linear(_model(), r"mlp\.0", r=2)                 # "0.mlp.0" is not a full match
+        replace_linear(_model(), r"mlp\.0", r=2)  # "0.mlp.0" is not a full match
 
 
 def test_replace_linear_errors():
@@ -273,8 +298,8 @@ def test_mixed_activation_vs_float64(n, dtype):
 
 def test_mixed_activation_subset_noncontiguous_and_empty():
     layer = make_layer(4)
-    layer.set_adapter(["a3", "a1"])   # order of activation does not matter for the sum
-    x = torch.randn(37, 6).T          # rows not contiguous
+    layer.set_adapter(["a3", "a1"])  # order of activation does not matter for the sum
+    x = torch.randn(37, 6).T  # rows not contiguous
     check_against_reference(layer, x, ["a3", "a1"], torch.float32)
     y = layer(torch.randn(0, 37))
     assert y.shape == (0, 29)
@@ -304,8 +329,8 @@ def test_scaling_is_read_at_every_call():
         assert layer.scaling["a1"] == 3.0 * layer.lora_alpha["a1"] / layer.r["a1"]
         layer.scaling["a0"] = 0.25
     check_against_reference(layer, x, ["a0", "a1"], torch.float32)
-    layer.set_scale("a2", 5.0)   # an adapter this layer does not hold: ignored, as PEFT
-    rs = make_layer(3)           # a2 uses rsLoRA
+    layer.set_scale("a2", 5.0)  # an adapter this layer does not hold: ignored, as PEFT
+    rs = make_layer(3)  # a2 uses rsLoRA
     rs.set_scale("a2", 2.0)
     assert rs.scaling["a2"] == pytest.approx(2.0 * rs.lora_alpha["a2"] / math.sqrt(rs.r["a2"]))
     rs.scale_layer(0.5)
@@ -357,7 +382,7 @@ def test_dropout_per_adapter_is_fused_and_only_in_training():
     x = torch.randn(6, 37)
     layer.eval()
     y_eval = layer(x)
-    check_against_reference(layer, x, names, torch.float32)   # eval: no dropout at all
+    check_against_reference(layer, x, names, torch.float32)  # eval: no dropout at all
     layer.train()
     torch.manual_seed(99)
     y_train = layer(x)
@@ -366,11 +391,19 @@ def test_dropout_per_adapter_is_fused_and_only_in_training():
     a = torch.cat([layer.lora_A[n].weight for n in names])
     b = torch.cat([layer.lora_B[n].weight for n in names], 1)
     torch.manual_seed(99)
-    expected = fused_lora.lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, a, b,
-                                      [layer.scaling[n] for n in names], dropout_p=[0.5, 0.0, 0.1], training=True,
-                                      rank_splits=[layer.r[n] for n in names])
+    expected = fused_lora.lora_linear(
+        x,
+        layer.base_layer.weight,
+        layer.base_layer.bias,
+        a,
+        b,
+        [layer.scaling[n] for n in names],
+        dropout_p=[0.5, 0.0, 0.1],
+        training=True,
+        rank_splits=[layer.r[n] for n in names],
+    )
     torch.testing.assert_close(y_train, expected, rtol=0, atol=0)
-    layer.lora_dropout["a0"].p = 0.0   # read at every call, like scaling
+    layer.lora_dropout["a0"].p = 0.0  # read at every call, like scaling
     layer.lora_dropout["a2"].p = 0.0
     torch.testing.assert_close(layer(x), y_eval)
 

@@ -1,22 +1,23 @@
 """FusedLoRALinear.merge / unmerge: PEFT's bookkeeping and warnings, safe merge, exact restore with keep_original,
 the drift of repeated merge/unmerge in low precision, and merged-vs-unmerged outputs within a derived bound."""
+
 import pytest
 import torch
+from test_layer import dtype_id, make_layer
 from torch import nn
 
 import fused_lora.functional
-
 from fused_lora.layer_merge import MergeError
-from test_layer import dtype_id, make_layer
 
 # unit roundoff u: |round(v) - v| <= u |v| for a normal v (round to nearest, precision p bits: u = 2^-p)
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
 
 def _delta64(layer, names):
     """sum_i s_i B_i A_i in float64."""
-    return sum(float(layer.scaling[n]) * (layer.lora_B[n].weight.double() @ layer.lora_A[n].weight.double())
-               for n in names)
+    return sum(
+        float(layer.scaling[n]) * (layer.lora_B[n].weight.double() @ layer.lora_A[n].weight.double()) for n in names
+    )
 
 
 def test_merge_matches_float64_and_bookkeeping(monkeypatch):
@@ -25,7 +26,7 @@ def test_merge_matches_float64_and_bookkeeping(monkeypatch):
     calls = []
     real_merge = fused_lora.functional.merge_
     monkeypatch.setattr(fused_lora.functional, "merge_", lambda *a, **k: calls.append(k) or real_merge(*a, **k))
-    layer.merge()   # default: the active adapters, all in one merge_ call
+    layer.merge()  # default: the active adapters, all in one merge_ call
     assert len(calls) == 1 and calls[0]["rank_splits"] == [1, 7, 3]
     monkeypatch.undo()
     assert layer.merged and layer.merged_adapters == ["a0", "a1", "a2"]
@@ -40,14 +41,15 @@ def test_merge_matches_float64_and_bookkeeping(monkeypatch):
     with pytest.warns(UserWarning, match="Already unmerged. Nothing to do."):
         layer.unmerge()
     layer.merge(["a1"])
-    with pytest.warns(UserWarning, match="Already following adapters were merged a1. You are now additionally "
-                                         "merging a0"):
+    with pytest.warns(
+        UserWarning, match="Already following adapters were merged a1. You are now additionally merging a0"
+    ):
         layer.merge(["a0", "a1"])
     assert layer.merged_adapters == ["a1", "a0"]
     with pytest.raises(TypeError, match="list of strings"):
         layer.merge("a2")
     with pytest.warns(UserWarning, match="additionally merging not_here"):
-        layer.merge(["not_here"])   # as PEFT: names this layer does not hold are skipped
+        layer.merge(["not_here"])  # as PEFT: names this layer does not hold are skipped
     assert layer.merged_adapters == ["a1", "a0"]
     with pytest.raises(ValueError, match="unmerge"):
         layer.delete_adapter("a0")
@@ -71,18 +73,23 @@ def test_sequential_merge_matches_mixed_activation(dtype):
         d0, d1 = _delta64(layer, ["a0"]), _delta64(layer, ["a1"])
         layer.merge(["a0"])
         assert layer.active_adapters == ["a0", "a1"]
-        y_seq = layer(x)   # W + D0 in the weight, a1 still through the fused op
+        y_seq = layer(x)  # W + D0 in the weight, a1 still through the fused op
         ax = x.double().abs()
         u, k = UNIT_ROUNDOFF[dtype], x.shape[-1]
-        bound = (u * ax @ (w + d0).abs().T + u * (y_seq.double().abs() + y_mix.double().abs())
-                 + 2 * k * 2.0 ** -24 * ax @ (w.abs() + d0.abs() + d1.abs()).T)
+        bound = (
+            u * ax @ (w + d0).abs().T
+            + u * (y_seq.double().abs() + y_mix.double().abs())
+            + 2 * k * 2.0**-24 * ax @ (w.abs() + d0.abs() + d1.abs()).T
+        )
         diff = (y_seq.double() - y_mix.double()).abs()
-        print(f"\n{dtype}: max |y_seq - y_mix| = {diff.max():.3e}, max bound = {bound.max():.3e}, "
-              f"worst diff/bound = {(diff / bound).max():.3f}")
+        print(
+            f"\n{dtype}: max |y_seq - y_mix| = {diff.max():.3e}, max bound = {bound.max():.3e}, "
+            f"worst diff/bound = {(diff / bound).max():.3f}"
+        )
         assert (diff <= bound).all()
-        assert (diff > 0).any() or dtype == torch.float32   # the rounding is real in low precision
+        assert (diff > 0).any() or dtype == torch.float32  # the rounding is real in low precision
         layer.unmerge()
-        layer.merge()   # all merged: the base layer alone
+        layer.merge()  # all merged: the base layer alone
         torch.testing.assert_close(layer(x), layer.base_layer(x), rtol=0, atol=0)
 
 
@@ -104,20 +111,32 @@ def test_merge_unmerge_cycles_drift(dtype):
             drift_at[cycle] = (layer.base_layer.weight.double() - w0.double()).abs()
     u = UNIT_ROUNDOFF[dtype]
     drift = drift_at[cycles]
-    bound = cycles * u * (2 * w0.double().abs() + d.abs()) * (1 + cycles * u) \
+    bound = (
+        cycles * u * (2 * w0.double().abs() + d.abs()) * (1 + cycles * u)
         + cycles * torch.finfo(dtype).smallest_normal * u
-    report = ", ".join(f"after {c}: max {v.max():.3e} ({v.max() / w0.double().abs().max():.2e} of max|W|, "
-                       f"{(v > 0).double().mean():.1%} changed)" for c, v in drift_at.items())
-    print(f"\n{dtype} merge/unmerge drift: {report}; bound max {bound.max():.3e}, worst drift/bound "
-          f"{(drift / bound).max():.3f}")
+    )
+    report = ", ".join(
+        f"after {c}: max {v.max():.3e} ({v.max() / w0.double().abs().max():.2e} of max|W|, "
+        f"{(v > 0).double().mean():.1%} changed)"
+        for c, v in drift_at.items()
+    )
+    print(
+        f"\n{dtype} merge/unmerge drift: {report}; bound max {bound.max():.3e}, worst drift/bound "
+        f"{(drift / bound).max():.3f}"
+    )
     assert (drift <= bound).all()
     # one cycle, tight: u |W_0 + D| (merge) + u |W_1 - D| <= u (|W_0| + u |W_0 + D|) (unmerge); a backend working
     # in float32 adds, per call, e32 |W + D| for the sum and r e32 (|s B| @ |A|) for the rank-r delta (r <= 8 here)
-    d_abs = sum(abs(float(layer.scaling[n])) * layer.lora_B[n].weight.double().abs()
-                @ layer.lora_A[n].weight.double().abs() for n in ("a0", "a1"))
-    float32_work = 2 * 2.0 ** -24 * (2 * (w0.double().abs() + d.abs()) + 8 * d_abs)   # backends sum in float32
-    one_cycle = u * ((w0.double() + d).abs() + w0.double().abs()) * (1 + 2 * u) + float32_work \
+    d_abs = sum(
+        abs(float(layer.scaling[n])) * layer.lora_B[n].weight.double().abs() @ layer.lora_A[n].weight.double().abs()
+        for n in ("a0", "a1")
+    )
+    float32_work = 2 * 2.0**-24 * (2 * (w0.double().abs() + d.abs()) + 8 * d_abs)  # backends sum in float32
+    one_cycle = (
+        u * ((w0.double() + d).abs() + w0.double().abs()) * (1 + 2 * u)
+        + float32_work
         + torch.finfo(dtype).smallest_normal * u
+    )
     print(f"{dtype} one cycle: worst drift/bound {(drift_at[1] / one_cycle).max():.3f}")
     assert (drift_at[1] <= one_cycle).all()
     # with keep_original, every cycle restores the weight bit for bit
@@ -141,7 +160,7 @@ def test_keep_original_mixed_with_subtracting_merges():
     with pytest.warns(UserWarning, match="Already following adapters were merged a0,a1"):
         layer.merge(["a2"], keep_original=True)
     assert layer.merged_adapters == ["a0", "a1", "a2"]
-    layer.unmerge()   # undone last first: a2 restored, a1 subtracted, a0 restored -> exactly the start
+    layer.unmerge()  # undone last first: a2 restored, a1 subtracted, a0 restored -> exactly the start
     assert torch.equal(layer.base_layer.weight, w0) and torch.equal(layer.base_layer.bias, b0)
 
 
@@ -149,9 +168,9 @@ def test_unmerge_subtracts_what_was_merged():
     layer = make_layer(2)
     w0 = layer.base_layer.weight.detach().clone()
     layer.merge()
-    layer.set_scale("a0", 4.0)                     # changed after the merge
+    layer.set_scale("a0", 4.0)  # changed after the merge
     with torch.no_grad():
-        layer.lora_B["a1"].weight.mul_(3.0)      # and so are a1's weights
+        layer.lora_B["a1"].weight.mul_(3.0)  # and so are a1's weights
     layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, w0, rtol=0, atol=1e-6)
 
@@ -164,7 +183,7 @@ def test_forward_unmerged_adapters_stay_fused_and_disable_unmerges():
     torch.testing.assert_close(layer(x), y_all, rtol=1e-5, atol=1e-5)
     w_merged = layer.base_layer.weight.detach().clone()
     layer.enable_adapters(False)
-    y_base = layer(x)   # as PEFT: a forward with adapters disabled unmerges first
+    y_base = layer(x)  # as PEFT: a forward with adapters disabled unmerges first
     assert not layer.merged and not torch.equal(layer.base_layer.weight, w_merged)
     torch.testing.assert_close(y_base, layer.base_layer(x), rtol=0, atol=0)
 
@@ -189,10 +208,11 @@ def test_lora_bias_without_base_bias_cannot_merge():
     with pytest.warns(UserWarning, match="no bias"):
         layer = make_layer(2, bias=False, lora_bias=True)
     w0 = layer.base_layer.weight.detach().clone()
-    with pytest.raises(ValueError, match="Impossible to merge LoRA with `lora_bias=True` because the base layer "
-                                         "has no bias"):
+    with pytest.raises(
+        ValueError, match="Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias"
+    ):
         layer.merge()
-    with pytest.raises(RuntimeError):   # PEFT raises RuntimeError here; MergeError is both
+    with pytest.raises(RuntimeError):  # PEFT raises RuntimeError here; MergeError is both
         layer.merge()
     assert torch.equal(layer.base_layer.weight, w0) and not layer.merged
 
@@ -203,7 +223,7 @@ def test_safe_merge_names_the_broken_adapter_and_leaves_w_untouched(safe):
     with torch.no_grad():
         layer.lora_B["a1"].weight[3, 0] = float("nan")
     w0 = layer.base_layer.weight.detach().clone()
-    if not safe:   # PEFT's unsafe merge writes the NaNs; so do we
+    if not safe:  # PEFT's unsafe merge writes the NaNs; so do we
         layer.merge()
         assert torch.isnan(layer.base_layer.weight).any()
         return
@@ -223,9 +243,9 @@ def test_safe_merge_overflow_alone_and_together():
             layer.lora_A[name].weight.zero_()
             layer.lora_B[name].weight.zero_()
             layer.lora_A[name].weight[0, 7] = 1.0
-        layer.lora_B["a0"].weight[5, 0] = 4000.0    # 64000: finite alone
+        layer.lora_B["a0"].weight[5, 0] = 4000.0  # 64000: finite alone
         layer.lora_B["a1"].weight[5, 0] = 4000.0
-        layer.lora_B["a2"].weight[5, 0] = 40000.0   # 100000: overflows fp16 alone
+        layer.lora_B["a2"].weight[5, 0] = 40000.0  # 100000: overflows fp16 alone
     w0 = layer.base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match=r"The adapter a2 seems to be broken;"):
         layer.merge(safe_merge=True)

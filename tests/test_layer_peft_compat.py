@@ -1,24 +1,26 @@
 """FusedLoRALinear against PEFT's own LoRA Linear (peft.tuners.lora.layer.Linear): state_dicts load both ways,
 and with the same weights (dropout 0) outputs, gradients, mixed batches and merges agree."""
+
 import copy
 
 import pytest
 import torch
+from checks import assert_close_vs_reference
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as PeftLinear
+from test_layer import ATOL, dtype_id
 from torch import nn
 
-from checks import assert_close_vs_reference
 from fused_lora import FusedLoRALinear, replace_linear
-from test_layer import ATOL, dtype_id
 
 # (name, r, lora_alpha, use_rslora, lora_bias)
 ADAPTERS = [("first", 7, 14, False, True), ("second", 1, 3, True, False), ("third", 16, 8, False, True)]
 
 
 def _config(r, alpha, rslora, lora_bias):
-    return LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, lora_bias=lora_bias, init_lora_weights=False,
-                      lora_dropout=0.0)
+    return LoraConfig(
+        r=r, lora_alpha=alpha, use_rslora=rslora, lora_bias=lora_bias, init_lora_weights=False, lora_dropout=0.0
+    )
 
 
 def _peft_layer(base):
@@ -32,11 +34,26 @@ def _peft_layer(base):
 
 def _our_layer(base, adapter_dtype_autocast=True):
     name, r, alpha, rslora, lora_bias = ADAPTERS[0]
-    layer = FusedLoRALinear.from_linear(base, name, r=r, lora_alpha=alpha, use_rslora=rslora, lora_bias=lora_bias,
-                                        init_lora_weights=False, autocast_adapter_dtype=adapter_dtype_autocast)
+    layer = FusedLoRALinear.from_linear(
+        base,
+        name,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=rslora,
+        lora_bias=lora_bias,
+        init_lora_weights=False,
+        autocast_adapter_dtype=adapter_dtype_autocast,
+    )
     for name, r, alpha, rslora, lora_bias in ADAPTERS[1:]:
-        layer.add_adapter(name, r, alpha, use_rslora=rslora, lora_bias=lora_bias, init_lora_weights=False,
-                          autocast_adapter_dtype=adapter_dtype_autocast)
+        layer.add_adapter(
+            name,
+            r,
+            alpha,
+            use_rslora=rslora,
+            lora_bias=lora_bias,
+            init_lora_weights=False,
+            autocast_adapter_dtype=adapter_dtype_autocast,
+        )
     layer.set_adapter([a[0] for a in ADAPTERS])
     return layer
 
@@ -96,11 +113,17 @@ def test_forward_and_gradients_match_peft(dtype):
         for table in ("lora_A", "lora_B"):
             ours_p, theirs_p = getattr(ours, table)[name], getattr(theirs, table)[name]
             ref_p = getattr(theirs64, table)[name]
-            assert_close_vs_reference(ours_p.weight.grad, ref_p.weight.grad, theirs_p.weight.grad, atol=atol,
-                                      name=f"{table}[{name}].weight.grad")
+            assert_close_vs_reference(
+                ours_p.weight.grad,
+                ref_p.weight.grad,
+                theirs_p.weight.grad,
+                atol=atol,
+                name=f"{table}[{name}].weight.grad",
+            )
             if ours_p.bias is not None:
-                assert_close_vs_reference(ours_p.bias.grad, ref_p.bias.grad, theirs_p.bias.grad, atol=atol,
-                                          name=f"{table}[{name}].bias.grad")
+                assert_close_vs_reference(
+                    ours_p.bias.grad, ref_p.bias.grad, theirs_p.bias.grad, atol=atol, name=f"{table}[{name}].bias.grad"
+                )
 
 
 def test_mixed_batch_matches_peft():
@@ -146,10 +169,12 @@ def test_replace_linear_matches_get_peft_model():
     def model():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Sequential(nn.Linear(20, 20), nn.Linear(20, 6)))
+
     ours = model()
     replace_linear(ours, ["0", "2.1"], r=4, lora_alpha=8, init_lora_weights=False)
-    peft_model = get_peft_model(model(), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2.1"],
-                                                    init_lora_weights=False))
+    peft_model = get_peft_model(
+        model(), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2.1"], init_lora_weights=False)
+    )
     inner = peft_model.base_model.model
     assert set(ours.state_dict()) == set(inner.state_dict())
     ours.load_state_dict(inner.state_dict(), strict=True)

@@ -1,9 +1,9 @@
 """FusedLoRALinear per-row adapters: adapter_names (PEFT's mixed batch) and adapter_ids, vs a float64 reference,
 with each adapter's gradients coming only from its own rows."""
+
 import pytest
 import torch
-
-from test_layer import dtype_id, check_against_reference, make_layer
+from test_layer import check_against_reference, dtype_id, make_layer
 
 
 def _random_names(n_adapters, n_samples, generator):
@@ -26,9 +26,16 @@ def test_adapter_names_per_sample_3d(n, dtype):
     names[0], names[-1] = "__base__", "a0"
     per_row = [name for name in names for _ in range(seq)]
     x = torch.randn(samples, seq, 37, dtype=dtype)
-    unused = {f"a{i}" for i in range(n)} - set(names)   # their gradients stay None, as in PEFT's mixed batch
-    check_against_reference(layer, x, [f"a{i}" for i in range(n)], dtype, row_masks=_row_masks(per_row, n),
-                            unused=unused, adapter_names=names)
+    unused = {f"a{i}" for i in range(n)} - set(names)  # their gradients stay None, as in PEFT's mixed batch
+    check_against_reference(
+        layer,
+        x,
+        [f"a{i}" for i in range(n)],
+        dtype,
+        row_masks=_row_masks(per_row, n),
+        unused=unused,
+        adapter_names=names,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
@@ -39,13 +46,14 @@ def test_adapter_ids_per_row(dtype):
     ids = torch.randint(-1, n, (4, 5), generator=torch.Generator().manual_seed(3))
     ids[0, 0] = -1
     per_row = ["__base__" if i < 0 else f"a{i}" for i in ids.reshape(-1).tolist()]
-    check_against_reference(layer, x, [f"a{i}" for i in range(n)], dtype, row_masks=_row_masks(per_row, n),
-                            adapter_ids=ids)
+    check_against_reference(
+        layer, x, [f"a{i}" for i in range(n)], dtype, row_masks=_row_masks(per_row, n), adapter_ids=ids
+    )
 
 
 def test_ids_follow_lora_a_order_not_activation():
     layer = make_layer(3)
-    layer.set_adapter(["a2"])   # rows use any adapter of the layer, active or not (as PEFT's adapter_names)
+    layer.set_adapter(["a2"])  # rows use any adapter of the layer, active or not (as PEFT's adapter_names)
     x = torch.randn(3, 37)
     ids = torch.tensor([layer.adapter_index("a1"), -1, layer.adapter_index("a2")])
     by_ids = layer(x, adapter_ids=ids)
@@ -89,8 +97,9 @@ def test_lora_bias_per_row():
     x = torch.randn(5, 2, 37)
     names = ["a1", "__base__", "a0", "a2", "a1"]
     per_row = [n for n in names for _ in range(2)]
-    check_against_reference(layer, x, ["a0", "a1", "a2"], torch.float32, row_masks=_row_masks(per_row, 3),
-                            adapter_names=names)
+    check_against_reference(
+        layer, x, ["a0", "a1", "a2"], torch.float32, row_masks=_row_masks(per_row, 3), adapter_names=names
+    )
     ids = torch.tensor([1, -1, 0, 2, 1])
     torch.testing.assert_close(layer(x, adapter_ids=ids), layer(x, adapter_names=names), rtol=0, atol=0)
 
@@ -100,15 +109,14 @@ def test_rows_respect_scaling_and_dropout_in_training():
     x = torch.randn(4, 37)
     names = ["a0", "a1", "a1", "__base__"]
     layer.scaling["a1"] = 0.0
-    torch.testing.assert_close(layer(x, adapter_names=names)[1:],
-                               layer.base_layer(x)[1:])
+    torch.testing.assert_close(layer(x, adapter_names=names)[1:], layer.base_layer(x)[1:])
     layer.set_scale("a1", 1.0)
     layer.lora_dropout["a0"] = torch.nn.Dropout(0.5)
     layer.eval()
     y_eval = layer(x, adapter_names=names)
     layer.train()
     y_train = layer(x, adapter_names=names)
-    assert not torch.allclose(y_train[0], y_eval[0])                     # a0's row sees dropout
+    assert not torch.allclose(y_train[0], y_eval[0])  # a0's row sees dropout
     # the others do not (equal up to accumulation order: a backend may run another kernel when dropout is on)
     torch.testing.assert_close(y_train[1:], y_eval[1:])
 
@@ -116,8 +124,9 @@ def test_rows_respect_scaling_and_dropout_in_training():
 def test_row_selection_errors_follow_peft():
     layer = make_layer(2)
     x = torch.randn(3, 37)
-    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same as the number of inputs, "
-                                         "but got 2 and 3"):
+    with pytest.raises(
+        ValueError, match="Length of `adapter_names` should be the same as the number of inputs, but got 2 and 3"
+    ):
         layer(x, adapter_names=["a0", "a1"])
     with pytest.raises(ValueError, match="non-existing adapter\\(s\\): nope"):
         layer(x, adapter_names=["a0", "nope", "__base__"])

@@ -1,5 +1,6 @@
 """`fused-lora merge` on small synthetic checkpoints written with safetensors (no transformers): math, layout,
 metadata, atomic output and every kind of bad input (exit code 2, one line on stderr, nothing left behind)."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,17 @@ def write_base(folder, tensors, shards=None, extra_files=("config.json", "tokeni
 
 def write_adapter(folder, tensors, **config):
     os.makedirs(folder, exist_ok=True)
-    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False,
-           "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True, "modules_to_save": None}
+    cfg = {
+        "peft_type": "LORA",
+        "r": 4,
+        "lora_alpha": 8,
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
     cfg.update(config)
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(cfg, f)
@@ -46,19 +56,23 @@ def write_adapter(folder, tensors, **config):
 
 
 def lora_pair(module, n_out, k_in, r, dtype=torch.float32):
-    return {f"{P}{module}.lora_A.weight": torch.randn(r, k_in, dtype=dtype),
-            f"{P}{module}.lora_B.weight": torch.randn(n_out, r, dtype=dtype)}
+    return {
+        f"{P}{module}.lora_A.weight": torch.randn(r, k_in, dtype=dtype),
+        f"{P}{module}.lora_B.weight": torch.randn(n_out, r, dtype=dtype),
+    }
 
 
 def base_tensors(dtype=torch.float16):
     """Awkward sizes: 37x29 linear, a square 24x24 (fan_in_fan_out decides), an int buffer, a scalar."""
-    return {"model.layers.0.q_proj.weight": torch.randn(37, 29).to(dtype),
-            "model.layers.0.q_proj.bias": torch.randn(37).to(dtype),
-            "model.layers.0.o_proj.weight": torch.randn(24, 24).to(dtype),
-            "model.layers.1.up.weight": torch.randn(29, 37).to(dtype),
-            "model.norm.weight": torch.randn(29).to(dtype),
-            "model.position_ids": torch.arange(7, dtype=torch.int64),
-            "model.scalar": torch.tensor(3.5, dtype=torch.float32)}
+    return {
+        "model.layers.0.q_proj.weight": torch.randn(37, 29).to(dtype),
+        "model.layers.0.q_proj.bias": torch.randn(37).to(dtype),
+        "model.layers.0.o_proj.weight": torch.randn(24, 24).to(dtype),
+        "model.layers.1.up.weight": torch.randn(29, 37).to(dtype),
+        "model.norm.weight": torch.randn(29).to(dtype),
+        "model.position_ids": torch.arange(7, dtype=torch.int64),
+        "model.scalar": torch.tensor(3.5, dtype=torch.float32),
+    }
 
 
 def merged_reference(weight, terms, transpose=False):
@@ -107,17 +121,25 @@ def test_merge_single_file_math_dtype_and_bit_exact_copies(simple, capsys):
     assert set(got) == set(base)
     for name, t in base.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape
-    for name in ("model.layers.0.q_proj.bias", "model.layers.0.o_proj.weight", "model.norm.weight",
-                 "model.position_ids", "model.scalar"):
-        assert torch.equal(got[name].view(torch.uint8) if got[name].dim() else got[name], base[name].view(
-            torch.uint8) if base[name].dim() else base[name]), name
-    for module, w in (("model.layers.0.q_proj", "model.layers.0.q_proj.weight"),
-                      ("model.layers.1.up", "model.layers.1.up.weight")):
+    for name in (
+        "model.layers.0.q_proj.bias",
+        "model.layers.0.o_proj.weight",
+        "model.norm.weight",
+        "model.position_ids",
+        "model.scalar",
+    ):
+        assert torch.equal(
+            got[name].view(torch.uint8) if got[name].dim() else got[name],
+            base[name].view(torch.uint8) if base[name].dim() else base[name],
+        ), name
+    for module, w in (
+        ("model.layers.0.q_proj", "model.layers.0.q_proj.weight"),
+        ("model.layers.1.up", "model.layers.1.up.weight"),
+    ):
         ref = merged_reference(base[w], [(ad[f"{P}{module}.lora_A.weight"], ad[f"{P}{module}.lora_B.weight"], 2.0)])
         # one rounding of the exact value (fp32 accumulation may flip a tie): at most 1 ulp of fp16 away
-        assert (got[w].double() - ref).abs().max() <= (ref.abs() * 2 ** -11).max() + 2 ** -24
-        assert torch.equal(got[w], ref.to(torch.float16)) or \
-            (got[w] != ref.to(torch.float16)).float().mean() < 0.01
+        assert (got[w].double() - ref).abs().max() <= (ref.abs() * 2**-11).max() + 2**-24
+        assert torch.equal(got[w], ref.to(torch.float16)) or (got[w] != ref.to(torch.float16)).float().mean() < 0.01
     assert sorted(os.listdir(tmp / "out")) == ["config.json", "model.safetensors", "tokenizer.json"]
     with open(tmp / "out" / "config.json") as f:
         assert json.load(f) == {"file": "config.json"}
@@ -125,8 +147,9 @@ def test_merge_single_file_math_dtype_and_bit_exact_copies(simple, capsys):
 
 def test_metadata_records_adapters_and_keeps_original(simple, capsys):
     tmp, _base, _ad = simple
-    code, _out, err = run(["--base", tmp / "base", "--adapter", f"{tmp / 'ad'}:0.5", "--out", tmp / "out",
-                           "--quiet"], capsys)
+    code, _out, err = run(
+        ["--base", tmp / "base", "--adapter", f"{tmp / 'ad'}:0.5", "--out", tmp / "out", "--quiet"], capsys
+    )
     assert code == 0, err
     with safe_open(tmp / "out" / "model.safetensors", "pt") as f:
         meta = f.metadata()
@@ -135,6 +158,7 @@ def test_metadata_records_adapters_and_keeps_original(simple, capsys):
     (record,) = history
     (adapter,) = record["adapters"]
     import hashlib
+
     with open(tmp / "ad" / "adapter_model.safetensors", "rb") as f:
         assert adapter["sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert adapter["weight"] == 0.5 and adapter["scaling"] == pytest.approx(1.0)
@@ -151,50 +175,76 @@ def test_sharded_weighted_adapters_one_rounding_bf16(tmp_path, capsys):
     a2 = lora_pair("model.layers.0.q_proj", 37, 29, 7, torch.bfloat16)
     a2.update(lora_pair("model.layers.0.o_proj", 24, 24, 3))
     write_adapter(tmp_path / "a1", a1, r=1, lora_alpha=2)
-    write_adapter(tmp_path / "a2", a2, r=7, lora_alpha=7, use_rslora=True, rank_pattern={"o_proj": 3},
-                  alpha_pattern={"o_proj": 6})
-    code, out, err = run(["--base", tmp_path / "base", "--adapter", f"{tmp_path / 'a1'}:0.25",
-                          "--adapter", f"{tmp_path / 'a2'}:-1.5", "--out", tmp_path / "out"], capsys)
+    write_adapter(
+        tmp_path / "a2", a2, r=7, lora_alpha=7, use_rslora=True, rank_pattern={"o_proj": 3}, alpha_pattern={"o_proj": 6}
+    )
+    code, out, err = run(
+        [
+            "--base",
+            tmp_path / "base",
+            "--adapter",
+            f"{tmp_path / 'a1'}:0.25",
+            "--adapter",
+            f"{tmp_path / 'a2'}:-1.5",
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert code == 0, err
     files = sorted(os.listdir(tmp_path / "out"))
     assert files == sorted(os.listdir(tmp_path / "base"))
-    with open(tmp_path / "out" / "model.safetensors.index.json") as f, \
-            open(tmp_path / "base" / "model.safetensors.index.json") as g:
+    with (
+        open(tmp_path / "out" / "model.safetensors.index.json") as f,
+        open(tmp_path / "base" / "model.safetensors.index.json") as g,
+    ):
         assert json.load(f)["weight_map"] == json.load(g)["weight_map"]
     got = {}
     for name in files:
         if name.endswith(".safetensors"):
             got.update(load_file(tmp_path / "out" / name))
     q = "model.layers.0.q_proj"
-    ref = merged_reference(base[f"{q}.weight"], [
-        (a1[f"{P}{q}.lora_A.weight"], a1[f"{P}{q}.lora_B.weight"], 0.25 * 2.0),
-        (a2[f"{P}{q}.lora_A.weight"], a2[f"{P}{q}.lora_B.weight"], -1.5 * 7 / 7 ** 0.5)])
+    ref = merged_reference(
+        base[f"{q}.weight"],
+        [
+            (a1[f"{P}{q}.lora_A.weight"], a1[f"{P}{q}.lora_B.weight"], 0.25 * 2.0),
+            (a2[f"{P}{q}.lora_A.weight"], a2[f"{P}{q}.lora_B.weight"], -1.5 * 7 / 7**0.5),
+        ],
+    )
     assert got[f"{q}.weight"].dtype == torch.bfloat16
-    assert (got[f"{q}.weight"].double() - ref).abs().max() <= (ref.abs() * 2 ** -8).max() * 1.01
+    assert (got[f"{q}.weight"].double() - ref).abs().max() <= (ref.abs() * 2**-8).max() * 1.01
     o = "model.layers.0.o_proj"
-    ref_o = merged_reference(base[f"{o}.weight"], [(a2[f"{P}{o}.lora_A.weight"], a2[f"{P}{o}.lora_B.weight"],
-                                                     -1.5 * 6 / 3 ** 0.5)])
-    assert (got[f"{o}.weight"].double() - ref_o).abs().max() <= (ref_o.abs() * 2 ** -8).max() * 1.01
+    ref_o = merged_reference(
+        base[f"{o}.weight"], [(a2[f"{P}{o}.lora_A.weight"], a2[f"{P}{o}.lora_B.weight"], -1.5 * 6 / 3**0.5)]
+    )
+    assert (got[f"{o}.weight"].double() - ref_o).abs().max() <= (ref_o.abs() * 2**-8).max() * 1.01
 
 
 def test_fan_in_fan_out_square_and_lora_bias_and_prefix_mapping(tmp_path, capsys):
     """Base saved without the 'model.' prefix the adapter's paths carry; square weight stored [in, out]."""
     torch.manual_seed(2)
-    base = {"layers.0.c_attn.weight": torch.randn(24, 24), "layers.0.c_attn.bias": torch.randn(24),
-            "layers.0.c_fc.weight": torch.randn(24, 40), "layers.0.c_fc.bias": torch.randn(40)}
+    base = {
+        "layers.0.c_attn.weight": torch.randn(24, 24),
+        "layers.0.c_attn.bias": torch.randn(24),
+        "layers.0.c_fc.weight": torch.randn(24, 40),
+        "layers.0.c_fc.bias": torch.randn(40),
+    }
     write_base(tmp_path / "base", base)
     ad = lora_pair("model.layers.0.c_attn", 24, 24, 2)
     ad.update(lora_pair("model.layers.0.c_fc", 40, 24, 2))
     ad[f"{P}model.layers.0.c_attn.lora_B.bias"] = torch.randn(24)
     write_adapter(tmp_path / "ad", ad, r=2, lora_alpha=3, fan_in_fan_out=True, lora_bias=True)
-    code, _out, err = run(["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"],
-                          capsys)
+    code, _out, err = run(
+        ["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"], capsys
+    )
     assert code == 0, err
     got = load_file(tmp_path / "out" / "model.safetensors")
     for mod in ("c_attn", "c_fc"):
-        ref = merged_reference(base[f"layers.0.{mod}.weight"], [
-            (ad[f"{P}model.layers.0.{mod}.lora_A.weight"], ad[f"{P}model.layers.0.{mod}.lora_B.weight"], 1.5)],
-            transpose=True)
+        ref = merged_reference(
+            base[f"layers.0.{mod}.weight"],
+            [(ad[f"{P}model.layers.0.{mod}.lora_A.weight"], ad[f"{P}model.layers.0.{mod}.lora_B.weight"], 1.5)],
+            transpose=True,
+        )
         assert (got[f"layers.0.{mod}.weight"].double() - ref).abs().max() < 1e-5
     bias_ref = base["layers.0.c_attn.bias"].double() + 1.5 * ad[f"{P}model.layers.0.c_attn.lora_B.bias"].double()
     assert (got["layers.0.c_attn.bias"].double() - bias_ref).abs().max() < 1e-6
@@ -206,12 +256,23 @@ def test_adalora_per_rank_scale(tmp_path, capsys):
     base = base_tensors(torch.float32)
     write_base(tmp_path / "base", base)
     m = "model.layers.0.q_proj"
-    ad = {f"{P}{m}.lora_A": torch.randn(3, 29), f"{P}{m}.lora_B": torch.randn(37, 3),
-          f"{P}{m}.lora_E": torch.randn(3, 1)}
-    write_adapter(tmp_path / "ad", ad, peft_type="ADALORA", init_r=5, r=8, lora_alpha=6,
-                  rank_pattern={f"{m}.lora_E": [True, False, True, True, False]})
-    code, _out, err = run(["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"],
-                          capsys)
+    ad = {
+        f"{P}{m}.lora_A": torch.randn(3, 29),
+        f"{P}{m}.lora_B": torch.randn(37, 3),
+        f"{P}{m}.lora_E": torch.randn(3, 1),
+    }
+    write_adapter(
+        tmp_path / "ad",
+        ad,
+        peft_type="ADALORA",
+        init_r=5,
+        r=8,
+        lora_alpha=6,
+        rank_pattern={f"{m}.lora_E": [True, False, True, True, False]},
+    )
+    code, _out, err = run(
+        ["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"], capsys
+    )
     assert code == 0, err
     got = load_file(tmp_path / "out" / "model.safetensors")
     a, b, e = (ad[f"{P}{m}.{k}"].double() for k in ("lora_A", "lora_B", "lora_E"))
@@ -223,18 +284,22 @@ def test_embedding_lora_replacements_and_stale_weight_files(tmp_path, capsys):
     """lora_embedding_A/B (delta (B A)^T on [vocab, dim]), a saved embedding base layer and modules_to_save
     replace base tensors; a pickle copy of the weights beside the shards is not shipped unmerged."""
     torch.manual_seed(5)
-    base = {"model.embed_tokens.weight": torch.randn(50, 12), "lm_head.weight": torch.randn(50, 12),
-            "model.norm.weight": torch.randn(12)}
+    base = {
+        "model.embed_tokens.weight": torch.randn(50, 12),
+        "lm_head.weight": torch.randn(50, 12),
+        "model.norm.weight": torch.randn(12),
+    }
     write_base(tmp_path / "base", base)
     (tmp_path / "base" / "pytorch_model.bin").write_bytes(b"stale")
     new_embed = torch.randn(50, 12)
-    ad = {f"{P}model.embed_tokens.lora_embedding_A": torch.randn(3, 50),
-          f"{P}model.embed_tokens.lora_embedding_B": torch.randn(12, 3),
-          f"{P}model.embed_tokens.base_layer.weight": new_embed,
-          f"{P}lm_head.weight": torch.randn(50, 12).to(torch.float64)}
+    ad = {
+        f"{P}model.embed_tokens.lora_embedding_A": torch.randn(3, 50),
+        f"{P}model.embed_tokens.lora_embedding_B": torch.randn(12, 3),
+        f"{P}model.embed_tokens.base_layer.weight": new_embed,
+        f"{P}lm_head.weight": torch.randn(50, 12).to(torch.float64),
+    }
     write_adapter(tmp_path / "ad", ad, r=3, lora_alpha=6, modules_to_save=["lm_head"])
-    code, out, err = run(["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"],
-                         capsys)
+    code, out, err = run(["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"], capsys)
     assert code == 0, err
     assert "pytorch_model.bin" in out and not (tmp_path / "out" / "pytorch_model.bin").exists()
     got = load_file(tmp_path / "out" / "model.safetensors")
@@ -265,10 +330,29 @@ def _corrupt(path, at, value):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("case", ["unmatched_key", "shape", "rank", "config_rank", "nonfinite", "truncated",
-                                  "bad_header", "missing_index_entry", "missing_shard_entry", "pickle_only",
-                                  "no_config", "dora", "overlap", "pissa_without_initial", "bad_weight",
-                                  "lora_bias_without_base_bias", "overflow", "initial_mismatch"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unmatched_key",
+        "shape",
+        "rank",
+        "config_rank",
+        "nonfinite",
+        "truncated",
+        "bad_header",
+        "missing_index_entry",
+        "missing_shard_entry",
+        "pickle_only",
+        "no_config",
+        "dora",
+        "overlap",
+        "pissa_without_initial",
+        "bad_weight",
+        "lora_bias_without_base_bias",
+        "overflow",
+        "initial_mismatch",
+    ],
+)
 def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, case):
     torch.manual_seed(4)
     base = base_tensors()
@@ -345,7 +429,8 @@ def test_bad_input_exit_2_one_line_nothing_written(tmp_path, capsys, case):
         needles = ["same shapes"]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     argv = ["--base", tmp_path / "base", "--out", out] + (
-        extra if case == "bad_weight" else ["--adapter", tmp_path / "ad"] + extra)
+        extra if case == "bad_weight" else ["--adapter", tmp_path / "ad"] + extra
+    )
     code, _o, err = run(argv, capsys)
     assert_refused(code, err, out, *needles)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before, "inputs modified"
@@ -355,16 +440,19 @@ def test_verification_failure_writes_nothing(simple, capsys, monkeypatch):
     """A merge that goes wrong (simulated: merge_ adds twice) is caught by the probes; no output survives."""
     tmp, _base, _ad = simple
     from fused_lora.merge_cli import execute
+
     real = execute.merge_
 
     def twice(weight, a, b, scale, **kw):
         real(weight, a, b, scale, **kw)
         return real(weight, a, b, scale, **kw)
+
     monkeypatch.setattr(execute, "merge_", twice)
     code, _out, err = run(["--base", tmp / "base", "--adapter", tmp / "ad", "--out", tmp / "out"], capsys)
     assert_refused(code, err, tmp / "out", "verification failed", "model.layers.0.q_proj.weight")
-    code, _out, err = run(["--base", tmp / "base", "--adapter", tmp / "ad", "--out", tmp / "out", "--no-verify",
-                           "--quiet"], capsys)
+    code, _out, err = run(
+        ["--base", tmp / "base", "--adapter", tmp / "ad", "--out", tmp / "out", "--no-verify", "--quiet"], capsys
+    )
     assert code == 0, err  # the check really is what caught it
 
 
@@ -372,8 +460,7 @@ def test_ambiguous_target_is_refused(tmp_path, capsys):
     base = {"a.layers.0.q.weight": torch.randn(5, 3), "b.layers.0.q.weight": torch.randn(5, 3)}
     write_base(tmp_path / "base", base)
     write_adapter(tmp_path / "ad", lora_pair("layers.0.q", 5, 3, 4))
-    code, _o, err = run(["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"],
-                        capsys)
+    code, _o, err = run(["--base", tmp_path / "base", "--adapter", tmp_path / "ad", "--out", tmp_path / "out"], capsys)
     assert_refused(code, err, tmp_path / "out", "ambiguous", "a.layers.0.q.weight", "b.layers.0.q.weight")
 
 
@@ -389,9 +476,13 @@ def test_console_entry_subprocess(simple):
     env = dict(os.environ)
     script = os.path.join(os.path.dirname(sys.executable), "fused-lora")
     entry = [script] if os.path.exists(script) else [sys.executable, "-m", "fused_lora"]
-    proc = subprocess.run(entry + ["merge", "--base", str(tmp / "base"),
-                           "--adapter", str(tmp / "ad"), "--out", str(tmp / "out")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        entry + ["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "ad"), "--out", str(tmp / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "verified 2 tensor(s)" in proc.stdout and proc.stderr.count("Traceback") == 0
     assert (tmp / "out" / "model.safetensors").exists()

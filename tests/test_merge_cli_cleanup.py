@@ -2,6 +2,7 @@
 is known to be mid-write), leftovers of a merge killed outright, and I/O failures at every kind of write. In
 every case: the documented exit status, one line on stderr naming what happened, no hidden folder left, --out
 as it was, the inputs unmodified."""
+
 from __future__ import annotations
 
 import builtins
@@ -17,22 +18,24 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_merge_cli import base_tensors, lora_pair, write_adapter, write_base
 
 from fused_lora.merge_cli import signals
 from fused_lora.merge_cli.cli import main
 from fused_lora.merge_cli.hooks import PAUSE_ENV
-from test_merge_cli import base_tensors, lora_pair, write_adapter, write_base
 
 fcntl = pytest.importorskip("fcntl")  # flock, and the POSIX signals below
 
 SHARD1 = "model-00001-of-00002.safetensors"
 # The child resets the stop signals to their defaults first: whoever runs pytest (nohup, a CI runner) may have
 # left them ignored, and an ignored signal is rightly left ignored by the merge.
-CHILD = ("import signal, sys\n"
-         "for s in (signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)\n"
-         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-         "from fused_lora.merge_cli.cli import main\n"
-         "sys.exit(main(sys.argv[1:]))\n")
+CHILD = (
+    "import signal, sys\n"
+    "for s in (signal.SIGTERM, signal.SIGHUP): signal.signal(s, signal.SIG_DFL)\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "from fused_lora.merge_cli.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
 
 
 @pytest.fixture
@@ -62,8 +65,13 @@ def start_paused(tmp, *extra):
     """A merge child paused (test hook) right after the first tensor of the first shard was written."""
     marker = tmp / "paused"
     env = dict(os.environ, **{PAUSE_ENV: str(marker)})
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, *argv(tmp, *extra)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *argv(tmp, *extra)],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 180
     while not marker.exists():
         if proc.poll() is not None:
@@ -136,8 +144,11 @@ def test_next_run_removes_what_a_killed_merge_left(sharded, capsys):
     assert code == 0, err
     assert f"removed stale temporary folder {tmp / stem}" in out and f"pid {proc.pid}" in out, out
     assert hidden(tmp) == []
-    assert set(load_file(tmp / "out" / SHARD1)) == {"model.layers.0.q_proj.weight",
-                                                    "model.layers.0.q_proj.bias", "model.layers.0.o_proj.weight"}
+    assert set(load_file(tmp / "out" / SHARD1)) == {
+        "model.layers.0.q_proj.weight",
+        "model.layers.0.q_proj.bias",
+        "model.layers.0.o_proj.weight",
+    }
     assert snapshot(tmp / "base", tmp / "ad") == inputs
 
 
@@ -160,9 +171,14 @@ def test_sweep_removes_only_dead_leftovers_of_this_output(sharded, capsys):
     make_leftover(tmp, dead)
     make_leftover(tmp, dead_aside, folder=False, aside=True)  # died after the swap: the new --out is in place
     make_leftover(tmp, live)
-    kept = [".other.tmp-4000001-0123abcd", ".other.tmp-4000001-0123abcd.lock",  # another output's
-            ".out.tmp-notes", ".out.tmp-4000004-0123abcd.bak", ".out.tmp-4000005-ABCDEF01",  # not our pattern
-            ".out.tmp-abcd_123"]  # an older fused_lora's name: cannot tell whether it is live
+    kept = [
+        ".other.tmp-4000001-0123abcd",
+        ".other.tmp-4000001-0123abcd.lock",  # another output's
+        ".out.tmp-notes",
+        ".out.tmp-4000004-0123abcd.bak",
+        ".out.tmp-4000005-ABCDEF01",  # not our pattern
+        ".out.tmp-abcd_123",
+    ]  # an older fused_lora's name: cannot tell whether it is live
     for name in kept:
         (tmp / name).mkdir() if not name.endswith(".lock") else (tmp / name).write_bytes(b"")
     holder = os.open(tmp / f"{live}.lock", os.O_RDONLY)  # a running merge holds its lock
@@ -178,8 +194,13 @@ def test_sweep_removes_only_dead_leftovers_of_this_output(sharded, capsys):
         assert sorted(hidden(tmp)) == sorted([live, f"{live}.lock"] + [n for n in kept if n.startswith(".out.")])
         assert all((tmp / name).exists() for name in kept)
         assert (tmp / live / SHARD1).read_bytes() == b"half a shard"
-        assert sorted(os.listdir(tmp / "out")) == ["config.json", SHARD1, "model-00002-of-00002.safetensors",
-                                                   "model.safetensors.index.json", "tokenizer.json"]
+        assert sorted(os.listdir(tmp / "out")) == [
+            "config.json",
+            SHARD1,
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "tokenizer.json",
+        ]
     finally:
         os.close(holder)
 
@@ -247,10 +268,10 @@ def inject(monkeypatch, kind):
     def failing_open(target, fail_at, error):
         def fake(file, mode="r", *args, **kwargs):
             f = real_open(file, mode, *args, **kwargs)
-            if any(c in mode for c in "wax+") and os.path.basename(os.fspath(file)) == target \
-                    and _in_workspace(file):
+            if any(c in mode for c in "wax+") and os.path.basename(os.fspath(file)) == target and _in_workspace(file):
                 return FailingFile(f, fail_at, error)
             return f
+
         monkeypatch.setattr(builtins, "open", fake)
 
     if kind == "shard_data":  # write 1 is the header, write 2 the first tensor's bytes
@@ -263,20 +284,25 @@ def inject(monkeypatch, kind):
         failing_open("config.json", 1, ENOSPC)
         return "config.json", "No space left on device (ENOSPC)"
     if kind == "open_read_only":
+
         def fake(file, mode="r", *args, **kwargs):
             if "w" in mode and _in_workspace(file) and os.path.basename(os.fspath(file)) == "tokenizer.json":
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(file))
             return real_open(file, mode, *args, **kwargs)
+
         monkeypatch.setattr(builtins, "open", fake)
         return "tokenizer.json", "Read-only file system (EROFS)"
     if kind == "fsync":  # where delayed allocation or NFS report a full disk
+
         def fake_fsync(fd):
             if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == "model-00002-of-00002.safetensors":
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return real_fsync(fd)
+
         monkeypatch.setattr(os, "fsync", fake_fsync)
         return "model-00002-of-00002.safetensors", "Input/output error (EIO)"
     if kind == "create_workspace":  # the folder of --out is read-only
+
         def refuse(path):
             if os.path.basename(os.fspath(path)).startswith(".out."):
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
@@ -288,10 +314,12 @@ def inject(monkeypatch, kind):
         def fake_os_open(path, *args, **kwargs):
             refuse(path)
             return real_os_open(path, *args, **kwargs)
+
         monkeypatch.setattr(os, "mkdir", fake_mkdir)
         monkeypatch.setattr(os, "open", fake_os_open)
         return ".out.tmp-", "Read-only file system (EROFS)"
     if kind in ("rename", "rename_over_existing", "move_aside"):
+
         def fake_rename(src, dst, *args, **kwargs):
             src_name = os.path.basename(os.fspath(src))
             if kind == "move_aside":
@@ -299,10 +327,14 @@ def inject(monkeypatch, kind):
             else:  # the finished folder into place (not the restore of a moved-aside --out)
                 hit = src_name.startswith(".out.tmp-") and not src_name.endswith(".old")
             if hit:
-                raise OSError(errno.EPERM if kind == "rename_over_existing" else errno.EROFS,
-                              os.strerror(errno.EPERM if kind == "rename_over_existing" else errno.EROFS),
-                              os.fspath(src), os.fspath(dst))
+                raise OSError(
+                    errno.EPERM if kind == "rename_over_existing" else errno.EROFS,
+                    os.strerror(errno.EPERM if kind == "rename_over_existing" else errno.EROFS),
+                    os.fspath(src),
+                    os.fspath(dst),
+                )
             return real_rename(src, dst, *args, **kwargs)
+
         monkeypatch.setattr(os, "rename", fake_rename)
         if kind == "rename_over_existing":
             return "out", "Operation not permitted (EPERM)"
@@ -310,8 +342,20 @@ def inject(monkeypatch, kind):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["shard_data", "index_json", "config_copy", "open_read_only", "fsync",
-                                  "create_workspace", "rename", "rename_over_existing", "move_aside"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "shard_data",
+        "index_json",
+        "config_copy",
+        "open_read_only",
+        "fsync",
+        "create_workspace",
+        "rename",
+        "rename_over_existing",
+        "move_aside",
+    ],
+)
 def test_io_failure_exit_3_names_path_and_cause_nothing_left(sharded, capsys, monkeypatch, kind):
     tmp = sharded
     existing = kind in ("rename_over_existing", "move_aside")
@@ -350,6 +394,7 @@ def test_previous_output_survives_when_it_cannot_be_put_back(sharded, capsys, mo
         if os.fspath(dst) == str(tmp / "out"):
             raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(src), os.fspath(dst))
         return real_rename(src, dst, *args, **kwargs)
+
     monkeypatch.setattr(os, "rename", fake_rename)
     code = main(argv(tmp, "--force", "--quiet"))
     monkeypatch.undo()
@@ -358,7 +403,7 @@ def test_previous_output_survives_when_it_cannot_be_put_back(sharded, capsys, mo
     aside = [n for n in hidden(tmp) if n.endswith(".old")]
     assert len(aside) == 1 and f"could not remove {tmp / aside[0]} (holds the previous {tmp / 'out'}" in err, err
     assert (tmp / aside[0] / "keep").read_text() == "previous result"
-    assert sorted(hidden(tmp)) == sorted([aside[0], aside[0][:-len(".old")] + ".lock"])
+    assert sorted(hidden(tmp)) == sorted([aside[0], aside[0][: -len(".old")] + ".lock"])
     code = main(argv(tmp))
     out, err = capsys.readouterr()
     assert code == 2 and "already exists" in err and f"restored {tmp / 'out'}" in out, (out, err)
@@ -369,8 +414,20 @@ def _can_mount_tmpfs(where) -> str:
     """'' if a private tmpfs can be mounted (user + mount namespace: nothing outlives the child), else why not."""
     if shutil.which("unshare") is None:
         return "no unshare(1) on this machine"
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            'mount -t tmpfs -o size=64k tmpfs "$0"', str(where)], capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=64k tmpfs "$0"',
+            str(where),
+        ],
+        capture_output=True,
+        text=True,
+    )
     return "" if probe.returncode == 0 else f"cannot mount a tmpfs here: {probe.stderr.strip()}"
 
 
@@ -385,14 +442,37 @@ def test_real_disk_full_on_a_tiny_tmpfs(tmp_path):
     write_base(tmp_path / "base", {"model.layers.0.q_proj.weight": torch.randn(160, 128)})
     write_adapter(tmp_path / "ad", lora_pair("model.layers.0.q_proj", 160, 128, 4))
     inputs = snapshot(tmp_path / "base", tmp_path / "ad")
-    driver = ("import json, os, sys\nfrom fused_lora.merge_cli.cli import main\n"
-              "code = main(sys.argv[2:])\n"
-              "print(json.dumps({'code': code, 'left': sorted(os.listdir(sys.argv[1]))}))\n")
-    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                           'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', str(mount),
-                           sys.executable, "-c", driver, str(mount), "--base", str(tmp_path / "base"),
-                           "--adapter", str(tmp_path / "ad"), "--out", str(mount / "out"), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    driver = (
+        "import json, os, sys\nfrom fused_lora.merge_cli.cli import main\n"
+        "code = main(sys.argv[2:])\n"
+        "print(json.dumps({'code': code, 'left': sorted(os.listdir(sys.argv[1]))}))\n"
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"',
+            str(mount),
+            sys.executable,
+            "-c",
+            driver,
+            str(mount),
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--out",
+            str(mount / "out"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     lines = proc.stderr.strip().splitlines()
@@ -404,6 +484,7 @@ def test_real_disk_full_on_a_tiny_tmpfs(tmp_path):
 
 
 # ---- the signal machinery itself ----------------------------------------------------------------------------
+
 
 def _wait_pending():
     for _ in range(200):
@@ -445,6 +526,14 @@ def test_ignored_signal_stays_ignored():
 def test_help_documents_exit_codes_and_cleanup(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for needle in ("0       merged", "2       bad input", "3       I/O error", "143 SIGTERM", "130 SIGINT",
-                   "129 SIGHUP", ".OUT.tmp-PID-XXXXXXXX", "removed by the next merge"):
+    for needle in (
+        "0       merged",
+        "2       bad input",
+        "3       I/O error",
+        "143 SIGTERM",
+        "130 SIGINT",
+        "129 SIGHUP",
+        ".OUT.tmp-PID-XXXXXXXX",
+        "removed by the next merge",
+    ):
         assert needle in text, needle

@@ -1,5 +1,6 @@
 """End to end: tiny transformers models + PEFT adapters trained two steps, merged by `fused-lora merge`,
 loaded back by transformers; logits must match PEFT's own merge_and_unload of the saved adapters."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,16 @@ TOKENS = torch.tensor([[3, 17, 99, 5, 64, 2, 127, 40, 8], [1, 2, 3, 4, 5, 6, 7, 
 
 
 def llama_config():
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                    attention_bias=True, max_position_embeddings=32)
+    return transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        attention_bias=True,
+        max_position_embeddings=32,
+    )
 
 
 def gpt2_config():
@@ -89,11 +97,25 @@ def llama(tmp_path_factory):
     model.save_pretrained(root / "base")
     model.save_pretrained(root / "sharded", max_shard_size="60KB")
     assert os.path.exists(root / "sharded" / "model.safetensors.index.json")
-    a1 = make_adapter(root / "base", peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_bias=False,
-        rank_pattern={"up_proj": 2}, alpha_pattern={"v_proj": 3}), root / "a1", 1)
-    a2 = make_adapter(root / "base", peft.LoraConfig(
-        r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"], lora_bias=True, use_rslora=True), root / "a2", 2)
+    a1 = make_adapter(
+        root / "base",
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            lora_bias=False,
+            rank_pattern={"up_proj": 2},
+            alpha_pattern={"v_proj": 3},
+        ),
+        root / "a1",
+        1,
+    )
+    a2 = make_adapter(
+        root / "base",
+        peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "o_proj"], lora_bias=True, use_rslora=True),
+        root / "a2",
+        2,
+    )
     return root, a1, a2
 
 
@@ -107,11 +129,25 @@ def test_llama_single_file(llama, capsys):
 
 def test_llama_sharded_two_weighted_adapters_with_lora_bias_rslora(llama, capsys):
     root, a1, a2 = llama
-    merge(["--base", root / "sharded", "--adapter", f"{a1}:0.7", "--adapter", f"{a2}:1.3", "--out",
-           root / "m2", "--quiet"], capsys)
+    merge(
+        [
+            "--base",
+            root / "sharded",
+            "--adapter",
+            f"{a1}:0.7",
+            "--adapter",
+            f"{a2}:1.3",
+            "--out",
+            root / "m2",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert sorted(os.listdir(root / "m2")) == sorted(os.listdir(root / "sharded"))
-    with open(root / "m2" / "model.safetensors.index.json") as f, \
-            open(root / "sharded" / "model.safetensors.index.json") as g:
+    with (
+        open(root / "m2" / "model.safetensors.index.json") as f,
+        open(root / "sharded" / "model.safetensors.index.json") as g,
+    ):
         assert json.load(f)["weight_map"] == json.load(g)["weight_map"]
     reference = logits(peft_merged(root / "base", [(a1, 0.7), (a2, 1.3)]))
     assert_same_logits(logits(load(root / "m2")), reference)
@@ -121,8 +157,7 @@ def test_llama_sharded_two_weighted_adapters_with_lora_bias_rslora(llama, capsys
 def test_llama_adalora_with_rank_pattern(llama, capsys):
     root, _a1, _a2 = llama
     torch.manual_seed(3)
-    config = peft.AdaLoraConfig(init_r=6, target_r=3, total_step=10, lora_alpha=8,
-                                target_modules=["q_proj", "v_proj"])
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     model = peft.get_peft_model(load(root / "base"), config)
     train_two_steps(model)
     with torch.no_grad():  # two steps from lora_E = 0 barely move the output: make the delta visible
@@ -132,7 +167,8 @@ def test_llama_adalora_with_rank_pattern(llama, capsys):
     # what AdaLoRA's budget allocation leaves behind: a mask per module; saving trims the tensors to it
     model.peft_config["default"].rank_pattern = {
         "model.layers.0.self_attn.q_proj.lora_E.default": [True, False, True, True, False, True],
-        "model.layers.1.self_attn.v_proj.lora_E.default": [False, True, False, False, False, True]}
+        "model.layers.1.self_attn.v_proj.lora_E.default": [False, True, False, False, False, True],
+    }
     model.save_pretrained(root / "ada")
     merge(["--base", root / "base", "--adapter", root / "ada", "--out", root / "m3"], capsys)
     reference = logits(peft.PeftModel.from_pretrained(load(root / "base"), root / "ada").merge_and_unload())
@@ -143,15 +179,28 @@ def test_llama_adalora_with_rank_pattern(llama, capsys):
 def test_llama_pissa_initial_adapter(llama, capsys):
     root, _a1, _a2 = llama
     torch.manual_seed(4)
-    model = peft.get_peft_model(load(root / "base"), peft.LoraConfig(
-        r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa"))
+    model = peft.get_peft_model(
+        load(root / "base"),
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa"),
+    )
     model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the saved init loads as plain LoRA
     model.save_pretrained(root / "pissa_init")
     train_two_steps(model)
     model.save_pretrained(root / "pissa")
     model.save_pretrained(root / "pissa_converted", path_initial_model_for_weight_conversion=root / "pissa_init")
-    merge(["--base", root / "base", "--adapter", root / "pissa", "--initial-adapter", root / "pissa_init",
-           "--out", root / "m4"], capsys)
+    merge(
+        [
+            "--base",
+            root / "base",
+            "--adapter",
+            root / "pissa",
+            "--initial-adapter",
+            root / "pissa_init",
+            "--out",
+            root / "m4",
+        ],
+        capsys,
+    )
     reference = peft.PeftModel.from_pretrained(load(root / "base"), root / "pissa_converted").merge_and_unload()
     assert_same_logits(logits(load(root / "m4")), logits(reference))
     assert_same_logits(logits(load(root / "m4")), logits(model.merge_and_unload()))
@@ -161,9 +210,19 @@ def test_llama_pissa_initial_adapter(llama, capsys):
 def test_gpt2_fan_in_fan_out_lora_bias_rslora(tmp_path, capsys):
     torch.manual_seed(5)
     transformers.GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "base")
-    adapter = make_adapter(tmp_path / "base", peft.LoraConfig(
-        r=4, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, lora_bias=True,
-        use_rslora=True), tmp_path / "ad", 6)
+    adapter = make_adapter(
+        tmp_path / "base",
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=6,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            lora_bias=True,
+            use_rslora=True,
+        ),
+        tmp_path / "ad",
+        6,
+    )
     merge(["--base", tmp_path / "base", "--adapter", adapter, "--out", tmp_path / "out"], capsys)
     reference = logits(peft_merged(tmp_path / "base", [(adapter, 1.0)]))
     assert_same_logits(logits(load(tmp_path / "out")), reference)

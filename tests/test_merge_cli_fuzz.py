@@ -1,5 +1,6 @@
 """Corrupted and truncated safetensors inputs (seeded byte flips and cuts in headers and data, base shard and
 adapter): the merge either refuses (exit 2, one line on stderr, nothing left behind) or succeeds verified."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,9 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
+from test_merge_cli import base_tensors, lora_pair, write_adapter, write_base
 
 from fused_lora.merge_cli.cli import main
-from test_merge_cli import base_tensors, lora_pair, write_adapter, write_base
 
 CASES = 50
 
@@ -54,14 +55,17 @@ def test_corrupted_inputs_refused_cleanly_or_merged_verified(pristine, tmp_path,
     rng = random.Random(seed)
     shutil.copytree(pristine / "base", tmp_path / "base")
     shutil.copytree(pristine / "ad", tmp_path / "ad")
-    victim = rng.choice([tmp_path / "base" / "model-00001-of-00002.safetensors",
-                         tmp_path / "base" / "model-00002-of-00002.safetensors",
-                         tmp_path / "ad" / "adapter_model.safetensors"])
+    victim = rng.choice(
+        [
+            tmp_path / "base" / "model-00001-of-00002.safetensors",
+            tmp_path / "base" / "model-00002-of-00002.safetensors",
+            tmp_path / "ad" / "adapter_model.safetensors",
+        ]
+    )
     what = corrupt(victim, rng)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     out = tmp_path / "out"
-    code = main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--out", str(out),
-                 "--quiet"])
+    code = main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), "--out", str(out), "--quiet"])
     stdout, stderr = capsys.readouterr()
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents} == before
     leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n or ".old-" in n]

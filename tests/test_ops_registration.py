@@ -1,4 +1,5 @@
 """The op boundary: torch.library registration (opcheck), backend choice and its error messages."""
+
 import pytest
 import torch
 
@@ -14,9 +15,17 @@ def _fwd_args(M=7, K=20, N=11, ranks=(3, 5), bias=True, dtype=torch.float32):
     ptr = [0]
     for r in ranks:
         ptr.append(ptr[-1] + r)
-    return (torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype),
-            torch.randn(N, dtype=dtype) if bias else None, torch.randn(R, K, dtype=dtype),
-            torch.randn(N, R, dtype=dtype), torch.rand(R), ptr, [0.25, 0.0], torch.tensor([123456789]))
+    return (
+        torch.randn(M, K, dtype=dtype),
+        torch.randn(N, K, dtype=dtype),
+        torch.randn(N, dtype=dtype) if bias else None,
+        torch.randn(R, K, dtype=dtype),
+        torch.randn(N, R, dtype=dtype),
+        torch.rand(R),
+        ptr,
+        [0.25, 0.0],
+        torch.tensor([123456789]),
+    )
 
 
 @pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
@@ -32,8 +41,9 @@ def test_opcheck_forward_and_backward(cpu_backend, bias, dtype):
     y, t = ops.lora_fwd(*args)
     dy = torch.randn_like(y)
     for need_dx in (True, False):
-        torch.library.opcheck(ops.lora_bwd, (dy, x.detach(), w, a.detach(), bb.detach(), scale, t.detach(), ptr,
-                                             ps, seed, need_dx))
+        torch.library.opcheck(
+            ops.lora_bwd, (dy, x.detach(), w, a.detach(), bb.detach(), scale, t.detach(), ptr, ps, seed, need_dx)
+        )
 
 
 @pytest.mark.parametrize("cpu_backend", CPU_BACKENDS, indirect=True)
@@ -115,6 +125,7 @@ def test_eager_entry_and_registered_op_agree_and_eager_skips_torch_library(monke
 
 def test_eager_entry_uses_the_registered_op_under_a_dispatch_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     x, w, b, a, bb, scale, ptr, ps, seed = _fwd_args()
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) if t is not None else None for t in (x, w, b, a, bb, scale)]

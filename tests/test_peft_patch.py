@@ -4,6 +4,7 @@ Outputs are judged against the same PEFT model in float64 (unpatched), relative 
 Spies on fused_lora's entry points prove the fused path ran (one call per layer) with the adapters' current
 scalings and dropout rates.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,15 +13,14 @@ import warnings
 
 import pytest
 import torch
+from checks import assert_close_vs_reference
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 
 import fused_lora
-from checks import assert_close_vs_reference
-from fused_lora.integrations.peft import (LORA_LINEAR_API, FusedPeftLoraLinear, patch_model, register,
-                                          unpatch_model)
+from fused_lora.integrations.peft import LORA_LINEAR_API, FusedPeftLoraLinear, patch_model, register, unpatch_model
 
 TARGETS = ["up", "down", "head"]
 
@@ -116,6 +116,7 @@ def test_every_relied_on_lora_attribute_exists():
     missing = [name for name in LORA_LINEAR_API if not hasattr(layer, name)]
     assert not missing, f"PEFT's LoRA Linear no longer has {missing}: update fused_lora.integrations.peft"
     from peft.tuners import tuners_utils
+
     assert callable(getattr(tuners_utils, "check_adapters_to_merge", None))
     assert callable(getattr(LoraConfig, "_register_custom_module", None))
 
@@ -250,8 +251,9 @@ def test_merge_unmerge_in_place_one_rounding(monkeypatch):
     assert len(spy.calls) == 6 and layer.merged_adapters == ["default", "two"]
     assert layer.base_layer.weight.data_ptr() == ptr, "merge must write the weight in place"
     # two merge_ calls round twice; PEFT's merge (two deltas added in float32) is the yardstick
-    assert_close_vs_reference(layer.base_layer.weight.detach(), expected,
-                              twin.base_model.model.up.base_layer.weight.detach(), atol=1e-7)
+    assert_close_vs_reference(
+        layer.base_layer.weight.detach(), expected, twin.base_model.model.up.base_layer.weight.detach(), atol=1e-7
+    )
     torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     assert not layer.merged
@@ -300,8 +302,10 @@ def test_rescale_adapter_scale():
     check_matches(model, twin, twin64, x)
 
 
-@pytest.mark.skipif(os.environ.get("FUSED_LORA_BACKEND") == "triton",
-                    reason="the Triton interpreter corrupts bfloat16 (triton-lang/triton#11584)")
+@pytest.mark.skipif(
+    os.environ.get("FUSED_LORA_BACKEND") == "triton",
+    reason="the Triton interpreter corrupts bfloat16 (triton-lang/triton#11584)",
+)
 def test_fp32_adapters_over_bf16_base():
     model, twin, twin64 = peft_pair(dtype=torch.bfloat16)
     layer = model.base_model.model.up
@@ -313,8 +317,9 @@ def test_fp32_adapters_over_bf16_base():
     expected = layer.base_layer.weight.double() + delta64(layer, ["default"])
     model.merge_adapter()
     twin.merge_adapter()
-    assert_close_vs_reference(layer.base_layer.weight.detach(), expected,
-                              twin.base_model.model.up.base_layer.weight.detach(), atol=1e-7)
+    assert_close_vs_reference(
+        layer.base_layer.weight.detach(), expected, twin.base_model.model.up.base_layer.weight.detach(), atol=1e-7
+    )
 
 
 def test_lora_bias_forward_grad_and_merge():
@@ -333,8 +338,9 @@ def test_lora_bias_forward_grad_and_merge():
     twin.merge_adapter()
     torch.testing.assert_close(model(x), twin(x), rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
-    torch.testing.assert_close(model.base_model.model.up.base_layer.bias, twin64.base_model.model.up.base_layer.bias
-                               .float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        model.base_model.model.up.base_layer.bias, twin64.base_model.model.up.base_layer.bias.float(), rtol=0, atol=1e-6
+    )
 
 
 def test_dora_adapter_runs_peft_code_with_one_warning():

@@ -5,14 +5,27 @@ them, each with the configuration (PDL on/off) that meets it or the fact that no
 The targets are not tuned into passing: a test asserts what the model says, met or missed, so a change of an
 assumption that flips an outcome shows up here and has to be argued for with evidence (gpu_model.ASSUMPTIONS).
 """
+
 import pytest
 
 pytest.importorskip("triton")
 
 from fused_lora.kernels import launch_plan as lp  # noqa: E402
 from fused_lora.perf import plans, regimes  # noqa: E402
-from fused_lora.perf.gpu_model import (AGAINST_TRITON, ASSUMPTIONS, CUBLAS_TILE, GPUS, PARITY, assumed,  # noqa: E402
-                                       compute_seconds, launch_time, overlap, parity, plan_seconds, value)
+from fused_lora.perf.gpu_model import (
+    AGAINST_TRITON,
+    ASSUMPTIONS,
+    CUBLAS_TILE,
+    GPUS,
+    PARITY,
+    assumed,  # noqa: E402
+    compute_seconds,
+    launch_time,
+    overlap,
+    parity,
+    plan_seconds,
+    value,
+)
 
 H100 = GPUS["H100"]
 S = lp.Shape
@@ -59,7 +72,8 @@ def test_one_rule_for_cublas_and_our_core_parity_means_equal_time(M):
     with parity():
         assert compute_seconds(ours, H100, "bfloat16") == pytest.approx(compute_seconds(cub, H100, "bfloat16"))
     assert compute_seconds(ours, H100, "bfloat16") == pytest.approx(
-        compute_seconds(cub, H100, "bfloat16") / value("triton_core_eff"))
+        compute_seconds(cub, H100, "bfloat16") / value("triton_core_eff")
+    )
 
 
 def test_cublas_splits_k_when_its_tiles_cannot_fill_the_sms():
@@ -74,8 +88,9 @@ def test_split_k_decode_pays_its_epilogue_round_trips():
     (launch,) = plans.from_launch_plan([lc], 2)
     t = launch_time(launch, H100, "bfloat16")
     assert lc.tail_latencies == 3 and t.detail["tail_s"] == pytest.approx(3 * value("epilogue_rt_s"))
-    assert t.seconds == pytest.approx(max(t.detail["compute_s"], t.detail["memory_s"], t.detail["l2_s"]) +
-                                      t.detail["tail_s"])
+    assert t.seconds == pytest.approx(
+        max(t.detail["compute_s"], t.detail["memory_s"], t.detail["l2_s"]) + t.detail["tail_s"]
+    )
 
 
 def test_every_assumption_has_a_range_evidence_and_a_side():
@@ -97,12 +112,16 @@ def test_launch_plan_describes_launches_and_times_nothing():
     for name in ("H100_MODEL", "model", "overlap", "model_seconds", "table"):
         assert not hasattr(lp, name), name
     import inspect
+
     assert "fused_lora.perf" not in inspect.getsource(lp)
 
 
 # ---- PDL ----------------------------------------------------------------------------------------------------------
-PDL_REGIMES = [("rows_forward", S(16, 4096, 4096, [16] * 16, row_ids=lp.interleaved(16, 16))),
-               ("forward", S(512, 4096, 4096, [16])), ("forward", S(2048, 4096, 4096, [16]))]
+PDL_REGIMES = [
+    ("rows_forward", S(16, 4096, 4096, [16] * 16, row_ids=lp.interleaved(16, 16))),
+    ("forward", S(512, 4096, 4096, [16])),
+    ("forward", S(2048, 4096, 4096, [16])),
+]
 
 
 @pytest.mark.parametrize("op,shape", PDL_REGIMES, ids=["mixed_decode", "prefill512", "prefill2048"])
@@ -114,8 +133,9 @@ def test_pdl_overlap_is_bounded_by_the_dependency_the_consumer_and_the_shared_by
     pair = overlap(producer, consumer, H100, "bfloat16")
     alone_p, alone_c = launch_time(producer, H100, "bfloat16"), launch_time(consumer, H100, "bfloat16")
     assert pair["seconds"] >= alone_c.seconds + value("pdl_start_s")
-    assert pair["seconds"] >= alone_p.seconds + value("pdl_release_s") + \
-        (consumer.tail_latencies + 1) * value("epilogue_rt_s")
+    assert pair["seconds"] >= alone_p.seconds + value("pdl_release_s") + (consumer.tail_latencies + 1) * value(
+        "epilogue_rt_s"
+    )
     assert pair["seconds"] >= (producer.bytes + consumer.bytes) / alone_c.bandwidth
     assert pair["seconds"] >= alone_p.detail["compute_s"] + alone_c.detail["compute_s"]
     with_pdl = plan_seconds([producer, consumer], H100, "bfloat16")
@@ -126,6 +146,7 @@ def test_pdl_overlap_is_bounded_by_the_dependency_the_consumer_and_the_shared_by
 
 def test_pdl_changes_only_the_triton_plans_that_have_a_producer():
     from fused_lora.perf import cost_model
+
     decode = plans.Shape("forward", 16, 4096, 4096, 16)
     assert cost_model.estimate("fused", decode, pdl=True).gpu_s == cost_model.estimate("fused", decode).gpu_s
     prefill = plans.Shape("forward", 512, 4096, 4096, 16)
@@ -149,6 +170,7 @@ def test_decode_bandwidth_target_is_missed_under_the_model(M, N):
 
 def test_decode_beats_the_plan_before_and_the_cublas_composition():
     from fused_lora.perf import cost_model
+
     for N in (1024, 4096):
         shape = plans.Shape("forward", 16, 4096, N, 16)
         fused = cost_model.estimate("fused", shape).gpu_s
@@ -179,7 +201,8 @@ def test_targets_table_agrees_with_the_tests():
     assert {row["config"] for row in rows} == {"PDL n/a (one launch)", "PDL on", "PDL off"}
     met = {(row["target"], row["config"]) for row in rows if row["met"]}
     assert met == {("mixed decode 16 x 16 ad x one adapter", "PDL on")} | {
-        (f"prefill M={M} x merged (parity)", "PDL on") for M in (512, 2048, 8192)}
+        (f"prefill M={M} x merged (parity)", "PDL on") for M in (512, 2048, 8192)
+    }
 
 
 def test_issue13_rows_cover_every_regime_before_after_and_pdl():

@@ -5,6 +5,7 @@ module serves both. A change is checked by comparing the layer's output after it
 the layer (a copy starts without a plan, so it builds one from the current state): a stale plan gives the old
 output and fails. Eval calls run under no_grad with two active adapters, where the stacked adapters are cached.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ import pickle
 
 import pytest
 import torch
+from checks import assert_close_vs_reference
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
@@ -19,7 +21,6 @@ from torch import nn
 import fused_lora
 import fused_lora.reference
 from fused_lora import FusedLoRALinear, plan
-from checks import assert_close_vs_reference
 from fused_lora.integrations.peft import patch_model
 
 K, N = 19, 11
@@ -36,18 +37,27 @@ def make(kind, dtype=torch.float32, lora_bias=False, dropout=0.0, n=2):
     base = nn.Linear(K, N, dtype=dtype)
     specs = [("a0", 3, 5.0, dropout), ("a1", 2, 3.0, 0.0)][:n]
     if kind == "fused":
-        layer = FusedLoRALinear.from_linear(base, "a0", r=3, lora_alpha=5.0, lora_dropout=dropout,
-                                            init_lora_weights=False, lora_bias=lora_bias)
+        layer = FusedLoRALinear.from_linear(
+            base, "a0", r=3, lora_alpha=5.0, lora_dropout=dropout, init_lora_weights=False, lora_bias=lora_bias
+        )
         for name, r, alpha, p in specs[1:]:
             layer.add_adapter(name, r, alpha, lora_dropout=p, init_lora_weights=False, lora_bias=lora_bias)
     else:
-        layer = PeftLoraLinear(base, "a0", config=_peft_config(3, 5.0, dropout, lora_bias), r=3, lora_alpha=5.0,
-                               lora_dropout=dropout, lora_bias=lora_bias)
+        layer = PeftLoraLinear(
+            base,
+            "a0",
+            config=_peft_config(3, 5.0, dropout, lora_bias),
+            r=3,
+            lora_alpha=5.0,
+            lora_dropout=dropout,
+            lora_bias=lora_bias,
+        )
         for name, r, alpha, p in specs[1:]:
-            layer.update_layer(name, r, alpha, config=_peft_config(r, alpha, p, lora_bias), lora_dropout=p,
-                               lora_bias=lora_bias)
+            layer.update_layer(
+                name, r, alpha, config=_peft_config(r, alpha, p, lora_bias), lora_dropout=p, lora_bias=lora_bias
+            )
         if dtype != torch.float32:
-            layer.lora_A.float(), layer.lora_B.float()   # get_peft_model's autocast_adapter_dtype
+            layer.lora_A.float(), layer.lora_B.float()  # get_peft_model's autocast_adapter_dtype
         assert patch_model(layer) == 1
     with torch.no_grad():
         for p in layer.lora_B.parameters():
@@ -119,7 +129,7 @@ def _merge_unmerge(layer):
     layer.merge(adapter_names=["a1"])
     layer.unmerge()
     with torch.no_grad():
-        layer.lora_B["a1"].weight.mul_(2)   # something for the output to show: the merge itself restores it
+        layer.lora_B["a1"].weight.mul_(2)  # something for the output to show: the merge itself restores it
 
 
 CHANGES = {
@@ -145,11 +155,11 @@ def test_each_change_reaches_the_next_call(kind, change):
     layer = make(kind)
     x = torch.randn(5, K)
     before = run(layer, x)
-    run(layer, x)   # the stacked adapters are now cached
+    run(layer, x)  # the stacked adapters are now cached
     CHANGES[change](layer)
     after = run(layer, x)
     torch.testing.assert_close(after, fresh(layer, x), rtol=0, atol=0)
-    if change not in ("merge",):   # merging moves the same term into the weight
+    if change not in ("merge",):  # merging moves the same term into the weight
         assert (after - before).abs().max() > 1e-3, "the change did not change the output: the test proves nothing"
 
 
@@ -246,7 +256,7 @@ def test_plan_is_built_once_and_reused(kind, monkeypatch):
     x = torch.randn(3, K)
     run(layer, x)
     layer.train()
-    layer(x).sum().backward()   # the first training call builds nothing new: training is not part of the key
+    layer(x).sum().backward()  # the first training call builds nothing new: training is not part of the key
     builds = []
     original = plan.build
     monkeypatch.setattr(plan, "build", lambda *a, **k: builds.append(1) or original(*a, **k))
@@ -342,8 +352,14 @@ def test_lora_bias_output_and_gradients_match_peft(kind, dtype):
     with torch.no_grad():
         for name in ("a0", "a1"):
             ours.lora_B[name].bias.normal_()
-    theirs = PeftLoraLinear(copy.deepcopy(ours.base_layer), "a0", config=_peft_config(3, 5.0, lora_bias=True),
-                            r=3, lora_alpha=5.0, lora_bias=True)
+    theirs = PeftLoraLinear(
+        copy.deepcopy(ours.base_layer),
+        "a0",
+        config=_peft_config(3, 5.0, lora_bias=True),
+        r=3,
+        lora_alpha=5.0,
+        lora_bias=True,
+    )
     theirs.update_layer("a1", 2, 3.0, config=_peft_config(2, 3.0, lora_bias=True), lora_bias=True)
     theirs.lora_A.to(ours.lora_A["a0"].weight.dtype), theirs.lora_B.to(ours.lora_B["a0"].weight.dtype)
     theirs.load_state_dict(ours.state_dict())
@@ -366,8 +382,14 @@ def test_lora_bias_per_row_in_a_mixed_batch_matches_peft(kind):
     with torch.no_grad():
         for name in ("a0", "a1"):
             ours.lora_B[name].bias.normal_()
-    theirs = PeftLoraLinear(copy.deepcopy(ours.base_layer), "a0", config=_peft_config(3, 5.0, lora_bias=True),
-                            r=3, lora_alpha=5.0, lora_bias=True)
+    theirs = PeftLoraLinear(
+        copy.deepcopy(ours.base_layer),
+        "a0",
+        config=_peft_config(3, 5.0, lora_bias=True),
+        r=3,
+        lora_alpha=5.0,
+        lora_bias=True,
+    )
     theirs.update_layer("a1", 2, 3.0, config=_peft_config(2, 3.0, lora_bias=True), lora_bias=True)
     theirs.load_state_dict(ours.state_dict())
     theirs.eval()
@@ -387,7 +409,9 @@ def _forbid(monkeypatch, *names):
     def forbidden(name):
         def fail(*args, **kwargs):
             raise AssertionError(f"{name} called in a steady-state call")
+
         return fail
+
     for name in names:
         owner, attr = (torch.Tensor, name[7:]) if name.startswith("Tensor.") else (torch, name)
         monkeypatch.setattr(owner, attr, forbidden(name))
@@ -414,9 +438,10 @@ def test_steady_state_eval_call_makes_no_host_tensor_no_sync_no_stacking(kind, c
     run(layer, x) if call != "adapter_ids" else None
     with torch.no_grad():
         first = CALLS[call](layer, x)
-    ids = torch.tensor([1, -1, 0, 1])   # made before the forbidden zone
-    _forbid(monkeypatch, "tensor", "as_tensor", "full", "cat", "stack", "Tensor.item", "Tensor.tolist",
-            "Tensor.__bool__")
+    ids = torch.tensor([1, -1, 0, 1])  # made before the forbidden zone
+    _forbid(
+        monkeypatch, "tensor", "as_tensor", "full", "cat", "stack", "Tensor.item", "Tensor.tolist", "Tensor.__bool__"
+    )
     with torch.no_grad():
         if call == "adapter_ids":
             again = layer(x, adapter_ids=ids, check_ids=False)
@@ -438,6 +463,7 @@ def test_eager_calls_skip_the_registered_ops_but_traced_calls_use_them(kind, mon
     def counting(*args):
         registered["fwd"] += 1
         return original(*args)
+
     monkeypatch.setattr(fused_lora.ops, "lora_fwd", counting)
     layer.train()
     y = layer(x)
@@ -446,6 +472,7 @@ def test_eager_calls_skip_the_registered_ops_but_traced_calls_use_them(kind, mon
     assert registered["fwd"] == 0
     # a dispatch mode (here FakeTensorMode) needs the registered op's fake impl; nothing made there is kept
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = run(layer, mode.from_tensor(torch.randn(4, K)))
     assert fake.shape == (4, N) and registered["fwd"] == 1
@@ -473,8 +500,7 @@ def test_eager_autograd_matches_the_registered_op():
 
     for ours, theirs in zip(grads(False), grads(True)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    torch.autograd.gradcheck(lambda *t: fused_lora.lora_linear(*t, [0.5, 2.0], rank_splits=[2, 3]),
-                             (x, w, b, a, bb))
+    torch.autograd.gradcheck(lambda *t: fused_lora.lora_linear(*t, [0.5, 2.0], rank_splits=[2, 3]), (x, w, b, a, bb))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -502,12 +528,13 @@ def test_layers_with_plans_copy_and_pickle(kind):
 
 def test_unpatching_drops_the_plans():
     from fused_lora.integrations.peft import unpatch_model
+
     layer = make("peft")
     x = torch.randn(3, K)
     run(layer, x)
     assert current_plan(layer) is not None
     assert unpatch_model(layer) == 1 and current_plan(layer) is None
-    layer.lora_B["a1"].weight.data.mul_(2)   # PEFT's code owns the layer meanwhile
+    layer.lora_B["a1"].weight.data.mul_(2)  # PEFT's code owns the layer meanwhile
     assert patch_model(layer) == 1
     torch.testing.assert_close(run(layer, x), fresh(layer, x), rtol=0, atol=0)
 

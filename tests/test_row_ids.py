@@ -4,19 +4,20 @@ check_ids=True (default): ValueError naming adapter_ids, the valid range and the
 on CUDA one host sync; skipped under CUDA graph capture and torch.compile). check_ids=False: such ids act as -1
 (no adapter), forward and backward, on every backend.
 """
+
 import pytest
 import torch
-
-import fused_lora
 from checks import assert_close_vs_reference
 
+import fused_lora
+
 RANKS, SCALINGS = [2, 3], [0.5, 2.0]
-BAD_IDS = [0, 2, -2, 1, 7, -1]      # 2 and 7 past the end, -2 before -1
+BAD_IDS = [0, 2, -2, 1, 7, -1]  # 2 and 7 past the end, -2 before -1
 
 
 def _inputs():
     x = torch.randn(6, 20)
-    w = torch.randn(9, 20) / 20 ** 0.5
+    w = torch.randn(9, 20) / 20**0.5
     b = torch.randn(9)
     a = torch.randn(sum(RANKS), 20, requires_grad=True)
     bb = torch.randn(9, sum(RANKS), requires_grad=True)
@@ -49,8 +50,9 @@ def test_unchecked_out_of_range_ids_act_as_no_adapter(cpu_backend):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FUSED_LORA_BACKEND", "reference")
         leaves = [t.detach().double().requires_grad_() for t in (a, bb)]
-        y64 = fused_lora.lora_linear_rows(x.double(), w.double(), b.double(), leaves[0], leaves[1], SCALINGS,
-                                          RANKS, as_none)
+        y64 = fused_lora.lora_linear_rows(
+            x.double(), w.double(), b.double(), leaves[0], leaves[1], SCALINGS, RANKS, as_none
+        )
         y64.backward(g.double())
     assert_close_vs_reference(y, y64, y64.float(), atol=1e-5)
     for name, ours, ref in zip(("dA", "dB"), grads, leaves):
@@ -82,8 +84,9 @@ def test_the_check_reduces_once_and_only_when_asked(monkeypatch):
 
 # ---- FusedLoRALinear(adapter_ids=...) ----
 def _layer_with_lora_bias():
-    layer = fused_lora.FusedLoRALinear(20, 9, adapter_name="a0", r=2, lora_alpha=1.0, init_lora_weights=False,
-                                       lora_bias=True)
+    layer = fused_lora.FusedLoRALinear(
+        20, 9, adapter_name="a0", r=2, lora_alpha=1.0, init_lora_weights=False, lora_bias=True
+    )
     layer.add_adapter("a1", 3, 6.0, init_lora_weights=False, lora_bias=True)
     with torch.no_grad():
         for name in ("a0", "a1"):

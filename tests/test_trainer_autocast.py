@@ -16,6 +16,7 @@ Two judgements:
   against a 4.1e-2 bound, float16 2.3e-3 against 5.5e-3; a missing or mis-scaled LoRA term or gradient moves the
   first-step check by orders of magnitude more.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,12 +35,22 @@ STEPS = 6
 
 
 def _peft_llama():
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PROJECTIONS,
-                           init_lora_weights=False)  # random B: the adapters matter from step one
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=PROJECTIONS, init_lora_weights=False
+    )  # random B: the adapters matter from step one
     return peft.get_peft_model(transformers.LlamaForCausalLM(config), lora)
 
 
@@ -59,9 +70,20 @@ class _Batches(torch.utils.data.Dataset):
 
 def _train_with_trainer(model, precision: str, tmp_path) -> list[float]:
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / precision), use_cpu=True, bf16=precision == "bf16", fp16=precision == "fp16",
-        per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-2, logging_steps=1, report_to=[],
-        save_strategy="no", seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        output_dir=str(tmp_path / precision),
+        use_cpu=True,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        per_device_train_batch_size=4,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Batches())
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -73,7 +95,7 @@ def _train_with_autocast_loop(model, dtype) -> list[float]:
     """Trainer(fp16=True)'s recipe by hand: forward under autocast, loss scaled by a GradScaler, AdamW."""
     batch = _Batches().ids
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, enabled=dtype is not None)
     model.train()
     losses = []
     for _ in range(STEPS):
@@ -103,11 +125,13 @@ def peft_model():
 @pytest.fixture(scope="module")
 def float32_losses(peft_model, tmp_path_factory):
     """PEFT without autocast, per recipe: {"bf16": Trainer in float32, "fp16": the loop in float32}."""
-    return {"bf16": _train(copy.deepcopy(peft_model), "fp32", tmp_path_factory.mktemp("fp32")),
-            "fp16": _train(copy.deepcopy(peft_model), "fp16_baseline", None)}
+    return {
+        "bf16": _train(copy.deepcopy(peft_model), "fp32", tmp_path_factory.mktemp("fp32")),
+        "fp16": _train(copy.deepcopy(peft_model), "fp16_baseline", None),
+    }
 
 
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 MIXED = [("bf16", torch.bfloat16), ("fp16", torch.float16)]
 
 
@@ -143,21 +167,22 @@ def test_first_step_loss_and_gradients_against_float64(monkeypatch, peft_model, 
     peft_loss, peft_grads = _loss_and_lora_grads(copy.deepcopy(peft_model), low)
     loss64, grads64 = _loss_and_lora_grads(copy.deepcopy(peft_model).double(), None)
     assert abs(loss - loss64) <= 2 * abs(peft_loss - loss64) + 0.5 * UNIT_ROUNDOFF[low] * abs(loss64), (
-        f"loss {loss} vs float64 {loss64} (PEFT {precision}: {peft_loss})")
+        f"loss {loss} vs float64 {loss64} (PEFT {precision}: {peft_loss})"
+    )
     ours_err, peft_err = _relative_error(grads, grads64), _relative_error(peft_grads, grads64)
     assert ours_err <= 2 * peft_err + 1e-6, f"LoRA gradients: relative error {ours_err:.3e} > 2 x PEFT's {peft_err:.3e}"
 
 
 @pytest.mark.parametrize("precision,low", MIXED)
-def test_mixed_precision_training_losses_follow_peft(monkeypatch, tmp_path, peft_model, float32_losses,
-                                                    precision, low):
+def test_mixed_precision_training_losses_follow_peft(monkeypatch, tmp_path, peft_model, float32_losses, precision, low):
     _skip_without_cpu_autocast()
     fused = copy.deepcopy(peft_model)
     assert patch_model(fused) == 2 * len(PROJECTIONS)
     seen = []
     original = fused_lora.lora_linear
-    monkeypatch.setattr(fused_lora, "lora_linear",
-                        lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or original(x, w, *a, **k))
+    monkeypatch.setattr(
+        fused_lora, "lora_linear", lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or original(x, w, *a, **k)
+    )
     fused_losses = _train(fused, precision, tmp_path)
     monkeypatch.undo()
     peft_losses = _train(copy.deepcopy(peft_model), precision, tmp_path)
@@ -171,4 +196,5 @@ def test_mixed_precision_training_losses_follow_peft(monkeypatch, tmp_path, peft
         bound = 2 * noise + 2 * UNIT_ROUNDOFF[low] * abs(peft_loss)
         assert abs(ours - peft_loss) <= bound, (
             f"step {step}: fused {fused_losses} vs PEFT {peft_losses}: gap {abs(ours - peft_loss):.4g} > {bound:.4g} "
-            f"(PEFT's own {precision}-vs-float32 distance {noise:.4g}; float32 curve {float32_losses})")
+            f"(PEFT's own {precision}-vs-float32 distance {noise:.4g}; float32 curve {float32_losses})"
+        )

@@ -3,6 +3,7 @@
 On --device cpu every CPU backend runs (triton: the kernels under the interpreter); on --device cuda the Triton
 backend runs compiled (the `cpu_backend` fixture then only pins FUSED_LORA_BACKEND=triton).
 """
+
 import math
 
 import pytest
@@ -87,6 +88,7 @@ class _SavedBytes:
 def _peft_linear(base, r, alpha, dropout):
     from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
+
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
     return PeftLinear(base, "default", cfg, r=r, lora_alpha=alpha, lora_dropout=dropout)
 
@@ -100,15 +102,18 @@ def test_saved_bytes_fewer_than_peft(capsys, device):
 
     ours, theirs = _SavedBytes(), _SavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(ours.pack, lambda t: t):
-        fused_lora.lora_linear(x, base.weight, base.bias, a, b, peft_layer.scaling["default"], dropout_p=p,
-                               training=True)
+        fused_lora.lora_linear(
+            x, base.weight, base.bias, a, b, peft_layer.scaling["default"], dropout_p=p, training=True
+        )
     with torch.autograd.graph.saved_tensors_hooks(theirs.pack, lambda t: t):
         peft_layer(x)
     params = [base.weight, base.bias, a, b]
     ours_b, theirs_b = ours.total(exclude=params), theirs.total(exclude=params)
     with capsys.disabled():
-        print(f"\nsaved activation bytes per call (M={M}, K={K}, N={N}, r={r}, dropout={p}): "
-              f"fused_lora {ours_b}, PEFT {theirs_b}")
+        print(
+            f"\nsaved activation bytes per call (M={M}, K={K}, N={N}, r={r}, dropout={p}): "
+            f"fused_lora {ours_b}, PEFT {theirs_b}"
+        )
     # ours: x, the [M, r] shrink and an 8-byte seed; never a dropped copy of x nor a mask
     assert ours_b <= x.numel() * 4 + M * r * 4 + 8 + r * 4  # + the per-rank scale vector
     assert ours_b < theirs_b
@@ -133,16 +138,21 @@ class _FusedTinyMLP(nn.Module):
         self.params = nn.ParameterDict()
         for name in ("up", "down"):
             mod = getattr(peft_model.base_model.model, name)
-            for suffix, t in (("w", mod.base_layer.weight), ("b", mod.base_layer.bias),
-                              ("a", mod.lora_A["default"].weight), ("bb", mod.lora_B["default"].weight)):
+            for suffix, t in (
+                ("w", mod.base_layer.weight),
+                ("b", mod.base_layer.bias),
+                ("a", mod.lora_A["default"].weight),
+                ("bb", mod.lora_B["default"].weight),
+            ):
                 self.params[f"{name}_{suffix}"] = nn.Parameter(t.detach().clone(), requires_grad=suffix in ("a", "bb"))
             self.layers.append((name, mod.scaling["default"]))
 
     def forward(self, x):
         for i, (name, s) in enumerate(self.layers):
             p = self.params
-            x = fused_lora.lora_linear(x, p[f"{name}_w"], p[f"{name}_b"], p[f"{name}_a"], p[f"{name}_bb"], s,
-                                       training=self.training)
+            x = fused_lora.lora_linear(
+                x, p[f"{name}_w"], p[f"{name}_b"], p[f"{name}_a"], p[f"{name}_bb"], s, training=self.training
+            )
             if i == 0:
                 x = torch.relu(x)
         return x
@@ -150,9 +160,11 @@ class _FusedTinyMLP(nn.Module):
 
 def test_tiny_mlp_follows_peft_loss_curve(device):
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
-    peft_model = get_peft_model(_TinyMLP(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"],
-                                                        init_lora_weights=False)).to(device)
+    peft_model = get_peft_model(
+        _TinyMLP(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    ).to(device)
     fused = _FusedTinyMLP(peft_model)
     opt_p = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     opt_f = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)

@@ -1,5 +1,6 @@
 """A small Llama-style transformers model with LoRA on every projection: patched == unpatched (logits, 20 training
 steps of losses, generate with mixed-batch adapter_names). Built from a LlamaConfig; nothing is downloaded."""
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,18 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def tiny_llama():
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -72,13 +82,15 @@ def test_generate_with_mixed_batch_adapter_names(monkeypatch):
     monkeypatch.setattr(fused_lora.ops, "rows_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids = torch.randint(3, 128, (3, 6))
     names = ["default", "other", "__base__"]
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                  adapter_names=names)
+    kwargs = dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, adapter_names=names
+    )
     out = model.generate(**kwargs)
     assert calls, "mixed-batch generation did not use the fused rows path"
     assert torch.equal(out, plain.generate(**kwargs))
     # each row equals generating that row alone with its adapter (or the base model)
     with model.disable_adapter():
-        alone = model.generate(input_ids=ids[2:], attention_mask=torch.ones_like(ids[2:]), max_new_tokens=6,
-                               do_sample=False)
+        alone = model.generate(
+            input_ids=ids[2:], attention_mask=torch.ones_like(ids[2:]), max_new_tokens=6, do_sample=False
+        )
     assert torch.equal(out[2:], alone)

@@ -4,11 +4,12 @@ public functions on CPU tensors under the Triton interpreter:
 - a bias of any stride (the kernels index a contiguous vector): small-M, large-M and per-row forward paths;
 - float64 (the kernels have no float64 path): every op, merge_ included, computes in float64, never a wrong number.
 """
+
 import pytest
 import torch
+from checks import assert_close_vs_reference
 
 import fused_lora
-from checks import assert_close_vs_reference
 
 pytestmark = pytest.mark.parametrize("cpu_backend", ["triton"], indirect=True)
 
@@ -22,7 +23,7 @@ def _strided_bias(n):
 
 @pytest.mark.parametrize("rows", [5, 97], ids=["small_m", "large_m"])
 def test_strided_bias_dense(cpu_backend, rows):
-    x, w = torch.randn(rows, 24), torch.randn(19, 24) / 24 ** 0.5
+    x, w = torch.randn(rows, 24), torch.randn(19, 24) / 24**0.5
     a, bb = torch.randn(5, 24), torch.randn(19, 5)
     bias = _strided_bias(19)
     assert not bias.is_contiguous()
@@ -33,7 +34,7 @@ def test_strided_bias_dense(cpu_backend, rows):
 
 @pytest.mark.parametrize("rows", [5, 97], ids=["small_m", "large_m"])
 def test_strided_bias_rows(cpu_backend, rows):
-    x, w = torch.randn(rows, 24), torch.randn(19, 24) / 24 ** 0.5
+    x, w = torch.randn(rows, 24), torch.randn(19, 24) / 24**0.5
     a, bb = torch.randn(5, 24), torch.randn(19, 5)
     bias = _strided_bias(19)
     ids = torch.randint(-1, 2, (rows,))
@@ -71,8 +72,7 @@ def test_float64_rows_forward_and_gradients(cpu_backend):
 
     def f(x, a, bb):
         torch.manual_seed(3)
-        return fused_lora.lora_linear_rows(x, w, b, a, bb, [0.5, 2.0], [2, 3], ids, dropout_p=[0.3, 0.0],
-                                           training=True)
+        return fused_lora.lora_linear_rows(x, w, b, a, bb, [0.5, 2.0], [2, 3], ids, dropout_p=[0.3, 0.0], training=True)
 
     assert torch.autograd.gradcheck(f, (x, a, bb), eps=1e-6, atol=1e-8)
 
@@ -95,5 +95,6 @@ def test_float64_merge(cpu_backend, fan_in_fan_out):
     fused_lora.merge_(weight, a, bb, 0.5, fan_in_fan_out=fan_in_fan_out)
     torch.testing.assert_close(weight, exact, rtol=1e-13, atol=1e-13)
     fused_lora.unmerge_(weight, a, bb, 0.5, fan_in_fan_out=fan_in_fan_out)
-    torch.testing.assert_close(weight, exact - 0.5 * (bb @ a if not fan_in_fan_out else (bb @ a).T),
-                               rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(
+        weight, exact - 0.5 * (bb @ a if not fan_in_fan_out else (bb @ a).T), rtol=1e-13, atol=1e-13
+    )

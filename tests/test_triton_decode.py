@@ -7,6 +7,7 @@ rows without an adapter), and the backward of those batches. Judged as the other
 (tests/checks.py: err <= 2 * err(torch, same dtype) + atol); outputs and internal buffers NaN-poisoned; bf16 skipped
 under the interpreter (it corrupts bf16), run with --device cuda.
 """
+
 import zlib
 
 import pytest
@@ -67,9 +68,9 @@ def _torch_same_dtype(x, w, bias, a, b, scale, rank_ptr, dropout_p, seed, dy, ro
 def _inputs(M, K, N, ranks, dtype, adapter_dtype, has_bias, gen):
     R = sum(ranks)
     x = torch.randn(M, K + 3, generator=gen).to(dtype)[:, :K]  # rows of a wider buffer
-    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
     bias = torch.randn(N, generator=gen).to(dtype) if has_bias else None
-    a = (torch.randn(R, K, generator=gen) / K ** 0.5).to(adapter_dtype)
+    a = (torch.randn(R, K, generator=gen) / K**0.5).to(adapter_dtype)
     b = (torch.randn(N, R, generator=gen) * 0.5).to(adapter_dtype)
     scale = torch.rand(R, generator=gen) + 0.5
     dy = torch.randn(M, N, generator=gen).to(dtype)
@@ -98,25 +99,43 @@ def _check_poisoned(case_id, M, K, N, ranks, dropout_p, dtype, adapter_dtype, ha
         R = rank_ptr[-1]
         y_out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
         t_out = torch.full((M, R), float("nan"), dtype=torch.float32, device=device)
-        y, t = dense.lora_fwd(xd, wd, biasd, ad, bd, scaled, rank_ptr, dropout_p, seedd, path="small_m",
-                              y_out=y_out, t_out=t_out)
-        y64, t64 = reference.lora_fwd(f64(x), f64(w), f64(bias), f64(a), f64(b), scale.double(), rank_ptr,
-                                      dropout_p, seed)
-        grads = dense.lora_bwd(dyd, xd, wd, ad, bd, scaled, move(t64.float(), device), rank_ptr, dropout_p, seedd,
-                               True, dx_out=torch.full((M, K), float("nan"), dtype=dtype, device=device),
-                               da_out=torch.full((R, K), float("nan"), dtype=adapter_dtype, device=device),
-                               db_out=torch.full((N, R), float("nan"), dtype=adapter_dtype, device=device))
-        ref_grads = reference.lora_bwd(f64(dy), f64(x), f64(w), f64(a), f64(b), scale.double(), t64, rank_ptr,
-                                       dropout_p, seed, True)
+        y, t = dense.lora_fwd(
+            xd, wd, biasd, ad, bd, scaled, rank_ptr, dropout_p, seedd, path="small_m", y_out=y_out, t_out=t_out
+        )
+        y64, t64 = reference.lora_fwd(
+            f64(x), f64(w), f64(bias), f64(a), f64(b), scale.double(), rank_ptr, dropout_p, seed
+        )
+        grads = dense.lora_bwd(
+            dyd,
+            xd,
+            wd,
+            ad,
+            bd,
+            scaled,
+            move(t64.float(), device),
+            rank_ptr,
+            dropout_p,
+            seedd,
+            True,
+            dx_out=torch.full((M, K), float("nan"), dtype=dtype, device=device),
+            da_out=torch.full((R, K), float("nan"), dtype=adapter_dtype, device=device),
+            db_out=torch.full((N, R), float("nan"), dtype=adapter_dtype, device=device),
+        )
+        ref_grads = reference.lora_bwd(
+            f64(dy), f64(x), f64(w), f64(a), f64(b), scale.double(), t64, rank_ptr, dropout_p, seed, True
+        )
     else:
         idsd = move(row_ids, device)
         y, t = rows.lora_rows_fwd(xd, wd, biasd, ad, bd, scaled, rank_ptr, idsd, dropout_p, seedd)
-        y64, t64 = reference.lora_rows_fwd(f64(x), f64(w), f64(bias), f64(a), f64(b), scale, rank_ptr, row_ids,
-                                           dropout_p, seed)
-        grads = rows.lora_rows_bwd(dyd, xd, wd, ad, bd, scaled, move(t64.float(), device), rank_ptr, idsd,
-                                   dropout_p, seedd, True)
-        ref_grads = reference.lora_rows_bwd(f64(dy), f64(x), f64(w), f64(a), f64(b), scale, t64, rank_ptr, row_ids,
-                                            dropout_p, seed, True)
+        y64, t64 = reference.lora_rows_fwd(
+            f64(x), f64(w), f64(bias), f64(a), f64(b), scale, rank_ptr, row_ids, dropout_p, seed
+        )
+        grads = rows.lora_rows_bwd(
+            dyd, xd, wd, ad, bd, scaled, move(t64.float(), device), rank_ptr, idsd, dropout_p, seedd, True
+        )
+        ref_grads = reference.lora_rows_bwd(
+            f64(dy), f64(x), f64(w), f64(a), f64(b), scale, t64, rank_ptr, row_ids, dropout_p, seed, True
+        )
     assert_close_vs_reference(cpu(t), t64, tt, atol=atol, name="t")
     assert_close_vs_reference(cpu(y), y64, ty, atol=atol, name="y")
     for name, ours, ref, same in zip(("dx", "dA", "dB"), grads, ref_grads, (tdx, tda, tdb)):
@@ -126,10 +145,10 @@ def _check_poisoned(case_id, M, K, N, ranks, dropout_p, dtype, adapter_dtype, ha
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (M, K, N, ranks, dropout, dtype, adapter dtype, bias, decode rank mode)
 DENSE_CASES = [
-    (6, 520, 40, [3, 5], [0.25, 0.0], F16, F16, True, IN_PASS),    # 9 splits of K, two segments
-    (64, 98, 33, [32], [0.3], F16, F16, False, IN_PASS),           # 64-row tile, 32-rank tile, per-element mask
-    (1, 257, 64, [1], [0.0], F16, F32, True, IN_PASS),              # one token, fp32 adapters over fp16
-    (9, 150, 70, [40], [0.1], F16, F16, False, DENSE_T),            # wide rank: split shrink first
+    (6, 520, 40, [3, 5], [0.25, 0.0], F16, F16, True, IN_PASS),  # 9 splits of K, two segments
+    (64, 98, 33, [32], [0.3], F16, F16, False, IN_PASS),  # 64-row tile, 32-rank tile, per-element mask
+    (1, 257, 64, [1], [0.0], F16, F32, True, IN_PASS),  # one token, fp32 adapters over fp16
+    (9, 150, 70, [40], [0.1], F16, F16, False, DENSE_T),  # wide rank: split shrink first
     (17, 200, 40, [33, 1], [0.0, 0.5], F32, F32, True, DENSE_T),
     (6, 520, 40, [3, 5], [0.25, 0.0], BF16, BF16, True, IN_PASS),
     (9, 150, 70, [40], [0.1], BF16, BF16, False, DENSE_T),
@@ -153,10 +172,10 @@ def _ids(M, pattern, n):
 
 # (M, K, N, ranks, dropout, dtype, adapter dtype, bias, row pattern)
 ROW_CASES = [
-    (16, 72, 40, [1, 5] * 8, [0.0, 0.3] * 8, F16, F16, True, "distinct"),       # 16 adapters in one tile
-    (16, 48, 40, [16] * 16, [0.0] * 16, F32, F32, False, "with_none"),          # 256 stacked ranks: 64-chunks
+    (16, 72, 40, [1, 5] * 8, [0.0, 0.3] * 8, F16, F16, True, "distinct"),  # 16 adapters in one tile
+    (16, 48, 40, [16] * 16, [0.0] * 16, F32, F32, False, "with_none"),  # 256 stacked ranks: 64-chunks
     (130, 40, 36, [5, 64, 3, 9], [0.2, 0.0, 0.0, 0.4], F16, F16, True, "with_none"),  # fused GEMM, mixed tiles
-    (3, 260, 20, [7], [0.5], F16, F32, False, "distinct"),                      # K split, fp32 adapters
+    (3, 260, 20, [7], [0.5], F16, F32, False, "distinct"),  # K split, fp32 adapters
     (16, 72, 40, [1, 5] * 8, [0.0, 0.3] * 8, BF16, BF16, True, "distinct"),
 ]
 
@@ -168,12 +187,23 @@ def _row_id(c):
 
 def pytest_generate_tests(metafunc):
     if "dense_case" in metafunc.fixturenames:
-        metafunc.parametrize("dense_case", device_params(metafunc.config, DENSE_CASES,
-                                                         [_dense_id(c) for c in DENSE_CASES],
-                                                         [True] * len(DENSE_CASES), lambda c: c[5]))
+        metafunc.parametrize(
+            "dense_case",
+            device_params(
+                metafunc.config,
+                DENSE_CASES,
+                [_dense_id(c) for c in DENSE_CASES],
+                [True] * len(DENSE_CASES),
+                lambda c: c[5],
+            ),
+        )
     if "row_case" in metafunc.fixturenames:
-        metafunc.parametrize("row_case", device_params(metafunc.config, ROW_CASES, [_row_id(c) for c in ROW_CASES],
-                                                       [True] * len(ROW_CASES), lambda c: c[5]))
+        metafunc.parametrize(
+            "row_case",
+            device_params(
+                metafunc.config, ROW_CASES, [_row_id(c) for c in ROW_CASES], [True] * len(ROW_CASES), lambda c: c[5]
+            ),
+        )
 
 
 def test_decode_modes_match_reference(dense_case, device):
@@ -203,6 +233,7 @@ def test_decode_without_adapters_and_empty_batch(device):
     assert t.shape == (4, 0)
     y64 = torch.nn.functional.linear(x.double(), w.double(), bias.double())
     assert_close_vs_reference(cpu(y), y64, torch.nn.functional.linear(x, w, bias), atol=ATOL[F16], name="y")
-    y0, t0 = rows.lora_rows_fwd(xd[:0], wd, biasd, ad, bd, scaled, [0, 0, 0], move(torch.zeros(0, dtype=torch.long),
-                                                                                      device), [0.0, 0.2], seed)
+    y0, t0 = rows.lora_rows_fwd(
+        xd[:0], wd, biasd, ad, bd, scaled, [0, 0, 0], move(torch.zeros(0, dtype=torch.long), device), [0.0, 0.2], seed
+    )
     assert y0.shape == (0, 70) and t0.shape == (0, 1)

@@ -4,6 +4,7 @@ CPU: the interpreter, fp32 and fp16 (bf16 skipped: the interpreter corrupts it).
 included, on the GPU-marked cases. Outputs are preallocated and poisoned with NaN so an element the kernels never
 write fails the finiteness check. The reference and PyTorch's same-dtype result are computed on the CPU.
 """
+
 import zlib
 
 import pytest
@@ -63,18 +64,18 @@ def _make(M, K, N, ranks, dtype, adapter_dtype, has_bias, x_layout, gen):
     R = rank_ptr[-1]
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale)
+        return torch.randn(*shape, generator=gen) * scale
 
-    if x_layout == "row_stride":      # rows of a wider buffer: stride(0) != K
+    if x_layout == "row_stride":  # rows of a wider buffer: stride(0) != K
         x = rnd(M, K + 5)[:, :K]
-    elif x_layout == "col_stride":    # every other column: stride(1) == 2
+    elif x_layout == "col_stride":  # every other column: stride(1) == 2
         x = rnd(M, 2 * K)[:, ::2]
     else:
         x = rnd(M, K)
     x = x.to(dtype)
-    w = rnd(N, K, scale=K ** -0.5).to(dtype)
+    w = rnd(N, K, scale=K**-0.5).to(dtype)
     bias = rnd(N).to(dtype) if has_bias else None
-    a = rnd(R, K, scale=K ** -0.5).to(adapter_dtype)
+    a = rnd(R, K, scale=K**-0.5).to(adapter_dtype)
     b = rnd(N, R).to(adapter_dtype)
     scale = torch.rand(R, generator=gen) + 0.5
     return rank_ptr, x, w, bias, a, b, scale
@@ -118,14 +119,24 @@ GPU_CASES = {1, 3, 5, 10} | set(range(12, len(CASES)))
 
 def _case_id(case):
     M, K, N, ranks, ps, dt, adt, bias, path, layout = case
-    return (f"M{M}K{K}N{N}-r{'_'.join(map(str, ranks))}-p{'_'.join(str(p) for p in ps)}-"
-            f"{str(dt)[6:]}-{str(adt)[6:]}-{'bias' if bias else 'nobias'}-{path}-{layout}")
+    return (
+        f"M{M}K{K}N{N}-r{'_'.join(map(str, ranks))}-p{'_'.join(str(p) for p in ps)}-"
+        f"{str(dt)[6:]}-{str(adt)[6:]}-{'bias' if bias else 'nobias'}-{path}-{layout}"
+    )
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        metafunc.parametrize("case", device_params(metafunc.config, CASES, [_case_id(c) for c in CASES],
-                                                   [i in GPU_CASES for i in range(len(CASES))], lambda c: c[5]))
+        metafunc.parametrize(
+            "case",
+            device_params(
+                metafunc.config,
+                CASES,
+                [_case_id(c) for c in CASES],
+                [i in GPU_CASES for i in range(len(CASES))],
+                lambda c: c[5],
+            ),
+        )
 
 
 def test_forward_and_backward_match_reference(case, device):
@@ -140,12 +151,14 @@ def test_forward_and_backward_match_reference(case, device):
 
     y_out = torch.full((M, N), float("nan"), dtype=dtype, device=device)
     t_out = torch.full((M, R), float("nan"), dtype=torch.float32, device=device)
-    y, t = dense.lora_fwd(xd, wd, biasd, ad, bd, scaled, rank_ptr, dropout_p, seedd, path=path, y_out=y_out,
-                          t_out=t_out)
+    y, t = dense.lora_fwd(
+        xd, wd, biasd, ad, bd, scaled, rank_ptr, dropout_p, seedd, path=path, y_out=y_out, t_out=t_out
+    )
     assert y.data_ptr() == y_out.data_ptr() and t.data_ptr() == t_out.data_ptr()
     y, t = cpu(y), cpu(t)
-    y64, t64 = reference.lora_fwd(_f64(x), _f64(w), _f64(bias), _f64(a), _f64(b), scale.double(), rank_ptr,
-                                  dropout_p, seed)
+    y64, t64 = reference.lora_fwd(
+        _f64(x), _f64(w), _f64(bias), _f64(a), _f64(b), scale.double(), rank_ptr, dropout_p, seed
+    )
     y_torch, t_torch = torch_fwd_same_dtype(x, w, bias, a, b, scale, rank_ptr, dropout_p, seed)
     assert y.dtype == dtype and t.dtype == torch.float32
     assert_close_vs_reference(t, t64, t_torch, atol=atol, name="t")
@@ -157,10 +170,28 @@ def test_forward_and_backward_match_reference(case, device):
     da_out = torch.full((R, K), float("nan"), dtype=adapter_dtype, device=device)
     db_out = torch.full((N, R), float("nan"), dtype=adapter_dtype, device=device)
     dyd, t_ind = on(dy, t_in)
-    dx, da, db = (cpu(g) for g in dense.lora_bwd(dyd, xd, wd, ad, bd, scaled, t_ind, rank_ptr, dropout_p, seedd,
-                                                 True, dx_out=dx_out, da_out=da_out, db_out=db_out))
-    dx64, da64, db64 = reference.lora_bwd(_f64(dy), _f64(x), _f64(w), _f64(a), _f64(b), scale.double(), t64,
-                                          rank_ptr, dropout_p, seed, True)
+    dx, da, db = (
+        cpu(g)
+        for g in dense.lora_bwd(
+            dyd,
+            xd,
+            wd,
+            ad,
+            bd,
+            scaled,
+            t_ind,
+            rank_ptr,
+            dropout_p,
+            seedd,
+            True,
+            dx_out=dx_out,
+            da_out=da_out,
+            db_out=db_out,
+        )
+    )
+    dx64, da64, db64 = reference.lora_bwd(
+        _f64(dy), _f64(x), _f64(w), _f64(a), _f64(b), scale.double(), t64, rank_ptr, dropout_p, seed, True
+    )
     dx_t, da_t, db_t = torch_bwd_same_dtype(dy, x, w, a, b, scale, t_in, rank_ptr, dropout_p, seed)
     assert dx.dtype == dtype and da.dtype == adapter_dtype and db.dtype == adapter_dtype
     assert_close_vs_reference(db, db64, db_t, atol=atol, name="dB")
@@ -170,22 +201,23 @@ def test_forward_and_backward_match_reference(case, device):
 
 def test_backward_without_dx_and_dropout_masks_differ_per_adapter(device):
     gen = torch.Generator().manual_seed(7)
-    rank_ptr, x, w, bias, a, b, scale = _make(12, 20, 10, [3, 3], torch.float32, torch.float32, False,
-                                              "contiguous", gen)
+    rank_ptr, x, w, bias, a, b, scale = _make(
+        12, 20, 10, [3, 3], torch.float32, torch.float32, False, "contiguous", gen
+    )
     seed = torch.tensor([-3], dtype=torch.int64)  # negative seeds are read as uint64
     dropout_p = [0.5, 0.5]  # same p, different salt: the two adapters must see different masks
     on = lambda *ts: [move(t, device) for t in ts]  # noqa: E731
     xd, wd, ad, bd, scaled, seedd = on(x, w, a, b, scale, seed)
     y, t = dense.lora_fwd(xd, wd, None, ad, bd, scaled, rank_ptr, dropout_p, seedd)
-    y64, t64 = reference.lora_fwd(_f64(x), _f64(w), None, _f64(a), _f64(b), scale.double(), rank_ptr,
-                                  dropout_p, seed)
+    y64, t64 = reference.lora_fwd(_f64(x), _f64(w), None, _f64(a), _f64(b), scale.double(), rank_ptr, dropout_p, seed)
     torch.testing.assert_close(cpu(t).double(), t64, rtol=1e-5, atol=1e-5)
     dy = torch.randn(12, 10, generator=gen)
     dx, da, db = dense.lora_bwd(move(dy, device), xd, wd, ad, bd, scaled, t, rank_ptr, dropout_p, seedd, False)
     assert dx is None
     t, da, db = cpu(t), cpu(da), cpu(db)
-    _, da64, db64 = reference.lora_bwd(_f64(dy), _f64(x), _f64(w), _f64(a), _f64(b), scale.double(), t64,
-                                       rank_ptr, dropout_p, seed, False)
+    _, da64, db64 = reference.lora_bwd(
+        _f64(dy), _f64(x), _f64(w), _f64(a), _f64(b), scale.double(), t64, rank_ptr, dropout_p, seed, False
+    )
     torch.testing.assert_close(da.double(), da64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db.double(), db64, rtol=1e-5, atol=1e-5)
 
@@ -202,13 +234,16 @@ def test_empty_batch_launches_nothing_and_returns_shapes(path, device):
     assert torch.equal(cpu(da), torch.zeros(2, 8)) and torch.equal(cpu(db), torch.zeros(6, 2))
 
 
-@pytest.mark.parametrize("M,K,p,salt,seed", [
-    (5, 37, 0.3, 0, 0),               # rows straddle Philox groups of 4
-    (7, 40, 0.9, 3, -1),              # all-ones seed
-    (3, 12, 0.05, 1, 2 ** 40 + 17),   # key high word in use
-    (4, 9, 1.0, 2, 5),                # p == 1 drops everything
-    (2, 3, 0.0, 0, 5),                # p == 0 keeps everything, generates nothing
-])
+@pytest.mark.parametrize(
+    "M,K,p,salt,seed",
+    [
+        (5, 37, 0.3, 0, 0),  # rows straddle Philox groups of 4
+        (7, 40, 0.9, 3, -1),  # all-ones seed
+        (3, 12, 0.05, 1, 2**40 + 17),  # key high word in use
+        (4, 9, 1.0, 2, 5),  # p == 1 drops everything
+        (2, 3, 0.0, 0, 5),  # p == 0 keeps everything, generates nothing
+    ],
+)
 def test_dropout_keep_is_bit_identical_to_reference(M, K, p, salt, seed, device):
     seed_t = torch.tensor([seed], dtype=torch.int64)
     out = torch.full((M, K), 7, dtype=torch.uint8, device=device)  # poison: neither 0 nor 1
@@ -223,5 +258,15 @@ def test_preallocated_output_of_wrong_shape_is_rejected(device):
     made = _make(2, 8, 6, [2], torch.float32, torch.float32, False, "contiguous", torch.Generator().manual_seed(2))
     rank_ptr, (x, w, _, a, b, scale) = made[0], [move(t, device) for t in made[1:]]
     with pytest.raises(ValueError, match="preallocated"):
-        dense.lora_fwd(x, w, None, a, b, scale, rank_ptr, [0.0], torch.tensor([0], device=device),
-                       y_out=torch.empty(2, 5, device=device))
+        dense.lora_fwd(
+            x,
+            w,
+            None,
+            a,
+            b,
+            scale,
+            rank_ptr,
+            [0.0],
+            torch.tensor([0], device=device),
+            y_out=torch.empty(2, 5, device=device),
+        )

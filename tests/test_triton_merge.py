@@ -3,6 +3,7 @@
 CPU: the interpreter (bf16 skipped: it corrupts it); CUDA: the compiled kernel, bf16 included. W is read back to
 the CPU for every comparison; inputs are drawn on the CPU so every device sees the same numbers.
 """
+
 import hashlib
 
 import pytest
@@ -36,7 +37,7 @@ def _delta64(a, b, scale, fan_in_fan_out):
 
 def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mantissa_bits, min_exp = _FORMATS[dtype]
-    exp = torch.floor(torch.log2(v.abs().clamp_min(2.0 ** min_exp)))
+    exp = torch.floor(torch.log2(v.abs().clamp_min(2.0**min_exp)))
     return torch.pow(2.0, exp - mantissa_bits)
 
 
@@ -57,7 +58,7 @@ def test_merge_16bit_rounds_once(fan_in_fan_out, sign, adapter_dtype, w_dtype, d
     w = cpu(w)
     once = exact.to(w_dtype)
     assert (w == once).double().mean().item() >= 0.99
-    well_conditioned = exact.abs() >= 2.0 ** -8 * (w.double().abs() + delta.abs())
+    well_conditioned = exact.abs() >= 2.0**-8 * (w.double().abs() + delta.abs())
     err = (w.double() - exact).abs()
     assert torch.all(err[well_conditioned] <= _ulp(exact, w_dtype)[well_conditioned])
 
@@ -71,7 +72,7 @@ def test_merge_fp32_within_accumulation_error(fan_in_fan_out, device):
     exact = w0.double() + _delta64(a, b, scale, fan_in_fan_out)
     magnitude = (cpu(b).double().abs() * cpu(scale).double()) @ cpu(a).double().abs()
     magnitude = magnitude.T if fan_in_fan_out else magnitude
-    bound = 2.0 ** -24 * ((R + 2) * magnitude + 2 * w0.double().abs())
+    bound = 2.0**-24 * ((R + 2) * magnitude + 2 * w0.double().abs())
     assert torch.all((cpu(w).double() - exact).abs() <= bound)
 
 
@@ -105,7 +106,7 @@ def test_safe_merge_overflow_after_rounding_is_refused(w_dtype, device):
     w, a, b, scale = _inputs(20, 24, 3, w_dtype, torch.float32, False, device=device)
     # the largest finite value: adding a delta of a few hundred (fp16) or 2^120 (bf16) rounds to inf
     w[5, 5] = torch.finfo(w_dtype).max
-    big = 30.0 if w_dtype == torch.float16 else 2.0 ** 60
+    big = 30.0 if w_dtype == torch.float16 else 2.0**60
     a[:, 5] = big
     b[5, :] = big
     before = _digest(w)

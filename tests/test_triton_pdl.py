@@ -9,6 +9,7 @@ With --device cuda on an sm_90 GPU: PDL on and off give bit-identical y and t (t
 rank term's place does not depend on the switch), eagerly and replayed from a CUDA graph; a consumer that read t
 before the shrink finished would show here as a difference.
 """
+
 import types
 
 import pytest
@@ -35,6 +36,7 @@ def test_switch_is_off_unless_set_to_one(monkeypatch):
 @pytest.fixture
 def gpu(monkeypatch):
     """Pretend the CPU device is a compiled-kernel CUDA device of a chosen capability (gpu(9, 0); None: not CUDA)."""
+
     def make(major_minor, switch="1", cuda=(13, 0)):
         monkeypatch.setattr(config, "device_capability", lambda device: major_minor)
         monkeypatch.setattr(config, "interpreting", lambda: False)
@@ -43,19 +45,23 @@ def gpu(monkeypatch):
             monkeypatch.delenv(config.PDL_ENV, raising=False)
         else:
             monkeypatch.setenv(config.PDL_ENV, switch)
+
     return make
 
 
-@pytest.mark.parametrize("capability,switch,cuda,expected", [
-    ((9, 0), "1", (13, 0), True),
-    ((10, 0), "1", (12, 8), True),
-    ((9, 0), None, (13, 0), False),     # off by default
-    ((9, 0), "0", (13, 0), False),
-    ((8, 0), "1", (13, 0), False),      # no PDL before Hopper
-    ((8, 9), "1", (13, 0), False),
-    (None, "1", (13, 0), False),        # not a CUDA device
-    ((9, 0), "1", (12, 1), False),      # this CUDA cannot capture a PDL launch into a graph
-])
+@pytest.mark.parametrize(
+    "capability,switch,cuda,expected",
+    [
+        ((9, 0), "1", (13, 0), True),
+        ((10, 0), "1", (12, 8), True),
+        ((9, 0), None, (13, 0), False),  # off by default
+        ((9, 0), "0", (13, 0), False),
+        ((8, 0), "1", (13, 0), False),  # no PDL before Hopper
+        ((8, 9), "1", (13, 0), False),
+        (None, "1", (13, 0), False),  # not a CUDA device
+        ((9, 0), "1", (12, 1), False),  # this CUDA cannot capture a PDL launch into a graph
+    ],
+)
 def test_enabled_only_on_sm90_cuda_with_the_switch(gpu, capability, switch, cuda, expected):
     gpu(capability, switch, cuda)
     assert config.pdl_enabled("cpu") is expected
@@ -77,8 +83,12 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.log.append(types.SimpleNamespace(kernel=self.name, pdl=kwargs.get("launch_pdl", False),
-                                                  gdc=kwargs.get("USE_GDC", False)))
+            self.log.append(
+                types.SimpleNamespace(
+                    kernel=self.name, pdl=kwargs.get("launch_pdl", False), gdc=kwargs.get("USE_GDC", False)
+                )
+            )
+
         return launch
 
 
@@ -115,8 +125,8 @@ def _forward(op, M, ranks, K=96, N=40):
 SM90_LAUNCHES = [
     (("rows", 16, [4] * 16), [("shrink_kernel", False, True), ("decode_kernel", True, True)]),
     (("rows", 70, [5, 3]), [("shrink_kernel", False, True), ("fused_gemm_kernel", True, True)]),
-    (("rows", 16, [0, 0]), [("decode_kernel", False, False)]),             # no shrink: t.zero_() is not ours
-    (("dense", 5, [16]), [("decode_kernel", False, False)]),               # the shrink rides in the K loop
+    (("rows", 16, [0, 0]), [("decode_kernel", False, False)]),  # no shrink: t.zero_() is not ours
+    (("dense", 5, [16]), [("decode_kernel", False, False)]),  # the shrink rides in the K loop
     (("dense", 5, [40]), [("shrink_kernel", False, True), ("decode_kernel", True, True)]),  # DENSE_T
     (("dense", 70, [16]), [("shrink_kernel", False, True), ("fused_gemm_kernel", True, True)]),
 ]
@@ -133,17 +143,20 @@ def test_the_consumer_of_a_shrink_is_launched_with_pdl_on_sm90(gpu, launches, ca
 def test_the_plan_marks_the_launches_that_use_pdl(case, expected):
     """kernels/launch_plan.plan(pdl=True) (what the MODEL overlaps) flags exactly the launches made with PDL."""
     from fused_lora.kernels import launch_plan as lp
+
     op, M, ranks = case
-    shape = lp.Shape(M, 40, 96, ranks, "float16", row_ids=lp.interleaved(M, max(1, len(ranks))) if op == "rows"
-                     else None)
+    shape = lp.Shape(
+        M, 40, 96, ranks, "float16", row_ids=lp.interleaved(M, max(1, len(ranks))) if op == "rows" else None
+    )
     planned = lp.plan("rows_forward" if op == "rows" else "forward", shape, pdl=True)
     assert [(p.kernel, p.pdl) for p in planned] == [(kernel, pdl) for kernel, pdl, _ in expected]
     assert not any(p.pdl for p in lp.plan("rows_forward" if op == "rows" else "forward", shape))  # default: off
 
 
 @pytest.mark.parametrize("capability,switch", [((8, 0), "1"), ((9, 0), None), (None, "1")])
-@pytest.mark.parametrize("case", [c for c, _ in SM90_LAUNCHES], ids=[f"{c[0]}-M{c[1]}-R{sum(c[2])}"
-                                                                      for c, _ in SM90_LAUNCHES])
+@pytest.mark.parametrize(
+    "case", [c for c, _ in SM90_LAUNCHES], ids=[f"{c[0]}-M{c[1]}-R{sum(c[2])}" for c, _ in SM90_LAUNCHES]
+)
 def test_no_pdl_without_sm90_or_the_switch(gpu, launches, capability, switch, case):
     gpu(capability, switch)
     _forward(*case)
@@ -176,6 +189,7 @@ def test_the_decision_is_the_same_while_a_stream_captures(gpu, launches, monkeyp
 
 def test_gdc_specs_are_sm90_only_and_gated_on_griddepcontrol():
     from fused_lora.kernels.spec import PDL_CONSUMER_PTX, PDL_PRODUCER_PTX
+
     seen = set()
     for module in (decode, shrink, fused_gemm):
         for spec in module.codegen_specs():
@@ -193,6 +207,7 @@ def test_gdc_specs_are_sm90_only_and_gated_on_griddepcontrol():
 
 # ---- GPU (--device cuda, sm_90): PDL changes no bit, eagerly or from a CUDA graph ------------------------------------
 
+
 def _sm90(device):
     if device.type != "cuda":
         pytest.skip("needs an sm_90 GPU (--device cuda): PDL never runs under the interpreter")
@@ -208,14 +223,15 @@ def _run_both(monkeypatch, fn):
     return out["0"], out["1"]
 
 
-@pytest.mark.parametrize("op,M,ranks", [("rows", 16, [16] * 16), ("rows", 2048, [16] * 4), ("dense", 512, [16]),
-                                        ("dense", 9, [48])])
+@pytest.mark.parametrize(
+    "op,M,ranks", [("rows", 16, [16] * 16), ("rows", 2048, [16] * 4), ("dense", 512, [16]), ("dense", 9, [48])]
+)
 def test_gpu_pdl_on_and_off_give_identical_bits(device, monkeypatch, op, M, ranks):
     _sm90(device)
     K = N = 4096
     x, w, a, b, scale, ptr, seed = _operands(M, K, N, ranks)
     x, b = x.bfloat16(), b.bfloat16()
-    w, a = (w.float() / K ** 0.5).bfloat16(), (a.float() / K ** 0.5).bfloat16()
+    w, a = (w.float() / K**0.5).bfloat16(), (a.float() / K**0.5).bfloat16()
     x, w, a, b, scale, seed = (move(v, device) for v in (x, w, a, b, scale, seed))
     ps = [0.0] * len(ranks)
     ids = move(torch.arange(M) % len(ranks), device)

@@ -1,4 +1,5 @@
 """kernels/tuned.py: the per-GPU tuned-config store the launchers read (written by the GPU check's tune step)."""
+
 import builtins
 import json
 import os
@@ -40,8 +41,12 @@ def test_no_file_gives_a_copy_of_the_default(store):
 
 
 def test_round_trip_overrides_only_the_default_keys(store):
-    path = tuned.write_tuned(GPU, {"fused_gemm": {"y:bf16:M>256": _entry(
-        {"BLOCK_M": 256, "num_warps": 4, "BLOCK_Q": 7})}}, out_dir=str(store), base_dir=str(store))
+    path = tuned.write_tuned(
+        GPU,
+        {"fused_gemm": {"y:bf16:M>256": _entry({"BLOCK_M": 256, "num_warps": 4, "BLOCK_Q": 7})}},
+        out_dir=str(store),
+        base_dir=str(store),
+    )
     assert os.path.basename(path) == "nvidia-h100-80gb-hbm3.json"
     got = tuned.tuned_config("fused_gemm", "y:bf16:M>256", DEFAULT)
     # BLOCK_M and num_warps tuned; BLOCK_N keeps its static value; BLOCK_Q, unknown to the kernel, is dropped
@@ -80,10 +85,20 @@ def test_file_is_read_once_not_per_call(store, monkeypatch):
 
 def test_writer_keeps_the_base_file_entries_and_leaves_no_temporary(store, tmp_path):
     base, out = tmp_path / "base", tmp_path / "out"
-    tuned.write_tuned(GPU, {"a": {"c1": _entry({"BLOCK_M": 16})}, "b": {"c": _entry({"BLOCK_M": 32})}},
-                      out_dir=str(base), base_dir=str(tmp_path / "none"), meta={"triton": "3.6.0"})
-    path = tuned.write_tuned(GPU, {"a": {"c2": _entry({"BLOCK_M": 64})}, "b": {"c": _entry({"BLOCK_M": 128})}},
-                             out_dir=str(out), base_dir=str(base), meta={"torch": "2.11"})
+    tuned.write_tuned(
+        GPU,
+        {"a": {"c1": _entry({"BLOCK_M": 16})}, "b": {"c": _entry({"BLOCK_M": 32})}},
+        out_dir=str(base),
+        base_dir=str(tmp_path / "none"),
+        meta={"triton": "3.6.0"},
+    )
+    path = tuned.write_tuned(
+        GPU,
+        {"a": {"c2": _entry({"BLOCK_M": 64})}, "b": {"c": _entry({"BLOCK_M": 128})}},
+        out_dir=str(out),
+        base_dir=str(base),
+        meta={"torch": "2.11"},
+    )
     data = json.loads(open(path).read())
     assert data["schema"] == tuned.SCHEMA and data["gpu"] == GPU
     configs = {k: {c: e["config"]["BLOCK_M"] for c, e in v.items()} for k, v in data["kernels"].items()}
@@ -108,8 +123,15 @@ def test_a_damaged_file_warns_and_falls_back(store, content):
 
 
 def test_a_bad_entry_is_ignored_with_a_warning_and_the_rest_kept(store):
-    (store / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps({"schema": tuned.SCHEMA, "gpu": GPU, "kernels": {
-        "k": {"bad": {"config": {"BLOCK_M": [1, 2]}}, "good": {"config": {"BLOCK_M": 8}}}}}))
+    (store / "nvidia-h100-80gb-hbm3.json").write_text(
+        json.dumps(
+            {
+                "schema": tuned.SCHEMA,
+                "gpu": GPU,
+                "kernels": {"k": {"bad": {"config": {"BLOCK_M": [1, 2]}}, "good": {"config": {"BLOCK_M": 8}}}},
+            }
+        )
+    )
     with pytest.warns(RuntimeWarning, match="ignoring tuned config k/bad"):
         assert tuned.tuned_config("k", "bad", DEFAULT) == DEFAULT
     assert tuned.tuned_config("k", "good", DEFAULT)["BLOCK_M"] == 8

@@ -3,6 +3,7 @@ numbers benchmarks/PERFORMANCE.md reports), full (the whole Llama-7B/8B grid; me
 
 Every grid gives each plotted line at least two points: forward and forward+backward over several token counts,
 mixed batches over several adapter counts, merges over two ranks."""
+
 from __future__ import annotations
 
 from itertools import product
@@ -48,12 +49,14 @@ def targets() -> List[Case]:
 def full() -> List[Case]:
     cases = []
     for op in ("forward", "forward_backward"):
-        cases += [Case(op, M, K, N, r, dt)
-                  for (K, N), M, r, dt in product(LLAMA_PROJECTIONS, TOKENS, RANKS, DTYPES)]
-    cases += [Case("merge", 0, K, N, r, dt)
-              for (K, N), r, dt in product(MERGE_SHAPES + LLAMA_PROJECTIONS[1:], (16, 64), DTYPES)]
-    cases += [Case("mixed_forward", M, 4096, 4096, 16, dt, n)
-              for M, n, dt in product((16, 512, 2048), ADAPTER_COUNTS, DTYPES)]
+        cases += [Case(op, M, K, N, r, dt) for (K, N), M, r, dt in product(LLAMA_PROJECTIONS, TOKENS, RANKS, DTYPES)]
+    cases += [
+        Case("merge", 0, K, N, r, dt)
+        for (K, N), r, dt in product(MERGE_SHAPES + LLAMA_PROJECTIONS[1:], (16, 64), DTYPES)
+    ]
+    cases += [
+        Case("mixed_forward", M, 4096, 4096, 16, dt, n) for M, n, dt in product((16, 512, 2048), ADAPTER_COUNTS, DTYPES)
+    ]
     return cases
 
 

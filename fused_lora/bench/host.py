@@ -16,14 +16,15 @@ Columns (implementations): nn.Linear (the same base layer alone: the floor), PEF
 class), PEFT patched (that layer after fused_lora.integrations.peft.patch_model), FusedLoRALinear, the functional
 fused_lora.lora_linear / lora_linear_rows with operands prepared once, and "backend op": the backend module that
 serves the call (fused_lora.ops.resolve) called directly with prepared operands, its lora_fwd/lora_rows_fwd (and
-lora_bwd for training, without autograd): what the fused call costs below the Python layers. Every row times all of them in
-interleaved rounds (A B C, then B C A, ...); the median per call is printed, with fused/PEFT taken per round
+lora_bwd for training, without autograd): what the fused call costs below the Python layers. Every row times all of
+them in interleaved rounds (A B C, then B C A, ...); the median per call is printed, with fused/PEFT taken per round
 (paired) and then its median, so machine load hits both sides of the ratio alike.
 
 Clock: the calling thread's CPU time by default (`--clock thread`), which leaves out the time the thread waits
 for a core on a crowded machine; every implementation runs on this one thread (torch.set_num_threads(1)), so its
 CPU time is its cost. `--clock wall` uses time.perf_counter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -136,10 +137,15 @@ def _eval_fns(layers: Layers, x: torch.Tensor, adapter_names: Optional[List[str]
 
         def functional():
             return fused_lora.lora_linear(x, base.weight, base.bias, a, b, scaling, rank_splits=splits)
-        return {"nn.Linear": lambda: layers.linear(x), "PEFT": lambda: layers.peft(x),
-                "PEFT patched": lambda: layers.patched(x), "FusedLoRALinear": lambda: layers.fused(x),
-                "functional": functional,
-                "backend op": lambda: impl.lora_fwd(x, weight, bias, a, b, scale, ptr, rates, seed)}
+
+        return {
+            "nn.Linear": lambda: layers.linear(x),
+            "PEFT": lambda: layers.peft(x),
+            "PEFT patched": lambda: layers.patched(x),
+            "FusedLoRALinear": lambda: layers.fused(x),
+            "functional": functional,
+            "backend op": lambda: impl.lora_fwd(x, weight, bias, a, b, scale, ptr, rates, seed),
+        }
     a = torch.cat([layers.fused.lora_A[n].weight for n in ("a", "b")], 0).detach()
     b = torch.cat([layers.fused.lora_B[n].weight for n in ("a", "b")], 1).detach()
     index = {"a": 0, "b": 1}
@@ -148,14 +154,18 @@ def _eval_fns(layers: Layers, x: torch.Tensor, adapter_names: Optional[List[str]
     impl, scale, ptr, rates, seed = _op_operands(scalings, [RANK, RANK])
 
     def rows():
-        return fused_lora.lora_linear_rows(x, base.weight, base.bias, a, b, scalings, [RANK, RANK], ids,
-                                           check_ids=False)
-    return {"nn.Linear": lambda: layers.linear(x),
-            "PEFT": lambda: layers.peft(x, adapter_names=adapter_names),
-            "PEFT patched": lambda: layers.patched(x, adapter_names=adapter_names),
-            "FusedLoRALinear": lambda: layers.fused(x, adapter_names=adapter_names),
-            "functional": rows,
-            "backend op": lambda: impl.lora_rows_fwd(x, weight, bias, a, b, scale, ptr, ids, rates, seed)}
+        return fused_lora.lora_linear_rows(
+            x, base.weight, base.bias, a, b, scalings, [RANK, RANK], ids, check_ids=False
+        )
+
+    return {
+        "nn.Linear": lambda: layers.linear(x),
+        "PEFT": lambda: layers.peft(x, adapter_names=adapter_names),
+        "PEFT patched": lambda: layers.patched(x, adapter_names=adapter_names),
+        "FusedLoRALinear": lambda: layers.fused(x, adapter_names=adapter_names),
+        "functional": rows,
+        "backend op": lambda: impl.lora_rows_fwd(x, weight, bias, a, b, scale, ptr, ids, rates, seed),
+    }
 
 
 def _train_fns(layers: Layers) -> Dict[str, Callable]:
@@ -175,6 +185,7 @@ def _train_fns(layers: Layers) -> Dict[str, Callable]:
             for p in params:
                 p.grad = None
             module_call(x).backward(dy)
+
         return call
 
     def lora_params(layer):
@@ -187,13 +198,17 @@ def _train_fns(layers: Layers) -> Dict[str, Callable]:
         y, t = impl.lora_fwd(x_op, weight, bias, a0, b0, scale, ptr, rates, seed)
         return impl.lora_bwd(dy, x_op, weight, a0, b0, scale, t, ptr, rates, seed, True)
 
-    return {"nn.Linear": step(layers.linear, []),
-            "PEFT": step(layers.peft, lora_params(layers.peft)),
-            "PEFT patched": step(layers.patched, lora_params(layers.patched)),
-            "FusedLoRALinear": step(layers.fused, lora_params(layers.fused)),
-            "functional": step(lambda x: fused_lora.lora_linear(x, base.weight, base.bias, lora_a, lora_b,
-                                                                 scalings[0], training=True), [lora_a, lora_b]),
-            "backend op": op_step}
+    return {
+        "nn.Linear": step(layers.linear, []),
+        "PEFT": step(layers.peft, lora_params(layers.peft)),
+        "PEFT patched": step(layers.patched, lora_params(layers.patched)),
+        "FusedLoRALinear": step(layers.fused, lora_params(layers.fused)),
+        "functional": step(
+            lambda x: fused_lora.lora_linear(x, base.weight, base.bias, lora_a, lora_b, scalings[0], training=True),
+            [lora_a, lora_b],
+        ),
+        "backend op": op_step,
+    }
 
 
 def build(call: str) -> Dict[str, Callable]:
@@ -220,8 +235,9 @@ def check_outputs_agree(fns: Dict[str, Callable], call: str) -> None:
     ref = outs["PEFT"]
     for name, out in outs.items():
         if not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
-            raise AssertionError(f"host bench, {call}: {name} differs from PEFT by "
-                                 f"{(out - ref).abs().max().item():.3e}")
+            raise AssertionError(
+                f"host bench, {call}: {name} differs from PEFT by {(out - ref).abs().max().item():.3e}"
+            )
 
 
 CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
@@ -234,8 +250,9 @@ def _per_call(fn: Callable, calls: int, clock: Callable[[], float]) -> float:
     return (clock() - start) / calls
 
 
-def time_rounds(fns: Dict[str, Callable], rounds: int, min_sample_s: float, clock: Callable[[], float],
-                warmup: int = 20) -> Timings:
+def time_rounds(
+    fns: Dict[str, Callable], rounds: int, min_sample_s: float, clock: Callable[[], float], warmup: int = 20
+) -> Timings:
     """Per-call seconds of every callable, one sample per round, rounds interleaved (round i starts at callable
     i mod n); a sample repeats its callable until it lasts at least min_sample_s on `clock`."""
     names = list(fns)
@@ -272,12 +289,19 @@ def table(results: Dict[str, Timings], clock: str = "thread") -> str:
     rows = []
     for call, timings in results.items():
         ratio = timings.ratio("FusedLoRALinear", "PEFT")
-        rows.append([call] + [_us(timings.spread(name).median) for name in IMPLS]
-                    + [f"{ratio.median:.2f}" if ratio else "-", f"<= {TARGETS[call]:.1f}"])
-    return render(f"host time per call, us (median, {clock} clock; K = N = {K}, {TOKENS} tokens, r = {RANK}, "
-                  f"CPU, {torch.get_num_threads()} thread)", columns, rows,
-                  caption="Fused: FusedLoRALinear; patched: PEFT's layer after patch_model; op alone: the backend's "
-                          "op called directly; fused/PEFT: Fused over PEFT, paired per round, median")
+        rows.append(
+            [call]
+            + [_us(timings.spread(name).median) for name in IMPLS]
+            + [f"{ratio.median:.2f}" if ratio else "-", f"<= {TARGETS[call]:.1f}"]
+        )
+    return render(
+        f"host time per call, us (median, {clock} clock; K = N = {K}, {TOKENS} tokens, r = {RANK}, "
+        f"CPU, {torch.get_num_threads()} thread)",
+        columns,
+        rows,
+        caption="Fused: FusedLoRALinear; patched: PEFT's layer after patch_model; op alone: the backend's "
+        "op called directly; fused/PEFT: Fused over PEFT, paired per round, median",
+    )
 
 
 def extra_lines(results: Dict[str, Timings]) -> List[str]:
@@ -290,13 +314,13 @@ def extra_lines(results: Dict[str, Timings]) -> List[str]:
     for call, t in results.items():
         ratio = t.ratio("PEFT patched", "PEFT")
         if ratio:
-            lines.append(f"{call}: PEFT patched / PEFT = {ratio.median:.2f} "
-                         f"[p20 {ratio.p20:.2f}, p80 {ratio.p80:.2f}]")
+            lines.append(f"{call}: PEFT patched / PEFT = {ratio.median:.2f} [p20 {ratio.p20:.2f}, p80 {ratio.p80:.2f}]")
     return lines
 
 
-def run(calls=CALLS, rounds: int = 15, min_sample_s: float = 0.01, clock: str = "thread",
-        echo=print) -> Dict[str, Timings]:
+def run(
+    calls=CALLS, rounds: int = 15, min_sample_s: float = 0.01, clock: str = "thread", echo=print
+) -> Dict[str, Timings]:
     torch.set_num_threads(1)
     results = {}
     for call in calls:
@@ -305,8 +329,10 @@ def run(calls=CALLS, rounds: int = 15, min_sample_s: float = 0.01, clock: str = 
     for line in extra_lines(results):
         echo(textwrap.fill(line, width=100, subsequent_indent="  "))
     try:
-        echo(f"1-min load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (ratios are "
-             "paired per round; absolute us move with the load)")
+        echo(
+            f"1-min load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (ratios are "
+            "paired per round; absolute us move with the load)"
+        )
     except OSError:
         pass
     return results
@@ -315,11 +341,16 @@ def run(calls=CALLS, rounds: int = 15, min_sample_s: float = 0.01, clock: str = 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fused-lora bench --ops host", description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--min-sample-seconds", type=float, default=0.01,
-                   help="each sample repeats a call until it lasts this long")
+    p.add_argument(
+        "--min-sample-seconds", type=float, default=0.01, help="each sample repeats a call until it lasts this long"
+    )
     p.add_argument("--calls", default=",".join(CALLS), help=f"comma list of: {', '.join(CALLS)}")
-    p.add_argument("--clock", choices=list(CLOCKS), default="thread",
-                   help="thread: this thread's CPU time (default; steadier on a shared machine); wall: perf_counter")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="thread",
+        help="thread: this thread's CPU time (default; steadier on a shared machine); wall: perf_counter",
+    )
     args = p.parse_args(argv)
     calls = [c.strip() for c in args.calls.split(",") if c.strip()]
     for call in calls:

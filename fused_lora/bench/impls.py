@@ -8,6 +8,7 @@
 All use the same W, A, B (adapters in x's dtype), no bias (Llama projections have none), dropout 0, and 2-D x
 of M tokens ([S, M/S, K] for mixed batches, where PEFT selects adapters per sample).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,9 +59,9 @@ def _tensors(case: Case, device: torch.device, n_adapters: int = 1):
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=case.dtype)
 
-    weight = rand(N, K, scale=K ** -0.5)
-    lora_a = rand(n_adapters * r, K, scale=K ** -0.5)
-    lora_b = rand(N, n_adapters * r, scale=r ** -0.5)
+    weight = rand(N, K, scale=K**-0.5)
+    lora_a = rand(n_adapters * r, K, scale=K**-0.5)
+    lora_b = rand(N, n_adapters * r, scale=r**-0.5)
     x = rand(case.M, K)
     return x, weight, lora_a, lora_b
 
@@ -135,6 +136,7 @@ def _forward_backward(case: Case, device: torch.device) -> Setup:
             for p in params:
                 p.grad = None
             forward(x).backward(dy)
+
         return call
 
     def addmm_forward(x):
@@ -145,8 +147,11 @@ def _forward_backward(case: Case, device: torch.device) -> Setup:
         "merged": step("merged", lambda x: F.linear(x, merged_weight), []),
         "peft": step("peft", peft, peft_params),
         "addmm": step("addmm", addmm_forward, [lora_a, lora_b]),
-        "fused": step("fused", lambda x: fused_lora.lora_linear(x, weight, None, lora_a, lora_b, s, training=True),
-                      [lora_a, lora_b]),
+        "fused": step(
+            "fused",
+            lambda x: fused_lora.lora_linear(x, weight, None, lora_a, lora_b, s, training=True),
+            [lora_a, lora_b],
+        ),
     }
     return Setup(fns, baseline="merged")
 
@@ -162,8 +167,9 @@ def _mixed_forward(case: Case, device: torch.device) -> Setup:
     x = x2.reshape(sequences, case.M // sequences, case.K)
     names = [f"adapter{i}" for i in range(n)]
     r = case.r
-    peft = _peft_layer(weight, [(names[i], lora_a[i * r:(i + 1) * r], lora_b[:, i * r:(i + 1) * r])
-                                for i in range(n)], r).eval()
+    peft = _peft_layer(
+        weight, [(names[i], lora_a[i * r : (i + 1) * r], lora_b[:, i * r : (i + 1) * r]) for i in range(n)], r
+    ).eval()
     per_sequence = [i % n for i in range(sequences)]
     adapter_names = [names[i] for i in per_sequence]
     row_ids = torch.tensor(per_sequence, dtype=torch.int64, device=device)
@@ -204,8 +210,12 @@ def _merge(case: Case, device: torch.device) -> Setup:
     return Setup(fns, baseline=None, after_each={"peft": restore_peft, "fused": restore_fused})
 
 
-_BUILDERS = {"forward": _forward, "forward_backward": _forward_backward, "mixed_forward": _mixed_forward,
-             "merge": _merge}
+_BUILDERS = {
+    "forward": _forward,
+    "forward_backward": _forward_backward,
+    "mixed_forward": _mixed_forward,
+    "merge": _merge,
+}
 
 
 def build(case: Case, device: torch.device) -> Setup:

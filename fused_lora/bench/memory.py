@@ -10,6 +10,7 @@ C++/BLAS code too); it can undercount a temporary carved out of heap memory that
 process-wide, so nothing else may run in the process meanwhile. Page granularity (4 KiB) is the resolution.
 Returns None where the mechanism is unavailable (non-Linux).
 """
+
 from __future__ import annotations
 
 import ctypes

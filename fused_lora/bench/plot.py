@@ -7,6 +7,7 @@
 A series with a single x value would be a lone point: such cases are drawn as grouped bars instead (one bar panel
 per op). Implementations at the same x are spread apart a little so their markers and error bars never overlap.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,12 @@ from typing import Dict, List
 
 MAX_PANELS = 12
 IMPL_ORDER = ("peft", "addmm", "fused")
-STYLE = {"peft": ("tab:green", "s"), "addmm": ("tab:blue", "^"), "fused": ("tab:orange", "o"),
-         "merged": ("tab:gray", "D")}
+STYLE = {
+    "peft": ("tab:green", "s"),
+    "addmm": ("tab:blue", "^"),
+    "fused": ("tab:orange", "o"),
+    "merged": ("tab:gray", "D"),
+}
 DODGE = {"peft": -1, "addmm": 0, "fused": 1}  # x offsets in steps of 4% (multiplicative on the log axis)
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -29,7 +34,7 @@ def _errors(recs: List[Dict], key: str):
 
 
 def _panels(records: List[Dict]):
-    lines = defaultdict(lambda: defaultdict(list))   # panel key -> impl -> records
+    lines = defaultdict(lambda: defaultdict(list))  # panel key -> impl -> records
     for rec in records:
         if rec["op"] == "merge" or rec["impl"] == "merged" or rec.get("ratio_vs_merged") is None:
             continue
@@ -40,8 +45,7 @@ def _panels(records: List[Dict]):
         lines[key][rec["impl"]].append(rec)
     curves, singles = [], defaultdict(list)
     for key, by_impl in lines.items():
-        xs = {rec["n_adapters"] if key[0] == "mixed_forward" else rec["M"] for recs in by_impl.values()
-              for rec in recs}
+        xs = {rec["n_adapters"] if key[0] == "mixed_forward" else rec["M"] for recs in by_impl.values() for rec in recs}
         if len(xs) >= 2:
             curves.append((key, by_impl))
         else:
@@ -60,8 +64,7 @@ def _curve_panel(ax, key, by_impl):
         xs = [(rec["n_adapters"] if mixed else rec["M"]) * 1.04 ** DODGE.get(impl, 0) for rec in recs]
         ys, err = _errors(recs, "ratio_vs_merged")
         color, marker = STYLE.get(impl, (None, "o"))
-        ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, markersize=5, capsize=3, linewidth=1.4,
-                    label=impl)
+        ax.errorbar(xs, ys, yerr=err, color=color, marker=marker, markersize=5, capsize=3, linewidth=1.4, label=impl)
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
     ys = [rec["ratio_vs_merged"] for recs in by_impl.values() for rec in recs]
     if max(ys) > 8 * min(ys):  # PEFT's mixed batches run to tens of x merged: keep the small ratios readable
@@ -78,6 +81,7 @@ def _curve_panel(ax, key, by_impl):
 
 def _bar_panel(ax, title, groups: Dict[str, Dict[str, Dict]], key: str, ylabel: str, baseline: float = None):
     import numpy as np
+
     impls = [i for i in IMPL_ORDER if any(i in g for g in groups.values())]
     width = 0.8 / max(1, len(impls))
     positions = np.arange(len(groups))
@@ -99,6 +103,7 @@ def _bar_panel(ax, title, groups: Dict[str, Dict[str, Dict]], key: str, ylabel: 
 
 def write_plot(records: List[Dict], path: str, title: str = "") -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -121,7 +126,8 @@ def write_plot(records: List[Dict], path: str, title: str = "") -> str:
         for rec in recs:
             label = f"M={rec['M']}" + (f" x{rec['n_adapters']}" if op == "mixed_forward" else "")
             groups[f"{SHORT.get(rec['dtype'], rec['dtype'])} {rec['K']}->{rec['N']} r={rec['r']}\n{label}"][
-                rec["impl"]] = rec
+                rec["impl"]
+            ] = rec
         _bar_panel(flat[slot], f"{op} (one token count)", groups, "ratio_vs_merged", "time / merged", 1.0)
         slot += 1
     if merges and slot < n_panels:

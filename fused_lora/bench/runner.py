@@ -1,4 +1,5 @@
 """Measure one case: interleaved timings of every implementation, turned into JSON-ready records."""
+
 from __future__ import annotations
 
 import gc
@@ -22,6 +23,7 @@ class Budget:
 
 def backend_name(device: torch.device) -> str:
     from fused_lora.ops.backends import backend_for
+
     return backend_for(device).__name__.rsplit(".", 1)[-1]
 
 
@@ -31,9 +33,15 @@ def _round(value: Optional[float], digits: int = 4) -> Optional[float]:
 
 def measure_case(case: Case, device: torch.device, budget: Budget = Budget()) -> List[Dict]:
     setup = build(case, device)
-    timings = time_interleaved(setup.fns, device, rounds=budget.rounds, warmup=budget.warmup,
-                               min_sample_s=budget.min_sample_s, max_seconds=budget.max_seconds_per_case,
-                               after_each=setup.after_each)
+    timings = time_interleaved(
+        setup.fns,
+        device,
+        rounds=budget.rounds,
+        warmup=budget.warmup,
+        min_sample_s=budget.min_sample_s,
+        max_seconds=budget.max_seconds_per_case,
+        after_each=setup.after_each,
+    )
     records = records_for(case, device, setup, timings)
     del setup
     gc.collect()
@@ -54,9 +62,18 @@ def records_for(case: Case, device: torch.device, setup: Setup, timings: Timings
         vs_merged = timings.ratio(name, setup.baseline) if setup.baseline else None
         vs_peft = timings.ratio(name, "peft")
         record = {
-            "op": case.op, "impl": name, "device": device.type, "dtype": case.dtype_name,
-            "M": case.M, "K": case.K, "N": case.N, "r": case.r, "n_adapters": case.n_adapters,
-            "median_s": spread.median, "p20_s": spread.p20, "p80_s": spread.p80,
+            "op": case.op,
+            "impl": name,
+            "device": device.type,
+            "dtype": case.dtype_name,
+            "M": case.M,
+            "K": case.K,
+            "N": case.N,
+            "r": case.r,
+            "n_adapters": case.n_adapters,
+            "median_s": spread.median,
+            "p20_s": spread.p20,
+            "p80_s": spread.p80,
             "ratio_vs_merged": _round(vs_merged.median) if vs_merged else None,
             "ratio_vs_merged_p20": _round(vs_merged.p20) if vs_merged else None,
             "ratio_vs_merged_p80": _round(vs_merged.p80) if vs_merged else None,

@@ -1,4 +1,5 @@
 """Plain-text tables for the terminal (rich), at most WIDTH columns wide."""
+
 from __future__ import annotations
 
 import io
@@ -11,11 +12,24 @@ from rich.table import Table
 WIDTH = 100
 
 
-def render(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], caption: Optional[str] = None,
-           right_from: int = 1) -> str:
+def render(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    caption: Optional[str] = None,
+    right_from: int = 1,
+) -> str:
     """A table as text: the first `right_from` columns left-aligned (labels), the rest right-aligned (numbers)."""
-    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left",
-                  pad_edge=False, collapse_padding=True, padding=(0, 1))
+    table = Table(
+        title=title,
+        caption=caption,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        caption_justify="left",
+        pad_edge=False,
+        collapse_padding=True,
+        padding=(0, 1),
+    )
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i < right_from else "right", no_wrap=i < right_from)
     for row in rows:

@@ -4,6 +4,7 @@ Implementations are timed in rounds: every round runs each implementation once (
 so slow drifts of the machine (other jobs, frequency, caches) hit all of them alike. A ratio against the
 baseline is taken per round (paired) and then summarised, so it never mixes two runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,6 +43,7 @@ class Spread:
 @dataclass
 class Timings:
     """Per-call seconds of every implementation, one sample per round, in round order."""
+
     samples: Dict[str, List[float]] = field(default_factory=dict)
 
     def spread(self, impl: str) -> Spread:
@@ -81,8 +83,15 @@ class InterleavedTimer:
     callable is timed one call per sample. Round i starts at implementation i mod n (A B C, B C A, ...).
     """
 
-    def __init__(self, fns: Dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 1,
-                 min_sample_s: float = 0.005, after_each: Optional[Dict[str, Callable[[], object]]] = None):
+    def __init__(
+        self,
+        fns: Dict[str, Callable[[], object]],
+        device: torch.device,
+        *,
+        warmup: int = 1,
+        min_sample_s: float = 0.005,
+        after_each: Optional[Dict[str, Callable[[], object]]] = None,
+    ):
         self.fns, self.device, self.warmup, self.min_sample_s = fns, device, warmup, min_sample_s
         self.after_each = after_each or {}
         self.names = list(fns)
@@ -100,8 +109,7 @@ class InterleavedTimer:
                 self._restore(name)
             probe = _time_once(self.fns[name], 1, self.device)
             self._restore(name)
-            self.inner[name] = 1 if name in self.after_each else max(
-                1, math.ceil(self.min_sample_s / max(probe, 1e-9)))
+            self.inner[name] = 1 if name in self.after_each else max(1, math.ceil(self.min_sample_s / max(probe, 1e-9)))
         return self
 
     def round(self) -> None:
@@ -113,14 +121,20 @@ class InterleavedTimer:
             self._restore(name)
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 7,
-                     warmup: int = 1, min_sample_s: float = 0.005, max_seconds: Optional[float] = None,
-                     min_rounds: int = 3, after_each: Optional[Dict[str, Callable[[], object]]] = None
-                     ) -> Timings:
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    rounds: int = 7,
+    warmup: int = 1,
+    min_sample_s: float = 0.005,
+    max_seconds: Optional[float] = None,
+    min_rounds: int = 3,
+    after_each: Optional[Dict[str, Callable[[], object]]] = None,
+) -> Timings:
     """`rounds` interleaved rounds of every callable (see InterleavedTimer); per-call seconds per round.
     `max_seconds` stops early, but never before `min_rounds` rounds."""
-    timer = InterleavedTimer(fns, device, warmup=warmup, min_sample_s=min_sample_s,
-                             after_each=after_each).prepare()
+    timer = InterleavedTimer(fns, device, warmup=warmup, min_sample_s=min_sample_s, after_each=after_each).prepare()
     began = time.perf_counter()
     for round_index in range(rounds):
         timer.round()

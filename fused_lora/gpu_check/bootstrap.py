@@ -6,6 +6,7 @@ name to <root>/kernels. The finder goes first on sys.meta_path and answers for e
 the checkout, or not found at all, never taken from an editable install of another checkout further down.
 The C++ CPU backend is not built: the kit's CPU work runs on whatever fused_lora.ops.backends finds.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -25,7 +26,8 @@ class _KernelsFromCheckout(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname == KERNELS:
             return importlib.util.spec_from_file_location(
-                fullname, os.path.join(self.kernels_dir, "__init__.py"), submodule_search_locations=[self.kernels_dir])
+                fullname, os.path.join(self.kernels_dir, "__init__.py"), submodule_search_locations=[self.kernels_dir]
+            )
         if not fullname.startswith("fused_lora."):
             return None
         parent = sys.modules.get(fullname.rpartition(".")[0])
@@ -46,11 +48,15 @@ def ensure_checkout(root: str = ROOT) -> str:
         sys.meta_path.insert(0, _KernelsFromCheckout(kernels_dir))
     loaded = sys.modules.get(KERNELS)
     if loaded is not None and os.path.dirname(os.path.abspath(loaded.__file__)) != kernels_dir:
-        raise RuntimeError(f"{KERNELS} was imported from {loaded.__file__} before the kit could point it at "
-                           f"{kernels_dir}")
+        raise RuntimeError(
+            f"{KERNELS} was imported from {loaded.__file__} before the kit could point it at {kernels_dir}"
+        )
     import fused_lora
+
     package_dir = os.path.dirname(os.path.abspath(fused_lora.__file__))
     if package_dir != os.path.join(root, "fused_lora"):
-        raise RuntimeError(f"fused_lora resolves to {package_dir}, not this checkout ({root}): put {root} first on "
-                           "PYTHONPATH (scripts/gpu_check.sh does)")
+        raise RuntimeError(
+            f"fused_lora resolves to {package_dir}, not this checkout ({root}): put {root} first on "
+            "PYTHONPATH (scripts/gpu_check.sh does)"
+        )
     return kernels_dir

@@ -4,6 +4,7 @@ A step module defines `run(ctx: Context) -> dict` returning {"status": "ok" | "s
 plus optional "artifacts" (paths relative to ctx.out) and "data" (anything JSON). The driver adds name, seconds,
 budget_s and the log path, and writes it into gpu_check.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,14 @@ STATUSES = (OK, SKIPPED, FAILED)
 
 @dataclass
 class Context:
-    mode: str                  # "dry-run" | "quick" | "full"
-    out: str                   # output directory (absolute)
-    root: str                  # the checkout
-    budget_s: float            # this step's time budget
+    mode: str  # "dry-run" | "quick" | "full"
+    out: str  # output directory (absolute)
+    root: str  # the checkout
+    budget_s: float  # this step's time budget
     started: float = field(default_factory=time.time)
-    cuda: bool = False         # torch sees a CUDA device (the environment step says)
-    workers: int = 2           # processes a step may run side by side (pytest shards, cache warm-up)
-    python: str = ""           # the interpreter the driver runs (children use the same)
+    cuda: bool = False  # torch sees a CUDA device (the environment step says)
+    workers: int = 2  # processes a step may run side by side (pytest shards, cache warm-up)
+    python: str = ""  # the interpreter the driver runs (children use the same)
     info: Dict[str, object] = field(default_factory=dict)  # the environment step's findings
 
     @property

@@ -6,6 +6,7 @@
 poisons its CUDA context costs that step only. gpu_check.json is rewritten after every step, so a run cut short
 still leaves what it finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,22 @@ CACHE_ROOT = "/tmp/fused_lora_gpu_check"
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the 4-minute selection (default: the full 8-minute run)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="no GPU: every step that can run on the CPU (interpreter, tiny shapes); CUDA-only parts "
-                        "are recorded as skipped")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no GPU: every step that can run on the CPU (interpreter, tiny shapes); CUDA-only parts "
+        "are recorded as skipped",
+    )
     p.add_argument("--only", default="", help=f"comma list of steps ({', '.join(plan.BY_NAME)})")
     p.add_argument("--skip", default="", help="comma list of steps to leave out")
     p.add_argument("--serial", action="store_true", help="run the check steps one at a time, not side by side")
     p.add_argument("--out", default=None, help="output directory (default: $OUT, else out/gpu in the checkout)")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="the whole run's limit (default: 240 quick, 480 full); later steps shrink to fit")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="the whole run's limit (default: 240 quick, 480 full); later steps shrink to fit",
+    )
     return p.parse_args(argv)
 
 
@@ -76,8 +84,13 @@ class RunningStep:
         self.interrupted_at: Optional[float] = None
         self.proc = subprocess.Popen(
             [ctx.python, "-m", "fused_lora.gpu_check.step", step.name, self.ctx_path, self.result_path],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=ctx.root,
-            start_new_session=True)  # its own process group: pytest shards and sanitizer runs stop with it
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ctx.root,
+            start_new_session=True,
+        )  # its own process group: pytest shards and sanitizer runs stop with it
 
     def _signal(self, sig) -> None:
         try:
@@ -104,15 +117,23 @@ class RunningStep:
             except ValueError:
                 out = None
         if out is None:
-            out = result(FAILED, f"the step's process ended (exit code {code}) without a result; "
-                                 f"last log lines: {' | '.join(tail(self.log_path, 3))}")
+            out = result(
+                FAILED,
+                f"the step's process ended (exit code {code}) without a result; "
+                f"last log lines: {' | '.join(tail(self.log_path, 3))}",
+            )
         if self.interrupted_at is not None:
-            out["detail"] = (f"stopped at {self.interrupted_at:.0f}s ({plan.HARD_FACTOR} x budget); "
-                             + out.get("detail", ""))
+            out["detail"] = f"stopped at {self.interrupted_at:.0f}s ({plan.HARD_FACTOR} x budget); " + out.get(
+                "detail", ""
+            )
             if out.get("status") == OK:
                 out["status"] = FAILED
-        out.update(name=self.step.name, seconds=round(elapsed, 1), budget_s=round(self.ctx.budget_s, 1),
-                   log=os.path.relpath(self.log_path, self.ctx.out))
+        out.update(
+            name=self.step.name,
+            seconds=round(elapsed, 1),
+            budget_s=round(self.ctx.budget_s, 1),
+            log=os.path.relpath(self.log_path, self.ctx.out),
+        )
         return out
 
 
@@ -136,12 +157,23 @@ class Driver:
         self.env = child_env(self.mode, self.out)
         cpus = os.cpu_count() or 2
         self.workers = 2 if self.mode == "dry-run" else max(2, min(6, cpus // 3))
-        self.report = {"device": None, "torch": None, "triton": None, "mode": self.mode,
-                       "command": "scripts/gpu_check.sh " + " ".join(sys.argv[1:]), "checkout": ROOT,
-                       "out": self.out, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
-                       "seconds": None, "ok": None, "counts": {},
-                       "budgets": {s.name: s.budget[self.mode] for s in self.steps},
-                       "estimates": {s.name: s.estimate for s in self.steps}, "steps": []}
+        self.report = {
+            "device": None,
+            "torch": None,
+            "triton": None,
+            "mode": self.mode,
+            "command": "scripts/gpu_check.sh " + " ".join(sys.argv[1:]),
+            "checkout": ROOT,
+            "out": self.out,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "finished": None,
+            "seconds": None,
+            "ok": None,
+            "counts": {},
+            "budgets": {s.name: s.budget[self.mode] for s in self.steps},
+            "estimates": {s.name: s.estimate for s in self.steps},
+            "steps": [],
+        }
         self.info: dict = {}
         self.cuda = False
         self.active: List[RunningStep] = []
@@ -153,8 +185,11 @@ class Driver:
     def record(self, res: dict) -> None:
         self.report["steps"].append(res)
         self.save()
-        print(f"[{res['name']}] {res['status'].upper()} in {res.get('seconds', 0):.0f}s "
-              f"(budget {res.get('budget_s', 0):.0f}s): {res.get('detail', '')}", flush=True)
+        print(
+            f"[{res['name']}] {res['status'].upper()} in {res.get('seconds', 0):.0f}s "
+            f"(budget {res.get('budget_s', 0):.0f}s): {res.get('detail', '')}",
+            flush=True,
+        )
         if res["status"] == FAILED and res.get("log"):
             for line in tail(os.path.join(self.out, res["log"]), 8):
                 print(f"    | {line}", flush=True)
@@ -163,8 +198,16 @@ class Driver:
         self.record(dict(result(status, why), name=step.name, seconds=0.0, budget_s=step.budget[self.mode]))
 
     def context(self, step: plan.Step, budget: float) -> Context:
-        return Context(mode=self.mode, out=self.out, root=ROOT, budget_s=budget, cuda=self.cuda,
-                       workers=self.workers, python=sys.executable, info=self.info)
+        return Context(
+            mode=self.mode,
+            out=self.out,
+            root=ROOT,
+            budget_s=budget,
+            cuda=self.cuda,
+            workers=self.workers,
+            python=sys.executable,
+            info=self.info,
+        )
 
     def left(self) -> float:
         return self.limit - (time.time() - self.began)
@@ -240,16 +283,25 @@ class Driver:
     def finish(self) -> int:
         steps = self.report["steps"]
         counts = {status: sum(1 for s in steps if s["status"] == status) for status in (OK, SKIPPED, FAILED)}
-        self.report.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           seconds=round(time.time() - self.began, 1), ok=counts[FAILED] == 0, counts=counts)
+        self.report.update(
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            seconds=round(time.time() - self.began, 1),
+            ok=counts[FAILED] == 0,
+            counts=counts,
+        )
         self.save()
         print(f"\n{'step':<12} {'status':<8} {'seconds':>8} {'budget':>7}  detail")
         for s in steps:
-            print(f"{s['name']:<12} {s['status']:<8} {s.get('seconds', 0):>8.1f} {s.get('budget_s', 0):>7.0f}  "
-                  f"{s.get('detail', '')[:150]}")
-        print(f"\n{counts[OK]} ok, {counts[SKIPPED]} skipped, {counts[FAILED]} failed in "
-              f"{self.report['seconds']:.0f}s; device {self.report['device']}, torch {self.report['torch']}, "
-              f"triton {self.report['triton']}; results in {os.path.join(self.out, 'gpu_check.json')}", flush=True)
+            print(
+                f"{s['name']:<12} {s['status']:<8} {s.get('seconds', 0):>8.1f} {s.get('budget_s', 0):>7.0f}  "
+                f"{s.get('detail', '')[:150]}"
+            )
+        print(
+            f"\n{counts[OK]} ok, {counts[SKIPPED]} skipped, {counts[FAILED]} failed in "
+            f"{self.report['seconds']:.0f}s; device {self.report['device']}, torch {self.report['torch']}, "
+            f"triton {self.report['triton']}; results in {os.path.join(self.out, 'gpu_check.json')}",
+            flush=True,
+        )
         return 0 if counts[FAILED] == 0 else 1
 
 

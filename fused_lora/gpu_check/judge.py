@@ -1,7 +1,8 @@
 """The project's judgement of a kernel result (tests/checks.py), for the kit's own checks:
 
-    err(ours) <= 2 * err(PyTorch at the same dtype) + atol,   errors = max |x - float64 reference|
+err(ours) <= 2 * err(PyTorch at the same dtype) + atol,   errors = max |x - float64 reference|
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -17,8 +18,9 @@ def max_abs_err(a: torch.Tensor, ref64: torch.Tensor) -> float:
     return (a.detach().to(torch.float64) - ref64.detach().to(device=a.device, dtype=torch.float64)).abs().max().item()
 
 
-def judge(name: str, ours: torch.Tensor, ref64: torch.Tensor, torch_same: torch.Tensor,
-          atol: float) -> Tuple[bool, str]:
+def judge(
+    name: str, ours: torch.Tensor, ref64: torch.Tensor, torch_same: torch.Tensor, atol: float
+) -> Tuple[bool, str]:
     """(passed, one line saying why)."""
     if tuple(ours.shape) != tuple(ref64.shape):
         return False, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"

@@ -4,6 +4,7 @@ Points fused_lora.kernels at the checkout (bootstrap) before any test module is 
 line per test outcome to $FUSED_LORA_GPU_CHECK_OUTCOMES as soon as it is known, so a shard stopped at its time
 budget still leaves every result it reached.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,12 @@ def pytest_runtest_logreport(report):
     # one line per test: its call phase, or the setup/teardown phase that failed or skipped it
     if report.when != "call" and report.outcome == "passed":
         return
-    line = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-            "seconds": round(report.duration, 3)}
+    line = {
+        "nodeid": report.nodeid,
+        "when": report.when,
+        "outcome": report.outcome,
+        "seconds": round(report.duration, 3),
+    }
     if report.outcome != "passed":
         text = report.longreprtext or ""
         line["message"] = text[-1500:]

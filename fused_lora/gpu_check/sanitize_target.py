@@ -8,6 +8,7 @@
 Exit status 0 when the results are right; compute-sanitizer adds its own (--error-exitcode) for what it finds.
 The same script runs on the CPU (interpreter) in a dry run.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,14 +30,15 @@ def rows_bwd(device: torch.device) -> str:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     R = sum(ranks)
     x = torch.randn(M, K, generator=gen).to(device, dtype).requires_grad_(True)
-    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(device, dtype)
-    a = (torch.randn(R, K, generator=gen) / K ** 0.5).to(device, dtype).requires_grad_(True)
+    w = (torch.randn(N, K, generator=gen) / K**0.5).to(device, dtype)
+    a = (torch.randn(R, K, generator=gen) / K**0.5).to(device, dtype).requires_grad_(True)
     b = (torch.randn(N, R, generator=gen) / 4).to(device, dtype).requires_grad_(True)
     ids = torch.randint(-1, len(ranks), (M,), generator=gen).to(device)
     dy = torch.randn(M, N, generator=gen).to(device, dtype)
     torch.manual_seed(1)
-    y = fused_lora.lora_linear_rows(x, w, None, a, b, [1.0, 0.5, 2.0, 1.5, 0.25], ranks, ids,
-                                    dropout_p=[0.0, 0.2, 0.0, 0.1, 0.0], training=True)
+    y = fused_lora.lora_linear_rows(
+        x, w, None, a, b, [1.0, 0.5, 2.0, 1.5, 0.25], ranks, ids, dropout_p=[0.0, 0.2, 0.0, 0.1, 0.0], training=True
+    )
     y.backward(dy)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -47,7 +49,7 @@ def rows_bwd(device: torch.device) -> str:
     used = set(ids.tolist())
     lo = 0
     for i, r in enumerate(ranks):
-        if i not in used and bool(a.grad[lo:lo + r].any()):
+        if i not in used and bool(a.grad[lo : lo + r].any()):
             raise AssertionError(f"adapter {i} has no rows but a non-zero dA")
         lo += r
     return f"rows_bwd ok (M={M}, {len(ranks)} adapters, {dtype})"

@@ -3,6 +3,7 @@
 Whatever happens inside the step (an exception, a CUDA error, Ctrl-C at the budget) ends as a result file with a
 status and a detail line; the traceback goes to the step's log (stderr).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,16 @@ import traceback
 from fused_lora.gpu_check.bootstrap import ensure_checkout
 from fused_lora.gpu_check.context import FAILED, Context, read_json, result, write_json
 
-STEP_MODULES = {"environment": "environment", "tests": "tests", "offsets": "offsets", "sanitizer": "sanitizer",
-                "graphs": "graphs", "compile": "torch_compile", "tune": "tune", "bench": "bench"}
+STEP_MODULES = {
+    "environment": "environment",
+    "tests": "tests",
+    "offsets": "offsets",
+    "sanitizer": "sanitizer",
+    "graphs": "graphs",
+    "compile": "torch_compile",
+    "tune": "tune",
+    "bench": "bench",
+}
 
 
 def run_step(name: str, ctx: Context) -> dict:
@@ -26,12 +35,14 @@ def run_step(name: str, ctx: Context) -> dict:
             return result(FAILED, f"step returned {out!r}, not a result dict")
         return out
     except KeyboardInterrupt:
-        return result(FAILED, f"stopped at its time budget ({ctx.budget_s:.0f}s) after "
-                              f"{time.time() - ctx.started:.0f}s")
+        return result(
+            FAILED, f"stopped at its time budget ({ctx.budget_s:.0f}s) after {time.time() - ctx.started:.0f}s"
+        )
     except BaseException as exc:  # noqa: BLE001 - the result must say what went wrong, whatever it was
         traceback.print_exc()
-        return result(FAILED, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                              [:500])
+        return result(
+            FAILED, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:500]
+        )
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ W alone fits in an H100's 50 MiB L2 and would otherwise be timed from cache). Th
 launch gaps, so a call that is bound by its Python overhead is timed as such. On the CPU: perf_counter.
 Results come as fused_lora.bench.timing.Timings, so the bench's statistics and records apply unchanged.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,7 +17,7 @@ import torch
 
 from fused_lora.bench.timing import Timings
 
-L2_FLUSH_BYTES = 256 * 2 ** 20
+L2_FLUSH_BYTES = 256 * 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -26,17 +27,29 @@ def _sync(device: torch.device) -> None:
 
 class Flusher:
     def __init__(self, device: torch.device, enabled: bool = True):
-        self.buffer = (torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-                       if enabled and device.type == "cuda" else None)
+        self.buffer = (
+            torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+            if enabled and device.type == "cuda"
+            else None
+        )
 
     def __call__(self) -> None:
         if self.buffer is not None:
             self.buffer.zero_()
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], device: torch.device, *, rounds: int = 5, reps: int = 3,
-                warmup: int = 1, flush: bool = True, after_each: Optional[Dict[str, Callable[[], object]]] = None,
-                max_seconds: Optional[float] = None, min_rounds: int = 2) -> Timings:
+def interleaved(
+    fns: Dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    rounds: int = 5,
+    reps: int = 3,
+    warmup: int = 1,
+    flush: bool = True,
+    after_each: Optional[Dict[str, Callable[[], object]]] = None,
+    max_seconds: Optional[float] = None,
+    min_rounds: int = 2,
+) -> Timings:
     """Per-call seconds of every callable, one sample per round (see the module docstring)."""
     names = list(fns)
     after = after_each or {}

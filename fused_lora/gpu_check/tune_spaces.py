@@ -9,6 +9,7 @@ tuned file holds exactly the keys the launcher will look up. When a kernel modul
 the same (kernel, shape_class), the tune step uses that one instead. A table that is renamed or changes signature
 makes its case a reported problem; it never breaks the other cases.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,9 +43,9 @@ def _dtype(tiny: bool) -> torch.dtype:
 def _lora_inputs(M, K, N, r, device, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=gen).to(device, dtype)
-    w = (torch.randn(N, K, generator=gen) * K ** -0.5).to(device, dtype)
-    a = (torch.randn(r, K, generator=gen) * K ** -0.5).to(device, dtype)
-    b = (torch.randn(N, r, generator=gen) * r ** -0.5).to(device, dtype)
+    w = (torch.randn(N, K, generator=gen) * K**-0.5).to(device, dtype)
+    a = (torch.randn(r, K, generator=gen) * K**-0.5).to(device, dtype)
+    b = (torch.randn(N, r, generator=gen) * r**-0.5).to(device, dtype)
     scale = torch.full((r,), 2.0, dtype=torch.float32, device=device)
     return x, w, a, b, scale
 
@@ -56,6 +57,7 @@ def _y64(x, w, a, b, scale):
 
 def _dense_fwd_case(kernel: str, table: str, path: str, dims: dict, tiny_dims: dict) -> Callable:
     """make() for a forward through kernels/dense.lora_fwd with `table` (a function in module `kernel`) replaced."""
+
     def make(device: torch.device, tiny: bool) -> TuneRun:
         dense, module = _module("dense"), _module(kernel)
         d = tiny_dims if tiny else dims
@@ -69,7 +71,9 @@ def _dense_fwd_case(kernel: str, table: str, path: str, dims: dict, tiny_dims: d
             with replaced(module, table, lambda *args, **kwargs: dict(config)):
                 dense.lora_fwd(x, w, None, a, b, scale, [0, d["r"]], [0.0], seed, path=path, y_out=y, t_out=t)
             return y
+
         return TuneRun(launch=launch, reference=_y64(x, w, a, b, scale), atol=ATOL[dtype], shape=dict(d))
+
     return make
 
 
@@ -88,8 +92,11 @@ def _shrink_make(dims: dict, tiny_dims: dict) -> Callable:
             with replaced(shrink, "shrink_config", lambda *args, **kwargs: dict(config)):
                 shrink.launch_shrink(x, a, scale, seg_table, n_segs, seed, t, block_r, False, "ieee")
             return t
-        return TuneRun(launch=launch, reference=(x.double() @ a.double().T) * scale.double(), atol=ATOL[dtype],
-                       shape=dict(d))
+
+        return TuneRun(
+            launch=launch, reference=(x.double() @ a.double().T) * scale.double(), atol=ATOL[dtype], shape=dict(d)
+        )
+
     return make
 
 
@@ -112,6 +119,7 @@ def _merge_make(dims: dict, tiny_dims: dict) -> Callable:
 
         exact = original.double() + (b.double() * scale.double()) @ a.double()
         return TuneRun(launch=launch, reference=exact, atol=0.0, shape=dict(d), reset=lambda: w.copy_(original))
+
     return make
 
 
@@ -158,11 +166,18 @@ def _decode_args(name: str, M: int, r: int) -> tuple:
 
 def _gemm(M: int, quick: bool, candidates):
     module = _module("fused_gemm")
-    kernel, shape_class, default = static_entry(module, "gemm_config", (M, 2, False, False),
-                                                ("fused_gemm", f"16bit:M{'>' if M > 256 else '<='}256"))
+    kernel, shape_class, default = static_entry(
+        module, "gemm_config", (M, 2, False, False), ("fused_gemm", f"16bit:M{'>' if M > 256 else '<='}256")
+    )
     make = _dense_fwd_case("fused_gemm", "gemm_config", "large_m", dict(M=M, K=4096, N=4096, r=16), TINY)
-    return TuneCase(kernel, shape_class, default, tuple(_configs(GEMM_KEYS, candidates)), make,
-                    "interim: fused_gemm.gemm_config replaced per launch"), quick
+    return TuneCase(
+        kernel,
+        shape_class,
+        default,
+        tuple(_configs(GEMM_KEYS, candidates)),
+        make,
+        "interim: fused_gemm.gemm_config replaced per launch",
+    ), quick
 
 
 def _decode(M: int, quick: bool, candidates):
@@ -171,38 +186,69 @@ def _decode(M: int, quick: bool, candidates):
             module = _module(name)
         except ImportError:
             continue
-        kernel, shape_class, default = static_entry(module, table, _decode_args(name, M, 16),
-                                                    (name, f"16bit:M<={16 if M <= 16 else 64}"))
+        kernel, shape_class, default = static_entry(
+            module, table, _decode_args(name, M, 16), (name, f"16bit:M<={16 if M <= 16 else 64}")
+        )
         make = _dense_fwd_case(name, table, "small_m", dict(M=M, K=4096, N=4096, r=16), TINY)
-        return TuneCase(kernel, shape_class, default, tuple(_configs(DECODE_KEYS, candidates)), make,
-                        f"interim: {name}.{table} replaced per launch"), quick
+        return TuneCase(
+            kernel,
+            shape_class,
+            default,
+            tuple(_configs(DECODE_KEYS, candidates)),
+            make,
+            f"interim: {name}.{table} replaced per launch",
+        ), quick
     raise ImportError(f"none of {', '.join(n for n, _ in DECODE_TABLES)} in fused_lora.kernels")
 
 
 def _shrink(quick: bool, candidates):
-    kernel, shape_class, default = static_entry(_module("shrink"), "shrink_config", (2, False),
-                                                ("shrink", "16bit:dropout=False"))
-    return TuneCase(kernel, shape_class, default, tuple(_configs(SHRINK_KEYS, candidates)),
-                    _shrink_make(dict(M=4096, K=4096, r=16), dict(M=20, K=40, r=4)),
-                    "interim: shrink.shrink_config replaced per launch"), quick
+    kernel, shape_class, default = static_entry(
+        _module("shrink"), "shrink_config", (2, False), ("shrink", "16bit:dropout=False")
+    )
+    return TuneCase(
+        kernel,
+        shape_class,
+        default,
+        tuple(_configs(SHRINK_KEYS, candidates)),
+        _shrink_make(dict(M=4096, K=4096, r=16), dict(M=20, K=40, r=4)),
+        "interim: shrink.shrink_config replaced per launch",
+    ), quick
 
 
 def _merge(quick: bool, candidates):
     merge = _module("merge")
     default = {k: getattr(merge, k) for k in MERGE_KEYS}
-    return TuneCase("merge", "16bit", default, tuple(_configs(MERGE_KEYS, candidates)),
-                    _merge_make(dict(K=4096, N=4096, r=16), dict(K=40, N=48, r=4)),
-                    "interim: merge's module constants replaced per launch (not read from the store yet)"), quick
+    return TuneCase(
+        "merge",
+        "16bit",
+        default,
+        tuple(_configs(MERGE_KEYS, candidates)),
+        _merge_make(dict(K=4096, N=4096, r=16), dict(K=40, N=48, r=4)),
+        "interim: merge's module constants replaced per launch (not read from the store yet)",
+    ), quick
 
 
 # most useful first; the quick run takes the ones marked True
 _SPECS: List[Callable[[], Tuple[TuneCase, bool]]] = [
-    lambda: _gemm(4096, True, [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
-                               (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 5)]),
-    lambda: _decode(16, True, [(16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 64, 128, 8, 4), (16, 64, 64, 4, 6),
-                               (16, 32, 128, 4, 4)]),
-    lambda: _gemm(256, False, [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 256, 64, 8, 8, 3),
-                               (64, 64, 128, 8, 4, 4)]),
+    lambda: _gemm(
+        4096,
+        True,
+        [
+            (128, 128, 64, 8, 8, 4),
+            (128, 256, 64, 8, 8, 3),
+            (256, 128, 64, 8, 8, 3),
+            (128, 128, 64, 8, 4, 4),
+            (128, 128, 32, 8, 4, 5),
+        ],
+    ),
+    lambda: _decode(
+        16,
+        True,
+        [(16, 64, 256, 4, 3), (16, 128, 128, 4, 4), (16, 64, 128, 8, 4), (16, 64, 64, 4, 6), (16, 32, 128, 4, 4)],
+    ),
+    lambda: _gemm(
+        256, False, [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (64, 256, 64, 8, 8, 3), (64, 64, 128, 8, 4, 4)]
+    ),
     lambda: _decode(64, False, [(64, 64, 128, 8, 3), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4)]),
     lambda: _shrink(False, [(128, 64, 4, 3), (64, 64, 4, 4), (64, 256, 4, 2), (128, 128, 8, 3)]),
     lambda: _merge(False, [(128, 128, 16, 4), (64, 256, 16, 4), (32, 256, 16, 4), (64, 128, 16, 8)]),

@@ -8,6 +8,7 @@ KIND "bench": SPEC {"cases": [Case fields]}: run the fused implementation of cas
 KIND "tune":  SPEC {"jobs": [[kernel, shape_class, candidate index]]}: launch each candidate config once.
 A worker's failure is only logged: the timing step that follows meets the same error and reports it.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,17 @@ def spawn(ctx: Context, kind: str, spec: dict, workers: int, timeout_s: float) -
     procs = []
     for i in range(workers):
         log = open(ctx.path("warm", f"{kind}{i}.log"), "w")
-        procs.append((subprocess.Popen([ctx.python, "-m", "fused_lora.gpu_check.warm", kind, spec_path, str(i),
-                                        str(workers)], stdout=log, stderr=subprocess.STDOUT, cwd=ctx.root), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [ctx.python, "-m", "fused_lora.gpu_check.warm", kind, spec_path, str(i), str(workers)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ctx.root,
+                ),
+                log,
+            )
+        )
     stopped = 0
     for proc, log in procs:
         try:
@@ -40,8 +50,12 @@ def spawn(ctx: Context, kind: str, spec: dict, workers: int, timeout_s: float) -
             proc.wait()
             stopped += 1
         log.close()
-    return {"workers": workers, "seconds": round(time.time() - began, 1), "stopped_at_timeout": stopped,
-            "exit_codes": [p.returncode for p, _ in procs]}
+    return {
+        "workers": workers,
+        "seconds": round(time.time() - began, 1),
+        "stopped_at_timeout": stopped,
+        "exit_codes": [p.returncode for p, _ in procs],
+    }
 
 
 def bench_worker(spec: dict, index: int, count: int) -> None:

@@ -3,6 +3,7 @@
 Every check here is a reason to hand the call back to PEFT's own code: a base layer we cannot read as one plain
 weight (quantized, sharded, hooked), dtypes the op contract does not take, dropout modules other than nn.Dropout.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,8 +37,12 @@ def fusable_base(base: nn.Module, x: torch.Tensor) -> bool:
         return False
     params = base._parameters
     weight, bias = params.get("weight"), params.get("bias")
-    if weight is None or not _plain_tensor(weight) or weight.dim() != 2 or (bias is not None
-                                                                          and not _plain_tensor(bias)):
+    if (
+        weight is None
+        or not _plain_tensor(weight)
+        or weight.dim() != 2
+        or (bias is not None and not _plain_tensor(bias))
+    ):
         return False
     if not isinstance(x, torch.Tensor) or x.device != weight.device:
         return False
@@ -60,8 +65,7 @@ def mergeable_weight(base: nn.Module, adapter_dtype: torch.dtype) -> Optional[to
     return weight.data
 
 
-def lora_dtype_ok(x: torch.Tensor, base_weight: torch.Tensor, adapter_dtype: torch.dtype,
-                  cast_input: bool) -> bool:
+def lora_dtype_ok(x: torch.Tensor, base_weight: torch.Tensor, adapter_dtype: torch.dtype, cast_input: bool) -> bool:
     """The op takes adapters in x's dtype or float32; PEFT casts x to the adapters' dtype only when allowed."""
     autocast = autocast_dtype(x.device)
     if autocast is not None:

@@ -9,18 +9,26 @@ quantized and other LoRA layers stay PEFT's. The switch assigns `module.__class_
 state_dict keys, save_pretrained/from_pretrained and every PEFT model method keep working unchanged.
 After PeftModel.from_pretrained, call patch_model on the loaded model.
 """
+
 from __future__ import annotations
 
-from torch import nn
 from peft.tuners.adalora.layer import SVDLinear as PeftSVDLinear
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from torch import nn
 
 from fused_lora import plan
 from fused_lora.integrations.peft_adalora import FusedSVDLinear
 from fused_lora.integrations.peft_lora_linear import FusedPeftLoraLinear, warn_unfused_variants
 
-__all__ = ["patch_model", "unpatch_model", "register", "FusedPeftLoraLinear", "FusedSVDLinear",
-           "LORA_LINEAR_API", "ADALORA_API"]
+__all__ = [
+    "patch_model",
+    "unpatch_model",
+    "register",
+    "FusedPeftLoraLinear",
+    "FusedSVDLinear",
+    "LORA_LINEAR_API",
+    "ADALORA_API",
+]
 
 _FUSED_FOR = {PeftLoraLinear: FusedPeftLoraLinear, PeftSVDLinear: FusedSVDLinear}
 _PEFT_FOR = {fused: peft for peft, fused in _FUSED_FOR.items()}
@@ -28,15 +36,49 @@ _PEFT_FOR = {fused: peft for peft, fused in _FUSED_FOR.items()}
 # Everything of PEFT's layer classes the fused subclasses read or call (tests check each still exists, so a
 # PEFT upgrade that drops one fails loudly instead of silently falling back or breaking).
 LORA_LINEAR_API = (
-    "base_layer", "get_base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "r", "lora_alpha",
-    "use_rslora", "lora_bias", "lora_variant", "active_adapters", "merged", "merged_adapters", "disable_adapters",
-    "fan_in_fan_out", "cast_input_dtype_enabled", "forward", "merge", "unmerge", "get_delta_weight",
-    "_active_adapter", "_disable_adapters",  # read directly by the fused forward (what the properties return)
+    "base_layer",
+    "get_base_layer",
+    "lora_A",
+    "lora_B",
+    "lora_dropout",
+    "scaling",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "lora_bias",
+    "lora_variant",
+    "active_adapters",
+    "merged",
+    "merged_adapters",
+    "disable_adapters",
+    "fan_in_fan_out",
+    "cast_input_dtype_enabled",
+    "forward",
+    "merge",
+    "unmerge",
+    "get_delta_weight",
+    "_active_adapter",
+    "_disable_adapters",  # read directly by the fused forward (what the properties return)
 )
 ADALORA_API = (
-    "base_layer", "get_base_layer", "lora_A", "lora_B", "lora_E", "ranknum", "lora_dropout", "scaling",
-    "active_adapters", "merged", "merged_adapters", "disable_adapters", "fan_in_fan_out",
-    "cast_input_dtype_enabled", "forward", "merge", "unmerge", "get_delta_weight",
+    "base_layer",
+    "get_base_layer",
+    "lora_A",
+    "lora_B",
+    "lora_E",
+    "ranknum",
+    "lora_dropout",
+    "scaling",
+    "active_adapters",
+    "merged",
+    "merged_adapters",
+    "disable_adapters",
+    "fan_in_fan_out",
+    "cast_input_dtype_enabled",
+    "forward",
+    "merge",
+    "unmerge",
+    "get_delta_weight",
 )
 
 
@@ -88,8 +130,10 @@ def register(lora_config) -> None:
     from peft import AdaLoraConfig, LoraConfig
 
     if isinstance(lora_config, AdaLoraConfig):
-        raise TypeError("register() does not apply to AdaLoraConfig (AdaLoRA ignores custom modules); call "
-                        "patch_model(model) after get_peft_model instead")
+        raise TypeError(
+            "register() does not apply to AdaLoraConfig (AdaLoRA ignores custom modules); call "
+            "patch_model(model) after get_peft_model instead"
+        )
     if not isinstance(lora_config, LoraConfig):
         raise TypeError(f"register() takes a peft.LoraConfig, got {type(lora_config).__name__}")
     lora_config._register_custom_module({nn.Linear: _fused_linear_or_none})

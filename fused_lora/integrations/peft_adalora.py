@@ -6,6 +6,7 @@ plan (fused_lora.plan) stacks the adapters; the scale vector is made from lora_E
 versions, otherwise.
 Ranks the RankAllocator masked are zeros in lora_E, so they cost nothing and contribute nothing.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -71,8 +72,11 @@ class FusedSVDLinear(PeftSVDLinear):
         current = plan.cached_plan(self, plan.PLAN_ATTR, key)
         if current is None:
             dtype, why = FusedPeftLoraLinear._adapter_dtype(adapters, x, weight, cast_input)
-            current = plan.store(self, plan.PLAN_ATTR, plan.build(key, adapters, weight, bias, x, dtype, compute[1],
-                                                                  why, per_rank_scale=False))
+            current = plan.store(
+                self,
+                plan.PLAN_ATTR,
+                plan.build(key, adapters, weight, bias, x, dtype, compute[1], why, per_rank_scale=False),
+            )
         if not current.usable:
             return None
         sources = [self.lora_E._parameters[n] for n in names] + [self.ranknum._parameters[n] for n in names]
@@ -103,16 +107,23 @@ class FusedSVDLinear(PeftSVDLinear):
                 super().merge(safe_merge=safe_merge, adapter_names=[name])
                 continue
             try:
-                fused_lora.merge_(weight, lora_a, lora_b, self._rank_scale(name).detach(),
-                                  fan_in_fan_out=self.fan_in_fan_out, safe=safe_merge)
+                fused_lora.merge_(
+                    weight,
+                    lora_a,
+                    lora_b,
+                    self._rank_scale(name).detach(),
+                    fan_in_fan_out=self.fan_in_fan_out,
+                    safe=safe_merge,
+                )
             except ValueError as exc:
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
-                                 f"({exc})") from exc
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken ({exc})"
+                ) from exc
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while len(self.merged_adapters) > 0:
@@ -124,5 +135,6 @@ class FusedSVDLinear(PeftSVDLinear):
             if weight is None or lora_b.dtype != lora_a.dtype or lora_a.shape[0] == 0:
                 base.weight.data -= self.get_delta_weight(name)
             else:
-                fused_lora.unmerge_(weight, lora_a, lora_b, self._rank_scale(name).detach(),
-                                    fan_in_fan_out=self.fan_in_fan_out)
+                fused_lora.unmerge_(
+                    weight, lora_a, lora_b, self._rank_scale(name).detach(), fan_in_fan_out=self.fan_in_fan_out
+                )

@@ -12,6 +12,7 @@ PEFT's code; so does any call we cannot reproduce exactly (quantized or hooked b
 unusual dtypes). Merge/unmerge use fused_lora.merge_/unmerge_ (in
 place, one rounding) and keep PEFT's bookkeeping (merged_adapters, lora_bias).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -32,8 +33,11 @@ def warn_unfused_variants(variants: dict[str, str]) -> None:
     """One warning naming adapters (name -> variant class) that keep PEFT's code. Layer-independent text, so
     Python's default filter shows it once however many layers carry the adapter."""
     kinds = ", ".join(f"{name} ({kind})" for name, kind in sorted(variants.items()))
-    warnings.warn(f"fused_lora: adapter(s) {kinds} use a LoRA variant that is not fused; they run PEFT's own "
-                  "forward and merge", UserWarning, stacklevel=3)
+    warnings.warn(
+        f"fused_lora: adapter(s) {kinds} use a LoRA variant that is not fused; they run PEFT's own forward and merge",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class FusedPeftLoraLinear(PeftLoraLinear):
@@ -57,8 +61,12 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             self._warn_unsupported_once()
         adapter_names = kwargs.get("adapter_names")
         plain_call = not args and (not kwargs or all(v is None for k, v in kwargs.items() if k != "adapter_names"))
-        if (not plain_call or self._disable_adapters or self.merged_adapters
-                or not fusable_base(self._modules["base_layer"], x)):
+        if (
+            not plain_call
+            or self._disable_adapters
+            or self.merged_adapters
+            or not fusable_base(self._modules["base_layer"], x)
+        ):
             return super().forward(x, *args, **kwargs)
         if adapter_names is not None:
             out = self._fused_mixed_batch(x, adapter_names)
@@ -102,7 +110,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             if n in variants:
                 break
             plain.append(n)
-        later = active[len(plain):]
+        later = active[len(plain) :]
         # PEFT adds adapters in order and a variant (DoRA) may read the running result as the base output: we
         # match it only when every plain adapter comes before every variant one
         if not plain or any(n not in variants for n in later):
@@ -121,8 +129,10 @@ class FusedPeftLoraLinear(PeftLoraLinear):
 
     def _fused_mixed_batch(self, x: torch.Tensor, adapter_names: list[str]) -> Optional[torch.Tensor]:
         if len(x) != len(adapter_names):
-            raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
-                             f"{len(adapter_names)} and {len(x)} respectively.")
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
         variants = self.lora_variant
         # variants need PEFT's per-sub-batch code (and its DoRA error)
         if variants and any(n in variants for n in adapter_names):
@@ -158,11 +168,13 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             scaling = self.scaling[name]
             new_bias = self._merged_bias(base, name, +1.0, check_finite=safe_merge)
             try:
-                fused_lora.merge_(weight, lora_a, lora_b, float(scaling), fan_in_fan_out=self.fan_in_fan_out,
-                                  safe=safe_merge)
+                fused_lora.merge_(
+                    weight, lora_a, lora_b, float(scaling), fan_in_fan_out=self.fan_in_fan_out, safe=safe_merge
+                )
             except ValueError as exc:
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken "
-                                 f"({exc})") from exc
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken ({exc})"
+                ) from exc
             if new_bias is not None:
                 base.bias.data.copy_(new_bias)
             self.merged_adapters.append(name)
@@ -179,7 +191,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while len(self.merged_adapters) > 0:
@@ -193,8 +205,9 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             elif weight is None or lora_b.dtype != lora_a.dtype:
                 base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
             else:
-                fused_lora.unmerge_(weight, lora_a, lora_b, float(self.scaling[name]),
-                                    fan_in_fan_out=self.fan_in_fan_out)
+                fused_lora.unmerge_(
+                    weight, lora_a, lora_b, float(self.scaling[name]), fan_in_fan_out=self.fan_in_fan_out
+                )
             new_bias = self._merged_bias(base, name, -1.0, check_finite=False)
             if new_bias is not None:
                 base.bias.data.copy_(new_bias)

@@ -8,6 +8,7 @@ match wins). AdaLoRA: delta = B (A * E) * scaling / (ranknum + 1e-5), scaling = 
 lora_alpha <= 0), ranknum = init_r (PEFT keeps the initial rank even after rank_pattern trims the tensors).
 lora_bias: the layer's bias gains scaling * lora_B.bias.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,16 +41,17 @@ class AdapterSpec:
 @dataclass
 class ModuleDelta:
     """One adapter's contribution to one module (module path as in the adapter, without the PEFT prefix)."""
+
     path: str
-    kind: str                      # "linear" (lora_A/lora_B) or "embedding" (lora_embedding_A/B)
-    lora_a: torch.Tensor           # [r, in] float32
-    lora_b: torch.Tensor           # [out, r] float32
-    scale: torch.Tensor            # [r] float64, everything folded in (patterns, rsLoRA, AdaLoRA, weight)
-    bias: Optional[torch.Tensor]   # [out] float32: lora_B.bias
+    kind: str  # "linear" (lora_A/lora_B) or "embedding" (lora_embedding_A/B)
+    lora_a: torch.Tensor  # [r, in] float32
+    lora_b: torch.Tensor  # [out, r] float32
+    scale: torch.Tensor  # [r] float64, everything folded in (patterns, rsLoRA, AdaLoRA, weight)
+    bias: Optional[torch.Tensor]  # [out] float32: lora_B.bias
     bias_scale: float
-    fan_in_fan_out: bool           # the config's flag; only consulted when the weight is square
-    source: str                    # file the tensors came from, for messages
-    key: str                       # the adapter key of lora_A, for messages
+    fan_in_fan_out: bool  # the config's flag; only consulted when the weight is square
+    source: str  # file the tensors came from, for messages
+    key: str  # the adapter key of lora_A, for messages
 
 
 @dataclass
@@ -74,13 +76,25 @@ class Adapter:
         else:
             r, alpha = c.get("r"), c.get("lora_alpha")
             scaling = alpha / (math.sqrt(r) if c.get("use_rslora") else r) if r else None
-            note = "per module from rank_pattern/alpha_pattern" if (c.get("rank_pattern") or
-                                                                    c.get("alpha_pattern")) else ""
-        return {"adapter": os.path.basename(os.path.normpath(self.spec.folder)), "sha256": self.sha256,
-                "config_sha256": self.config_sha256, "peft_type": peft_type, "weight": self.spec.weight,
-                "scaling": None if scaling is None else scaling * self.spec.weight, "r": r, "lora_alpha": alpha,
-                "use_rslora": bool(c.get("use_rslora")), "scaling_note": note,
-                "initial_adapter_sha256": self.initial_sha256, "modules": len(self.deltas)}
+            note = (
+                "per module from rank_pattern/alpha_pattern"
+                if (c.get("rank_pattern") or c.get("alpha_pattern"))
+                else ""
+            )
+        return {
+            "adapter": os.path.basename(os.path.normpath(self.spec.folder)),
+            "sha256": self.sha256,
+            "config_sha256": self.config_sha256,
+            "peft_type": peft_type,
+            "weight": self.spec.weight,
+            "scaling": None if scaling is None else scaling * self.spec.weight,
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": bool(c.get("use_rslora")),
+            "scaling_note": note,
+            "initial_adapter_sha256": self.initial_sha256,
+            "modules": len(self.deltas),
+        }
 
 
 def sha256_of(path: str) -> str:
@@ -110,21 +124,27 @@ def _check_supported(config: dict, path: str, has_initial: bool) -> None:
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "ADALORA"):
         raise MergeError(path, "peft_type", f"{peft_type!r} adapters are not supported (LORA and ADALORA are)")
-    for key, why in (("use_dora", "DoRA's magnitude vector is not a low-rank delta"),
-                     ("layer_replication", "layer replication changes the model's structure"),
-                     ("target_parameters", "LoRA on raw parameters (target_parameters) is not supported"),
-                     ("trainable_token_indices", "trainable token deltas are not supported"),
-                     ("use_bdlora", "block-diagonal LoRA is not supported"),
-                     ("use_qalora", "QALoRA is not supported")):
+    for key, why in (
+        ("use_dora", "DoRA's magnitude vector is not a low-rank delta"),
+        ("layer_replication", "layer replication changes the model's structure"),
+        ("target_parameters", "LoRA on raw parameters (target_parameters) is not supported"),
+        ("trainable_token_indices", "trainable token deltas are not supported"),
+        ("use_bdlora", "block-diagonal LoRA is not supported"),
+        ("use_qalora", "QALoRA is not supported"),
+    ):
         if config.get(key):
             raise MergeError(path, key, f"{key} = {config[key]!r}: {why}")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith("loftq"):
         raise MergeError(path, "init_lora_weights", "LoftQ adapters belong to a quantized base; not supported")
-    if (isinstance(init, str) and init.lower().startswith(MUTATING_INITS) and not has_initial):
-        raise MergeError(path, "init_lora_weights", f"{init!r} adapters were trained from a mutated base: pass "
-                         "the initial adapter with --initial-adapter right after this --adapter, or convert it "
-                         "with PEFT's path_initial_model_for_weight_conversion")
+    if isinstance(init, str) and init.lower().startswith(MUTATING_INITS) and not has_initial:
+        raise MergeError(
+            path,
+            "init_lora_weights",
+            f"{init!r} adapters were trained from a mutated base: pass "
+            "the initial adapter with --initial-adapter right after this --adapter, or convert it "
+            "with PEFT's path_initial_model_for_weight_conversion",
+        )
     for key in ("r", "lora_alpha") if peft_type == "LORA" else ("init_r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -136,13 +156,17 @@ def _load_tensors(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
     if not os.path.isfile(path):
         pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(folder, n))]
         if pickled:
-            raise MergeError(os.path.join(folder, pickled[0]), None,
-                             "pickle adapters are not loaded (unpickling runs code); convert it to "
-                             "adapter_model.safetensors first, e.g. PeftModel.from_pretrained(...)."
-                             "save_pretrained(dir, safe_serialization=True)")
+            raise MergeError(
+                os.path.join(folder, pickled[0]),
+                None,
+                "pickle adapters are not loaded (unpickling runs code); convert it to "
+                "adapter_model.safetensors first, e.g. PeftModel.from_pretrained(...)."
+                "save_pretrained(dir, safe_serialization=True)",
+            )
         raise MergeError(path, None, "missing")
     read_header(path)  # strict checks with clear messages before the library sees the file
     from safetensors.torch import load_file
+
     with blame(path, None, "unreadable safetensors"):
         tensors = load_file(path)
     for key, t in tensors.items():
@@ -164,8 +188,10 @@ def _pattern_value(patterns: Optional[dict], module: str, default):
     return default
 
 
-_LORA_PART = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B)"
-                        r"(?P<tail>\.weight|\.bias)?$")
+_LORA_PART = re.compile(
+    r"^(?P<path>.+)\.(?P<part>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B)"
+    r"(?P<tail>\.weight|\.bias)?$"
+)
 
 
 def _group(path: str, tensors: dict[str, torch.Tensor], config: dict) -> tuple[dict, dict]:
@@ -176,7 +202,7 @@ def _group(path: str, tensors: dict[str, torch.Tensor], config: dict) -> tuple[d
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise MergeError(path, key, f"unexpected adapter key (PEFT keys start with {PREFIX!r})")
-        name = key[len(PREFIX):]
+        name = key[len(PREFIX) :]
         if "lora_magnitude_vector" in name:
             raise MergeError(path, key, "DoRA adapters are not supported")
         m = _LORA_PART.match(name)
@@ -207,8 +233,12 @@ def _delta(path: str, module: str, parts: dict, config: dict, weight: float) -> 
     a_key, a = parts[a_name]
     b_key, b = parts[b_name]
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-        raise MergeError(path, a_key, f"rank mismatch: {a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} "
-                                      f"({b_key}) must be [r, in] and [out, r]")
+        raise MergeError(
+            path,
+            a_key,
+            f"rank mismatch: {a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} "
+            f"({b_key}) must be [r, in] and [out, r]",
+        )
     rank = a.shape[0]
     if adalora:
         if embedding:
@@ -227,8 +257,9 @@ def _delta(path: str, module: str, parts: dict, config: dict, weight: float) -> 
         r = _pattern_value(config.get("rank_pattern"), module, config["r"])
         alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
         if r != rank:
-            raise MergeError(path, a_key, f"rank mismatch: tensors have rank {rank} but the config gives r = {r} "
-                                          "for this module")
+            raise MergeError(
+                path, a_key, f"rank mismatch: tensors have rank {rank} but the config gives r = {r} for this module"
+            )
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         scale = torch.full((rank,), float(scaling), dtype=torch.float64)
         bias_scale = scaling
@@ -238,8 +269,18 @@ def _delta(path: str, module: str, parts: dict, config: dict, weight: float) -> 
         if bias.shape != (b.shape[0],):
             raise MergeError(path, bias_key, f"lora_B.bias has shape {tuple(bias.shape)}, expected ({b.shape[0]},)")
         bias = bias.float()
-    return ModuleDelta(module, "embedding" if embedding else "linear", a.float(), b.float(), scale * weight, bias,
-                       bias_scale * weight, bool(config.get("fan_in_fan_out")), path, a_key)
+    return ModuleDelta(
+        module,
+        "embedding" if embedding else "linear",
+        a.float(),
+        b.float(),
+        scale * weight,
+        bias,
+        bias_scale * weight,
+        bool(config.get("fan_in_fan_out")),
+        path,
+        a_key,
+    )
 
 
 def _apply_initial(adapter: Adapter, initial_folder: str, config: dict) -> None:
@@ -255,13 +296,13 @@ def _apply_initial(adapter: Adapter, initial_folder: str, config: dict) -> None:
         raise MergeError(path, f"{PREFIX}{only}", "initial and trained adapters target different modules")
     for module, delta in adapter.deltas.items():
         parts = modules[module]
-        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if delta.kind == "embedding" \
-            else ("lora_A", "lora_B")
+        a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if delta.kind == "embedding" else ("lora_A", "lora_B")
         if a_name not in parts or b_name not in parts:
             raise MergeError(path, f"{PREFIX}{module}.{a_name}", "missing in the initial adapter")
         with blame(path, parts[a_name][0]):
-            a2, b2 = mutated_to_lora_tensors(delta.lora_a, delta.lora_b, parts[a_name][1].float(),
-                                             parts[b_name][1].float())
+            a2, b2 = mutated_to_lora_tensors(
+                delta.lora_a, delta.lora_b, parts[a_name][1].float(), parts[b_name][1].float()
+            )
         delta.lora_a, delta.lora_b = a2, b2
         delta.scale = torch.cat([delta.scale, delta.scale])
     adapter.initial_sha256 = sha256_of(path)

@@ -1,5 +1,6 @@
 """The base checkpoint folder: which files are weight shards, their headers, and the index that maps keys to
 shards (checked both ways, so a key missing from the index or from its shard is caught before any work)."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -15,17 +16,28 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # weights in other formats (or safetensors outside the index): copying them would ship unmerged weights
 # that another loader might pick up, so they are left out and named in the summary
-STALE_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "model*.bin", "*.pth", "*.pt", "*.ckpt", "*.h5",
-                 "*.msgpack", "*.gguf", "pytorch_model*.bin.index.json", "*.safetensors.index.json")
+STALE_WEIGHTS = (
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "model*.bin",
+    "*.pth",
+    "*.pt",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.gguf",
+    "pytorch_model*.bin.index.json",
+    "*.safetensors.index.json",
+)
 
 
 @dataclass
 class Checkpoint:
     folder: str
-    shards: list[Header]            # in index order (or the single file)
-    index: Optional[dict]           # the parsed index.json, None for a single file
-    other_files: list[str]          # relative paths of everything else, copied as they are
-    skipped_files: list[str]        # weight files in other formats, not copied
+    shards: list[Header]  # in index order (or the single file)
+    index: Optional[dict]  # the parsed index.json, None for a single file
+    other_files: list[str]  # relative paths of everything else, copied as they are
+    skipped_files: list[str]  # weight files in other formats, not copied
 
     def locate(self) -> dict[str, tuple[Header, Entry]]:
         """Every tensor name -> (its shard, its entry)."""
@@ -46,8 +58,11 @@ def open_checkpoint(folder: str) -> Checkpoint:
         index, shard_names = None, [SINGLE]
     else:
         bins = [n for n in os.listdir(folder) if n.endswith(".bin")]
-        hint = f" (found {', '.join(sorted(bins))}: pickle checkpoints are not read; convert to safetensors)" \
-            if bins else ""
+        hint = (
+            f" (found {', '.join(sorted(bins))}: pickle checkpoints are not read; convert to safetensors)"
+            if bins
+            else ""
+        )
         raise MergeError(folder, None, f"no {SINGLE} or {INDEX}{hint}")
     shards = [read_header(os.path.join(folder, name)) for name in shard_names]
     if index is not None:
@@ -96,8 +111,13 @@ def _check_index(index_path: str, weight_map: dict, shards: list[Header], names:
         for e in shard.entries:
             if weight_map.get(e.name) != name:
                 where = weight_map.get(e.name)
-                raise MergeError(index_path, e.name, f"missing index entry for a tensor stored in {name}" if where
-                                 is None else f"index maps it to {where} but it is stored in {name}")
+                raise MergeError(
+                    index_path,
+                    e.name,
+                    f"missing index entry for a tensor stored in {name}"
+                    if where is None
+                    else f"index maps it to {where} but it is stored in {name}",
+                )
         for key, mapped in weight_map.items():
             if mapped == name and key not in present:
                 raise MergeError(shard.path, key, f"tensor listed in {INDEX} is missing from the shard")

@@ -1,4 +1,5 @@
 """`fused-lora merge`: merge PEFT LoRA/AdaLoRA adapters into a safetensors checkpoint, verified, atomically."""
+
 from __future__ import annotations
 
 import argparse
@@ -83,17 +84,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fused-lora merge", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="fused-lora merge",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--base", required=True, metavar="DIR", help="Hugging Face checkpoint folder")
-    parser.add_argument("--adapter", action=_AdapterAction, required=True, metavar="DIR[:WEIGHT]",
-                        dest="adapters", help="PEFT adapter folder, optionally with a weight (repeatable)")
-    parser.add_argument("--initial-adapter", action=_AdapterAction, metavar="DIR", dest="adapters",
-                        help="initial OLoRA/PiSSA adapter paired with the preceding --adapter (see below)")
+    parser.add_argument(
+        "--adapter",
+        action=_AdapterAction,
+        required=True,
+        metavar="DIR[:WEIGHT]",
+        dest="adapters",
+        help="PEFT adapter folder, optionally with a weight (repeatable)",
+    )
+    parser.add_argument(
+        "--initial-adapter",
+        action=_AdapterAction,
+        metavar="DIR",
+        dest="adapters",
+        help="initial OLoRA/PiSSA adapter paired with the preceding --adapter (see below)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
-    parser.add_argument("--no-verify", dest="verify", action="store_false",
-                        help="skip the float64 probe check of every merged weight")
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip the float64 probe check of every merged weight"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     parser.add_argument("--verbose", action="store_true", help="print the error of every merged tensor")
     return parser
@@ -123,6 +140,7 @@ def _check_output(out: str, inputs: list[str], force: bool, log) -> str:
 
 class _RunState:
     """What main() needs to know to describe an interrupted or failed run truthfully."""
+
     workspace: Optional[Workspace] = None
 
 
@@ -162,10 +180,15 @@ def run(args, out: str, log, state: _RunState) -> int:
     workspace = state.workspace = Workspace.create(out)
     try:
         with signals.interruptible():
-            with tqdm(total=total, unit="tensor", desc="merge", disable=True if args.quiet else None,
-                      file=sys.stderr, leave=False) as progress:
-                results = write_checkpoint(checkpoint, plans, workspace.folder, shard_metadata, args.verify,
-                                           progress)
+            with tqdm(
+                total=total,
+                unit="tensor",
+                desc="merge",
+                disable=True if args.quiet else None,
+                file=sys.stderr,
+                leave=False,
+            ) as progress:
+                results = write_checkpoint(checkpoint, plans, workspace.folder, shard_metadata, args.verify, progress)
         workspace.install()
     except BaseException:
         workspace.discard()
@@ -174,16 +197,20 @@ def run(args, out: str, log, state: _RunState) -> int:
         log(f"note: could not remove {leftover}; the next merge to {out} removes it")
     merged = sum(1 for p in plans.values() if p.lora_a)
     if checkpoint.skipped_files:
-        log(f"note: not copied (weights in another format, they would be unmerged): "
-            f"{', '.join(checkpoint.skipped_files)}")
+        log(
+            f"note: not copied (weights in another format, they would be unmerged): "
+            f"{', '.join(checkpoint.skipped_files)}"
+        )
     log(f"merged {len(adapters)} adapter(s) into {merged} weight(s) of {args.base} -> {out}")
     if args.verbose:
         for r in results:
             log(f"  {r.name}: max relative error {r.rel_err:.3e} (bound {r.bound:.3e}, {r.dtype})")
     if results:
         worst = max(results, key=lambda r: r.rel_err / r.bound)
-        log(f"verified {len(results)} tensor(s) on random probes: max relative error {worst.rel_err:.3e} "
-            f"(bound {worst.bound:.3e}, {worst.dtype}) at {worst.name}")
+        log(
+            f"verified {len(results)} tensor(s) on random probes: max relative error {worst.rel_err:.3e} "
+            f"(bound {worst.bound:.3e}, {worst.dtype}) at {worst.name}"
+        )
     elif not args.verify:
         log("verification skipped (--no-verify)")
     return 0
@@ -214,8 +241,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     state = _RunState()
     with signals.handled():
         try:
-            _check_output(args.out, [args.base] + [s.folder for s in args.adapters] +
-                          [s.initial for s in args.adapters if s.initial], args.force, log)
+            _check_output(
+                args.out,
+                [args.base] + [s.folder for s in args.adapters] + [s.initial for s in args.adapters if s.initial],
+                args.force,
+                log,
+            )
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 code = run(args, out, log, state)
@@ -239,8 +270,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"fused-lora merge: interrupted; {_aftermath(out, state)}", file=sys.stderr)
             return 130
         except OSError as exc:  # an I/O failure no layer attributed; still the environment's, not the inputs'
-            print(f"fused-lora merge: error: {exc.filename or ''}: {one_line(exc)}; {_aftermath(out, state)}",
-                  file=sys.stderr)
+            print(
+                f"fused-lora merge: error: {exc.filename or ''}: {one_line(exc)}; {_aftermath(out, state)}",
+                file=sys.stderr,
+            )
             return 3
         except Exception as exc:  # noqa: BLE001 - a bug: still one line, but a different status
             print(f"fused-lora merge: internal error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The two failures the merge command reports in one line on stderr: MergeError (bad input, exit code 2) and
 OutputError (the output could not be written: disk full, read-only, permissions; exit code 3)."""
+
 from __future__ import annotations
 
 import contextlib

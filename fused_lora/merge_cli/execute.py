@@ -3,6 +3,7 @@
 Only one touched tensor is in memory at a time (plus its adapters and float64 probe results of a few rows);
 untouched tensors are copied byte for byte from the input file.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,7 @@ from fused_lora.merge_cli import verify
 from fused_lora.merge_cli.checkpoint import INDEX, Checkpoint
 from fused_lora.merge_cli.errors import MergeError, one_line, writing
 from fused_lora.merge_cli.plan import TensorPlan
-from fused_lora.merge_cli.safetensors_io import (COPY_CHUNK, Entry, Header, read_header, read_tensor,
-                                                  write_shard)
+from fused_lora.merge_cli.safetensors_io import COPY_CHUNK, Entry, Header, read_header, read_tensor, write_shard
 
 MERGE_CHUNK_ELEMENTS = 1 << 20  # merge_ row blocks: bounds any backend's temporaries, still one rounding each
 
@@ -38,7 +38,7 @@ def _merge_in_place(plan: TensorPlan, weight: torch.Tensor) -> None:
     step = max(1, MERGE_CHUNK_ELEMENTS // max(weight.shape[1], 1))
     for i in range(0, weight.shape[0], step):
         try:
-            merge_(weight[i:i + step], a, b[i:i + step], scale32, safe=True)
+            merge_(weight[i : i + step], a, b[i : i + step], scale32, safe=True)
         except ValueError as exc:
             raise MergeError(plan.shard.path, plan.name, f"merge failed: {one_line(exc)}") from exc
 
@@ -84,10 +84,12 @@ class ShardWriter:
     def verify_written(self, out_path: str, shard: Header) -> None:
         """Reads each merged tensor back from the written file and checks it against the probes."""
         written = read_header(out_path)
-        if [(e.name, e.dtype, e.shape, e.nbytes) for e in written.entries] != \
-                [(e.name, e.dtype, e.shape, e.nbytes) for e in shard.entries]:
+        if [(e.name, e.dtype, e.shape, e.nbytes) for e in written.entries] != [
+            (e.name, e.dtype, e.shape, e.nbytes) for e in shard.entries
+        ]:
             raise MergeError(out_path, None, "written shard does not list the input's tensors")
         from safetensors import safe_open
+
         with safe_open(out_path, framework="pt") as f:  # the reference reader must accept the file
             if set(f.keys()) != {e.name for e in shard.entries}:
                 raise MergeError(out_path, None, "written shard is not readable by safetensors")
@@ -101,22 +103,31 @@ class ShardWriter:
             else:
                 rel, bound, ok = verify.check(self.expected[name], merged)
             if not ok:
-                raise MergeError(shard.path, name, f"verification failed: relative error {rel:.3e} exceeds "
-                                                   f"{bound:.3e} ({merged.dtype})")
+                raise MergeError(
+                    shard.path,
+                    name,
+                    f"verification failed: relative error {rel:.3e} exceeds {bound:.3e} ({merged.dtype})",
+                )
             self.results.append(Checked(name, merged.dtype, rel, bound))
             del self.expected[name]
 
 
-def write_checkpoint(checkpoint: Checkpoint, plans: dict[str, TensorPlan], out_dir: str,
-                     shard_metadata, verify_on: bool, progress=None) -> list[Checked]:
+def write_checkpoint(
+    checkpoint: Checkpoint, plans: dict[str, TensorPlan], out_dir: str, shard_metadata, verify_on: bool, progress=None
+) -> list[Checked]:
     for rel in checkpoint.other_files:
         copy_file(os.path.join(checkpoint.folder, rel), os.path.join(out_dir, rel))
     writer = ShardWriter(plans, verify_on)
     for shard in checkpoint.shards:
         out_path = os.path.join(out_dir, os.path.basename(shard.path))
         touched = sorted(name for name, p in plans.items() if p.shard is shard)
-        write_shard(out_path, shard, shard_metadata(shard, touched),
-                    lambda entry, s=shard: writer.tensor_for(entry, s), progress)
+        write_shard(
+            out_path,
+            shard,
+            shard_metadata(shard, touched),
+            lambda entry, s=shard: writer.tensor_for(entry, s),
+            progress,
+        )
         if verify_on:
             writer.verify_written(out_path, shard)
     if checkpoint.index is not None:

@@ -5,6 +5,7 @@ FUSED_LORA_MERGE_TEST_PAUSE=PATH: after the first tensor of the first shard is w
 creates PATH (holding its pid) and sleeps up to PAUSE_SECONDS before going on. Later shards do not pause
 (PATH exists by then). Unset, as always outside tests, it costs one environment lookup per shard.
 """
+
 from __future__ import annotations
 
 import os

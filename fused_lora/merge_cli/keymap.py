@@ -5,6 +5,7 @@ from a differently wrapped model (LlamaModel vs LlamaForCausalLM: "layers.0..." 
 One rule must map every name: the identity, adding a prefix, or stripping one. The identity wins when it
 works; otherwise exactly one rule may work, else we refuse and name the competing matches.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -22,9 +23,8 @@ def _candidates(first: str, base: set[str]) -> list[tuple[str, Callable[[str], s
     parts = first.split(".")
     for i in range(1, len(parts)):
         prefix = ".".join(parts[:i]) + "."
-        if first[len(prefix):] in base:
-            rules.append((f"strip prefix {prefix!r}",
-                          lambda n, p=prefix: n[len(p):] if n.startswith(p) else "\0" + n))
+        if first[len(prefix) :] in base:
+            rules.append((f"strip prefix {prefix!r}", lambda n, p=prefix: n[len(p) :] if n.startswith(p) else "\0" + n))
     return rules
 
 

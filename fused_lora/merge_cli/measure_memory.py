@@ -6,6 +6,7 @@ Builds shards of 4096x4096 float16 tensors plus an index, a rank-16 adapter on h
 merge (verification on) in a child process and reports the child's peak RSS (getrusage of the children)
 next to the largest shard and next to the RSS of a child that only imports the same modules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ def build(workdir: str, shards: int, shard_gib: float, rank: int) -> tuple[str, 
     base, adapter = os.path.join(workdir, "base"), os.path.join(workdir, "adapter")
     os.makedirs(base)
     os.makedirs(adapter)
-    per_shard = max(1, int(shard_gib * 2 ** 30) // (SIDE * SIDE * 2))
+    per_shard = max(1, int(shard_gib * 2**30) // (SIDE * SIDE * 2))
     weight_map, lora, largest = {}, {}, 0
     gen = torch.Generator().manual_seed(0)
     for s in range(shards):
@@ -77,27 +78,40 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         # build in a child too, so its memory does not count as ours
-        subprocess.run([sys.executable, "-c", f"from fused_lora.merge_cli.measure_memory import build; "
-                        f"build({workdir!r}, {args.shards}, {args.shard_gib}, {args.rank})"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from fused_lora.merge_cli.measure_memory import build; "
+                f"build({workdir!r}, {args.shards}, {args.shard_gib}, {args.rank})",
+            ],
+            check=True,
+        )
         base, adapter = os.path.join(workdir, "base"), os.path.join(workdir, "adapter")
-        largest = max(os.path.getsize(os.path.join(base, n)) for n in os.listdir(base)
-                      if n.endswith(".safetensors"))
-        print(f"built {args.shards} shards, largest {largest / 2 ** 30:.2f} GiB, in {time.perf_counter() - t0:.0f} s")
-        idle_kib, _w, _s = child_peak_kib("import torch, tqdm, safetensors.torch; "
-                                          "import fused_lora.merge_cli.cli, fused_lora.merge_cli.execute")
+        largest = max(os.path.getsize(os.path.join(base, n)) for n in os.listdir(base) if n.endswith(".safetensors"))
+        print(f"built {args.shards} shards, largest {largest / 2**30:.2f} GiB, in {time.perf_counter() - t0:.0f} s")
+        idle_kib, _w, _s = child_peak_kib(
+            "import torch, tqdm, safetensors.torch; import fused_lora.merge_cli.cli, fused_lora.merge_cli.execute"
+        )
         out = os.path.join(workdir, "merged")
         peak_kib, wall, status = child_peak_kib(
             "import sys; from fused_lora.merge_cli.cli import main; "
-            f"sys.exit(main(['--base', {base!r}, '--adapter', {adapter!r}, '--out', {out!r}]))")
+            f"sys.exit(main(['--base', {base!r}, '--adapter', {adapter!r}, '--out', {out!r}]))"
+        )
         if status != 0:
             print(f"merge failed with status {status}")
             return 1
         from fused_lora.ops.backends import backend_info
-        result = {"largest_shard_gib": largest / 2 ** 30, "peak_rss_gib": peak_kib / 2 ** 20,
-                  "import_only_rss_gib": idle_kib / 2 ** 20,
-                  "peak_over_largest_shard": peak_kib * 1024 / largest,
-                  "peak_minus_imports_over_largest_shard": (peak_kib - idle_kib) * 1024 / largest,
-                  "merge_wall_s": wall, "backend": backend_info().splitlines()[0]}
+
+        result = {
+            "largest_shard_gib": largest / 2**30,
+            "peak_rss_gib": peak_kib / 2**20,
+            "import_only_rss_gib": idle_kib / 2**20,
+            "peak_over_largest_shard": peak_kib * 1024 / largest,
+            "peak_minus_imports_over_largest_shard": (peak_kib - idle_kib) * 1024 / largest,
+            "merge_wall_s": wall,
+            "backend": backend_info().splitlines()[0],
+        }
         print(json.dumps(result, indent=2))
         return 0
     finally:

@@ -5,6 +5,7 @@ Every contribution is turned to the weight's storage orientation: the delta adde
 (GPT-2 Conv1D, fan_in_fan_out; embeddings) that is A_s = B^T, B_s = A^T. Stacking all adapters of one
 weight along the rank axis then gives a single merge_ call: one rounding however many adapters.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ class TensorPlan:
     name: str
     shard: Header
     entry: Entry
-    replacement: Optional[torch.Tensor] = None      # full new value (modules_to_save / saved base layer)
-    lora_a: list[torch.Tensor] = field(default_factory=list)    # A_s per contribution, [r, cols] float32
-    lora_b: list[torch.Tensor] = field(default_factory=list)    # B_s per contribution, [rows, r] float32
-    scales: list[torch.Tensor] = field(default_factory=list)    # [r] float64
+    replacement: Optional[torch.Tensor] = None  # full new value (modules_to_save / saved base layer)
+    lora_a: list[torch.Tensor] = field(default_factory=list)  # A_s per contribution, [r, cols] float32
+    lora_b: list[torch.Tensor] = field(default_factory=list)  # B_s per contribution, [rows, r] float32
+    scales: list[torch.Tensor] = field(default_factory=list)  # [r] float64
     bias_terms: list[tuple[torch.Tensor, float]] = field(default_factory=list)  # lora_B.bias, scale
     sources: list[str] = field(default_factory=list)
 
@@ -36,29 +37,41 @@ class TensorPlan:
         return sum(a.shape[0] for a in self.lora_a)
 
     def stacked(self):
-        return (torch.cat(self.lora_a, 0).contiguous(), torch.cat(self.lora_b, 1).contiguous(),
-                torch.cat(self.scales, 0))
+        return (
+            torch.cat(self.lora_a, 0).contiguous(),
+            torch.cat(self.lora_b, 1).contiguous(),
+            torch.cat(self.scales, 0),
+        )
 
 
 def _mergeable(plan: TensorPlan, file: str, key: str) -> None:
     if plan.entry.dtype not in TORCH_DTYPE:
-        raise MergeError(plan.shard.path, plan.name, f"base tensor has dtype {plan.entry.dtype}; merging needs "
-                                                     f"F16, BF16 or F32 (adapter key {key} in {file})")
+        raise MergeError(
+            plan.shard.path,
+            plan.name,
+            f"base tensor has dtype {plan.entry.dtype}; merging needs F16, BF16 or F32 (adapter key {key} in {file})",
+        )
 
 
 def _orient(delta: ModuleDelta, plan: TensorPlan) -> tuple[torch.Tensor, torch.Tensor]:
     shape = plan.entry.shape
     n_out, k_in = delta.lora_b.shape[0], delta.lora_a.shape[1]
     if len(shape) != 2 or (shape != (n_out, k_in) and shape != (k_in, n_out)):
-        raise MergeError(delta.source, delta.key,
-                         f"shape mismatch: adapter delta is [{n_out}, {k_in}] (lora_B {tuple(delta.lora_b.shape)} "
-                         f"x lora_A {tuple(delta.lora_a.shape)}) but base tensor {plan.name} in "
-                         f"{plan.shard.path} is {list(shape)}")
+        raise MergeError(
+            delta.source,
+            delta.key,
+            f"shape mismatch: adapter delta is [{n_out}, {k_in}] (lora_B {tuple(delta.lora_b.shape)} "
+            f"x lora_A {tuple(delta.lora_a.shape)}) but base tensor {plan.name} in "
+            f"{plan.shard.path} is {list(shape)}",
+        )
     if delta.kind == "embedding":
         transposed = True  # embedding weight [num_embeddings, dim]; PEFT's delta is (B A)^T
         if shape != (k_in, n_out):
-            raise MergeError(delta.source, delta.key, f"shape mismatch: embedding {plan.name} is {list(shape)}, "
-                                                      f"adapter expects [{k_in}, {n_out}]")
+            raise MergeError(
+                delta.source,
+                delta.key,
+                f"shape mismatch: embedding {plan.name} is {list(shape)}, adapter expects [{k_in}, {n_out}]",
+            )
     elif n_out == k_in:
         transposed = delta.fan_in_fan_out  # square: only the config can tell
     else:
@@ -93,8 +106,11 @@ def build_plan(adapters: list[Adapter], checkpoint: Checkpoint) -> dict[str, Ten
             plan = plan_for(name)
             _mergeable(plan, adapter.spec.folder, key)
             if tuple(t.shape) != plan.entry.shape:
-                raise MergeError(adapter.spec.folder, key, f"shape mismatch: replacement {tuple(t.shape)} vs base "
-                                                           f"{plan.name} {list(plan.entry.shape)}")
+                raise MergeError(
+                    adapter.spec.folder,
+                    key,
+                    f"shape mismatch: replacement {tuple(t.shape)} vs base {plan.name} {list(plan.entry.shape)}",
+                )
             if plan.replacement is not None:
                 raise MergeError(adapter.spec.folder, key, f"{plan.name} is replaced by two adapters")
             plan.replacement = t
@@ -113,7 +129,11 @@ def build_plan(adapters: list[Adapter], checkpoint: Checkpoint) -> dict[str, Ten
                 bias_key = f"{PREFIX}{delta.path}.lora_B.bias"
                 _mergeable(bias_plan, delta.source, bias_key)
                 if bias_plan.entry.shape != tuple(delta.bias.shape):
-                    raise MergeError(delta.source, bias_key, f"shape mismatch: {tuple(delta.bias.shape)} vs base "
-                                                             f"{bias_plan.name} {list(bias_plan.entry.shape)}")
+                    raise MergeError(
+                        delta.source,
+                        bias_key,
+                        f"shape mismatch: {tuple(delta.bias.shape)} vs base "
+                        f"{bias_plan.name} {list(bias_plan.entry.shape)}",
+                    )
                 bias_plan.bias_terms.append((delta.bias, delta.bias_scale))
     return plans

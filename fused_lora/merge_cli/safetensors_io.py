@@ -3,6 +3,7 @@
 The writer copies the bytes of untouched tensors straight from the input file (bit-exact, never held whole in
 memory) and takes the touched ones from memory, so a shard never has to be resident at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,25 @@ from fused_lora.merge_cli import hooks
 from fused_lora.merge_cli.errors import MergeError, writing
 
 # bytes per element of each safetensors dtype, and the torch dtype where we may need to compute on it
-ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "F8_E8M0": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
 TORCH_DTYPE = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 SAFETENSORS_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
@@ -60,8 +78,9 @@ def read_header(path: str) -> Header:
                 raise MergeError(path, None, f"truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise MergeError(path, None, f"corrupt or truncated safetensors header (declares {n} bytes, "
-                                             f"file has {size})")
+                raise MergeError(
+                    path, None, f"corrupt or truncated safetensors header (declares {n} bytes, file has {size})"
+                )
             raw = f.read(n)
     except OSError as exc:
         raise MergeError(path, None, f"cannot read: {exc.strerror or exc}") from exc
@@ -72,22 +91,29 @@ def read_header(path: str) -> Header:
     if not isinstance(doc, dict):
         raise MergeError(path, None, "corrupt safetensors header (not a JSON object)")
     metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise MergeError(path, "__metadata__", "corrupt safetensors metadata (must map strings to strings)")
     entries = [_entry(path, name, info) for name, info in doc.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
     cursor = 0
     for e in entries:
         if e.begin != cursor:
-            raise MergeError(path, e.name, f"corrupt safetensors header: data_offsets [{e.begin}, {e.end}] "
-                                           f"leave a gap or overlap at byte {cursor}")
+            raise MergeError(
+                path,
+                e.name,
+                f"corrupt safetensors header: data_offsets [{e.begin}, {e.end}] "
+                f"leave a gap or overlap at byte {cursor}",
+            )
         cursor = e.end
     data_len = size - 8 - n
     if cursor != data_len:
-        raise MergeError(path, entries[-1].name if entries else None,
-                         f"truncated or corrupt safetensors file: header describes {cursor} data bytes, "
-                         f"file holds {data_len}")
+        raise MergeError(
+            path,
+            entries[-1].name if entries else None,
+            f"truncated or corrupt safetensors file: header describes {cursor} data bytes, file holds {data_len}",
+        )
     return Header(path, 8 + n, entries, dict(metadata))
 
 
@@ -97,18 +123,25 @@ def _entry(path: str, name: str, info) -> Entry:
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in ITEMSIZE:
         raise MergeError(path, name, f"unknown safetensors dtype {dtype!r}")
-    if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets)):
-        raise MergeError(path, name, f"corrupt safetensors header entry (shape {shape!r}, data_offsets "
-                                     f"{offsets!r})")
+    if (
+        not isinstance(shape, list)
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+    ):
+        raise MergeError(path, name, f"corrupt safetensors header entry (shape {shape!r}, data_offsets {offsets!r})")
     numel = 1
     for d in shape:
         numel *= d
     begin, end = offsets
     if end - begin != numel * ITEMSIZE[dtype]:
-        raise MergeError(path, name, f"corrupt safetensors header: shape {shape} of {dtype} needs "
-                                     f"{numel * ITEMSIZE[dtype]} bytes, data_offsets span {end - begin}")
+        raise MergeError(
+            path,
+            name,
+            f"corrupt safetensors header: shape {shape} of {dtype} needs "
+            f"{numel * ITEMSIZE[dtype]} bytes, data_offsets span {end - begin}",
+        )
     return Entry(name, dtype, tuple(shape), begin, end)
 
 
@@ -137,8 +170,13 @@ def _header_bytes(entries: list[Entry], metadata: Mapping[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_shard(out_path: str, source: Header, metadata: Mapping[str, str],
-                replacement: Callable[[Entry], Optional[torch.Tensor]], progress=None) -> None:
+def write_shard(
+    out_path: str,
+    source: Header,
+    metadata: Mapping[str, str],
+    replacement: Callable[[Entry], Optional[torch.Tensor]],
+    progress=None,
+) -> None:
     """Write `source`'s tensors in its data order, same names/dtypes/shapes/offsets, with new metadata.
     `replacement(entry)` returns the in-memory tensor to write for a touched entry (it is called just before
     that entry is written, so at most one touched tensor needs to live at a time), or None to copy the input's

@@ -12,6 +12,7 @@ A signal whose disposition is SIG_IGN when the merge starts (`nohup` ignores SIG
 in background jobs) stays ignored. Outside the main thread nothing is installed (Python only allows handlers
 there); SIGINT then still arrives as KeyboardInterrupt.
 """
+
 from __future__ import annotations
 
 import signal
@@ -39,8 +40,8 @@ class Stopped(BaseException):
 
 class _State:
     interruptible = False
-    pending: Optional[int] = None   # the first signal received
-    raised = False                  # Stopped has been raised for it
+    pending: Optional[int] = None  # the first signal received
+    raised = False  # Stopped has been raised for it
 
 
 _state = _State()

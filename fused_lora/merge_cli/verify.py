@@ -5,6 +5,7 @@ The bound follows from the merge's error model: each merged element is the float
 Summed against |x| that gives |y - ref| <= (u + (r+2) u32) * mag with mag = |x| |W|^T + |x| |A|^T |s| |B|^T;
 we allow twice that, plus the dtype's subnormal spacing for rows that are (nearly) zero.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -14,7 +15,7 @@ import torch
 
 PROBE_ROWS = 4
 CHUNK_ELEMENTS = 1 << 20  # float64 temporaries of at most 8 MiB while probing
-U32 = 2.0 ** -24
+U32 = 2.0**-24
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -35,8 +36,8 @@ def matmul_rows(x: torch.Tensor, w: torch.Tensor, absolute: bool = False) -> tor
     step = max(1, CHUNK_ELEMENTS // max(w.shape[1], 1))
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float64)
     for i in range(0, w.shape[0], step):
-        block = w[i:i + step].to(torch.float64)
-        out[:, i:i + step] = x @ (block.abs() if absolute else block).T
+        block = w[i : i + step].to(torch.float64)
+        out[:, i : i + step] = x @ (block.abs() if absolute else block).T
     return out
 
 
@@ -48,8 +49,9 @@ class Expected:
     rank: int
 
 
-def expect(name: str, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-           scale: torch.Tensor) -> Expected:
+def expect(
+    name: str, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: torch.Tensor
+) -> Expected:
     """Taken from the unmerged weight, before merge_ touches it."""
     x = probes(name, weight.shape[1])
     a, b, s = lora_a.double(), lora_b.double(), scale.double()
@@ -69,8 +71,9 @@ def check(expected: Expected, merged: torch.Tensor) -> tuple[float, float, bool]
     return rel, bound, ok
 
 
-def check_bias(original: torch.Tensor, merged: torch.Tensor, terms: list[tuple[torch.Tensor, float]]
-               ) -> tuple[float, float, bool]:
+def check_bias(
+    original: torch.Tensor, merged: torch.Tensor, terms: list[tuple[torch.Tensor, float]]
+) -> tuple[float, float, bool]:
     ref = original.double().clone()
     mag = original.double().abs()
     for vec, s in terms:

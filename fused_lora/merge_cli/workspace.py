@@ -11,6 +11,7 @@ A later run to the same --out removes the STEM and STEM.old of every unheld STEM
 between the two renames of the swap, renames STEM.old back to DIR/NAME), and says so. Nothing else is touched:
 not other outputs' folders, not names outside this pattern, not folders of a running merge.
 """
+
 from __future__ import annotations
 
 import errno
@@ -179,8 +180,10 @@ def sweep(out: str, keep: Callable[[str], bool], log: Callable[[str], None]) -> 
             stem = os.path.join(parent, entry[: len(entry) - len(m["suffix"] or "")])
             stems[stem] = m["pid"]
         elif legacy.fullmatch(entry):
-            log(f"note: left {os.path.join(parent, entry)} alone: named by an older fused_lora, which cannot "
-                "tell whether a merge still uses it; delete it if none is running")
+            log(
+                f"note: left {os.path.join(parent, entry)} alone: named by an older fused_lora, which cannot "
+                "tell whether a merge still uses it; delete it if none is running"
+            )
     for stem, pid in stems.items():
         if any(keep(stem + suffix) for suffix in ("", LOCK, ASIDE)):
             continue
@@ -222,7 +225,9 @@ def _reclaim(stem: str, pid: str, out: str, log: Callable[[str], None]) -> None:
         os.unlink(lock)
         log(f"{'; '.join(done) or f'removed stale lock file {lock}'} (left by merge pid {pid}, no longer running)")
     except OSError as exc:
-        log(f"note: could not clean up {stem} left by merge pid {pid}: {exc.strerror or one_line(exc)}"
-            f"{f' ({exc.filename})' if exc.filename else ''}")
+        log(
+            f"note: could not clean up {stem} left by merge pid {pid}: {exc.strerror or one_line(exc)}"
+            f"{f' ({exc.filename})' if exc.filename else ''}"
+        )
     finally:
         os.close(fd)

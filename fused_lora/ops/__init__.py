@@ -17,6 +17,7 @@ The ops take their operands in their final dtypes (fused_lora.functional applies
 calling them), so a backend runs with autocast switched off: autocast does not stop at custom ops, and would
 otherwise re-cast the float32 arithmetic inside the reference and C++ backends (the shrink t, say) to 16 bits.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -63,24 +64,57 @@ def _run(device: torch.device, fn, *args):
 
 # ---- forward: all active adapters on every row (one adapter is the n = 1 case) ----
 @torch.library.custom_op("fused_lora::lora_fwd", mutates_args=())
-def lora_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
-             rank_ptr: List[int], dropout_p: List[float], seed: Tensor) -> Tuple[Tensor, Tensor]:
-    return _run(x.device, resolve(x.device).lora_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr,
-                dropout_p, seed)
+def lora_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: Tensor,
+    rank_ptr: List[int],
+    dropout_p: List[float],
+    seed: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    return _run(x.device, resolve(x.device).lora_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)
 
 
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
-    return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], lora_a.shape[0], dtype=_t_dtype(x, weight, lora_a)))
+    return (
+        x.new_empty(x.shape[0], weight.shape[0]),
+        x.new_empty(x.shape[0], lora_a.shape[0], dtype=_t_dtype(x, weight, lora_a)),
+    )
 
 
 @torch.library.custom_op("fused_lora::lora_bwd", mutates_args=())
-def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, t: Tensor,
-             rank_ptr: List[int], dropout_p: List[float], seed: Tensor, need_dx: bool
-             ) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, da, db = _run(x.device, resolve(x.device).lora_bwd, dy, x, weight, lora_a, lora_b, scale, t, rank_ptr,
-                      dropout_p, seed, need_dx)
+def lora_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: Tensor,
+    t: Tensor,
+    rank_ptr: List[int],
+    dropout_p: List[float],
+    seed: Tensor,
+    need_dx: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, da, db = _run(
+        x.device,
+        resolve(x.device).lora_bwd,
+        dy,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        scale,
+        t,
+        rank_ptr,
+        dropout_p,
+        seed,
+        need_dx,
+    )
     # custom ops cannot return None: an empty 1-D tensor stands for "dx not requested"
     return (dx if dx is not None else x.new_empty(0)), da, db
 
@@ -93,25 +127,73 @@ def _(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_d
 
 # ---- forward with one adapter (or none) per row: mixed batches ----
 @torch.library.custom_op("fused_lora::lora_rows_fwd", mutates_args=())
-def lora_rows_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
-                  scale: Tensor, rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor
-                  ) -> Tuple[Tensor, Tensor]:
-    return _run(x.device, resolve(x.device).lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr,
-                row_ids, dropout_p, seed)
+def lora_rows_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: Tensor,
+    rank_ptr: List[int],
+    row_ids: Tensor,
+    dropout_p: List[float],
+    seed: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    return _run(
+        x.device,
+        resolve(x.device).lora_rows_fwd,
+        x,
+        weight,
+        bias,
+        lora_a,
+        lora_b,
+        scale,
+        rank_ptr,
+        row_ids,
+        dropout_p,
+        seed,
+    )
 
 
 @lora_rows_fwd.register_fake
 def _(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
-    return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], _max_rank(rank_ptr), dtype=_t_dtype(x, weight, lora_a)))
+    return (
+        x.new_empty(x.shape[0], weight.shape[0]),
+        x.new_empty(x.shape[0], _max_rank(rank_ptr), dtype=_t_dtype(x, weight, lora_a)),
+    )
 
 
 @torch.library.custom_op("fused_lora::lora_rows_bwd", mutates_args=())
-def lora_rows_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor,
-                  t: Tensor, rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor,
-                  need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, da, db = _run(x.device, resolve(x.device).lora_rows_bwd, dy, x, weight, lora_a, lora_b, scale, t,
-                      rank_ptr, row_ids, dropout_p, seed, need_dx)
+def lora_rows_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: Tensor,
+    t: Tensor,
+    rank_ptr: List[int],
+    row_ids: Tensor,
+    dropout_p: List[float],
+    seed: Tensor,
+    need_dx: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, da, db = _run(
+        x.device,
+        resolve(x.device).lora_rows_bwd,
+        dy,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        scale,
+        t,
+        rank_ptr,
+        row_ids,
+        dropout_p,
+        seed,
+        need_dx,
+    )
     return (dx if dx is not None else x.new_empty(0)), da, db
 
 
@@ -123,10 +205,12 @@ def _(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, see
 
 # ---- in-place merge / unmerge ----
 @torch.library.custom_op("fused_lora::lora_merge_", mutates_args=("weight",))
-def lora_merge_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, sign: float,
-                fan_in_fan_out: bool, safe: bool) -> Tensor:
-    return _run(weight.device, resolve(weight.device).lora_merge_, weight, lora_a, lora_b, scale, sign,
-                fan_in_fan_out, safe)
+def lora_merge_(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: Tensor, sign: float, fan_in_fan_out: bool, safe: bool
+) -> Tensor:
+    return _run(
+        weight.device, resolve(weight.device).lora_merge_, weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe
+    )
 
 
 @lora_merge_.register_fake
@@ -166,8 +250,21 @@ def _setup_fwd(ctx, inputs, output):
 
 def _bwd_fwd(ctx, dy, _dt):
     x, weight, lora_a, lora_b, scale, t, seed = ctx.saved_tensors
-    return _grads(ctx.needs_input_grad[:3], dy, x, weight, ctx.has_bias, lora_bwd, lora_a, lora_b, scale, t,
-                  ctx.rank_ptr, ctx.dropout_p, seed) + (None, None, None, None)
+    return _grads(
+        ctx.needs_input_grad[:3],
+        dy,
+        x,
+        weight,
+        ctx.has_bias,
+        lora_bwd,
+        lora_a,
+        lora_b,
+        scale,
+        t,
+        ctx.rank_ptr,
+        ctx.dropout_p,
+        seed,
+    ) + (None, None, None, None)
 
 
 lora_fwd.register_autograd(_bwd_fwd, setup_context=_setup_fwd)
@@ -182,8 +279,22 @@ def _setup_rows(ctx, inputs, output):
 
 def _bwd_rows(ctx, dy, _dt):
     x, weight, lora_a, lora_b, scale, t, row_ids, seed = ctx.saved_tensors
-    return _grads(ctx.needs_input_grad[:3], dy, x, weight, ctx.has_bias, lora_rows_bwd, lora_a, lora_b, scale, t,
-                  ctx.rank_ptr, row_ids, ctx.dropout_p, seed) + (None, None, None, None, None)
+    return _grads(
+        ctx.needs_input_grad[:3],
+        dy,
+        x,
+        weight,
+        ctx.has_bias,
+        lora_rows_bwd,
+        lora_a,
+        lora_b,
+        scale,
+        t,
+        ctx.rank_ptr,
+        row_ids,
+        ctx.dropout_p,
+        seed,
+    ) + (None, None, None, None, None)
 
 
 lora_rows_fwd.register_autograd(_bwd_rows, setup_context=_setup_rows)
@@ -203,8 +314,13 @@ def plain_eager() -> bool:
     """Plain eager execution: not traced by torch.compile or torch.jit, no dispatch or function mode (FakeTensorMode,
     `with torch.device(...)`, ...), no functorch transform. Only then may tensors made now be kept for later calls
     (plans, cached constants), and only then may a call skip torch.library's layers."""
-    return not (_is_compiling() or _dispatch_modes() or _function_modes() or _functorch_levels() is not None
-                or _jit_tracing() is not None)
+    return not (
+        _is_compiling()
+        or _dispatch_modes()
+        or _function_modes()
+        or _functorch_levels() is not None
+        or _jit_tracing() is not None
+    )
 
 
 def eager_call_ok(*tensors: Optional[Tensor]) -> bool:
@@ -241,8 +357,21 @@ class _DenseFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, scale, t, seed = ctx.saved_tensors
         bwd = _eager_bwd(ctx.impl.lora_bwd, x.device)
-        dx, dw, dbias, da, db = _grads(ctx.needs_input_grad[1:4], dy, x, weight, ctx.has_bias, bwd, lora_a, lora_b,
-                                       scale, t, ctx.rank_ptr, ctx.dropout_p, seed)
+        dx, dw, dbias, da, db = _grads(
+            ctx.needs_input_grad[1:4],
+            dy,
+            x,
+            weight,
+            ctx.has_bias,
+            bwd,
+            lora_a,
+            lora_b,
+            scale,
+            t,
+            ctx.rank_ptr,
+            ctx.dropout_p,
+            seed,
+        )
         return None, dx, dw, dbias, da, db, None, None, None, None
 
 
@@ -251,8 +380,9 @@ class _RowsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, impl, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
-        y, t = _run(x.device, impl.lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids,
-                    dropout_p, seed)
+        y, t = _run(
+            x.device, impl.lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed
+        )
         ctx.save_for_backward(x, weight, lora_a, lora_b, scale, t, row_ids, seed)
         ctx.impl, ctx.rank_ptr, ctx.dropout_p, ctx.has_bias = impl, rank_ptr, dropout_p, bias is not None
         return y
@@ -261,8 +391,22 @@ class _RowsFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, scale, t, row_ids, seed = ctx.saved_tensors
         bwd = _eager_bwd(ctx.impl.lora_rows_bwd, x.device)
-        dx, dw, dbias, da, db = _grads(ctx.needs_input_grad[1:4], dy, x, weight, ctx.has_bias, bwd, lora_a, lora_b,
-                                       scale, t, ctx.rank_ptr, row_ids, ctx.dropout_p, seed)
+        dx, dw, dbias, da, db = _grads(
+            ctx.needs_input_grad[1:4],
+            dy,
+            x,
+            weight,
+            ctx.has_bias,
+            bwd,
+            lora_a,
+            lora_b,
+            scale,
+            t,
+            ctx.rank_ptr,
+            row_ids,
+            ctx.dropout_p,
+            seed,
+        )
         return None, dx, dw, dbias, da, db, None, None, None, None, None
 
 
@@ -270,8 +414,18 @@ def _eager_bwd(fn, device):
     return lambda *args: _run(device, fn, *args)
 
 
-def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
-            rank_ptr: List[int], dropout_p: List[float], seed: Tensor, backend=None) -> Tensor:
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: Tensor,
+    rank_ptr: List[int],
+    dropout_p: List[float],
+    seed: Tensor,
+    backend=None,
+) -> Tensor:
     """y of lora_fwd (arguments as CONTRACT.md). In plain eager mode the backend runs directly (`backend`: a
     module from resolve(x.device), e.g. remembered by a layer's plan; default: resolved here); elsewhere the
     registered op runs (eager_call_ok)."""
@@ -283,13 +437,25 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, l
     return lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)[0]
 
 
-def rows_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: Tensor,
-                 rank_ptr: List[int], row_ids: Tensor, dropout_p: List[float], seed: Tensor, backend=None) -> Tensor:
+def rows_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: Tensor,
+    rank_ptr: List[int],
+    row_ids: Tensor,
+    dropout_p: List[float],
+    seed: Tensor,
+    backend=None,
+) -> Tensor:
     """y of lora_rows_fwd; the eager/registered choice as `forward`."""
     if eager_call_ok(x, weight, bias, lora_a, lora_b, row_ids):
         impl = backend if backend is not None else resolve(x.device)
         if _needs_grad(x, weight, bias, lora_a, lora_b):
             return _RowsFn.apply(impl, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)
-        return _run(x.device, impl.lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids,
-                    dropout_p, seed)[0]
+        return _run(
+            x.device, impl.lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed
+        )[0]
     return lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)[0]

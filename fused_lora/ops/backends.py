@@ -15,6 +15,7 @@
 device type), so a call costs one environment read and one dict lookup; a changed FUSED_LORA_BACKEND (tests set
 it per test) is a new key. `backend_for` decides afresh at every call (backend_info and tests use it).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -62,8 +63,11 @@ def _cpp_or_fallback() -> ModuleType:
     if module is not None:
         return module
     if not _warned_fallback:
-        warnings.warn(f"fused_lora: C++ CPU backend unavailable ({why}); CPU ops use plain torch (reference).",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"fused_lora: C++ CPU backend unavailable ({why}); CPU ops use plain torch (reference).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         _warned_fallback = True
     return importlib.import_module("fused_lora.reference")
 
@@ -72,11 +76,13 @@ def _triton_for(device_type: str) -> ModuleType:
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise BackendUnavailable(
             "FUSED_LORA_BACKEND=triton on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before Python starts (it must be set before triton is imported)")
+            "before Python starts (it must be set before triton is imported)"
+        )
     module, why = _import_triton()
     if module is None:
-        raise BackendUnavailable(f"Triton backend unavailable ({why}); install triton or use "
-                                 "FUSED_LORA_BACKEND=reference")
+        raise BackendUnavailable(
+            f"Triton backend unavailable ({why}); install triton or use FUSED_LORA_BACKEND=reference"
+        )
     return module
 
 
@@ -94,8 +100,10 @@ def backend_for(device: "torch.device") -> ModuleType:  # noqa: F821
             raise BackendUnavailable(f"FUSED_LORA_BACKEND=cpp runs CPU tensors only, got {device}")
         module, why = _import_cpp()
         if module is None:
-            raise BackendUnavailable(f"FUSED_LORA_BACKEND=cpp but the C++ backend is unavailable ({why}); "
-                                     "reinstall with a C++ compiler (pip install --no-build-isolation -e .)")
+            raise BackendUnavailable(
+                f"FUSED_LORA_BACKEND=cpp but the C++ backend is unavailable ({why}); "
+                "reinstall with a C++ compiler (pip install --no-build-isolation -e .)"
+            )
         return module
     if device.type == "cpu":
         return _cpp_or_fallback()
@@ -106,14 +114,20 @@ def backend_info() -> str:
     """One line per device kind saying which implementation runs there and why."""
     name = requested_backend()
     cpp, cpp_why = _import_cpp()
-    cpu = {"reference": "reference (plain torch, forced)",
-           "triton": "triton (interpreter)" if os.environ.get("TRITON_INTERPRET") == "1"
-           else "triton requested but TRITON_INTERPRET is not 1 (ops will raise)"}.get(name)
+    cpu = {
+        "reference": "reference (plain torch, forced)",
+        "triton": "triton (interpreter)"
+        if os.environ.get("TRITON_INTERPRET") == "1"
+        else "triton requested but TRITON_INTERPRET is not 1 (ops will raise)",
+    }.get(name)
     if cpu is None:
         cpu = "cpp (fused_lora._C)" if cpp is not None else f"reference (C++ backend unavailable: {cpp_why})"
     tri, tri_why = _import_triton()
-    cuda = "reference (plain torch, forced)" if name == "reference" else (
-        "triton" if tri is not None else f"unavailable: {tri_why}")
+    cuda = (
+        "reference (plain torch, forced)"
+        if name == "reference"
+        else ("triton" if tri is not None else f"unavailable: {tri_why}")
+    )
     return f"cpu: {cpu}\ncuda: {cuda}"
 
 
@@ -133,6 +147,7 @@ def _env_reader(name: str):
     def read():
         value = data.get(key)
         return None if value is None else decode(value)
+
     return read
 
 

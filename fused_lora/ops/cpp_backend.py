@@ -26,6 +26,7 @@ per call shape). Forcing, read at every call: FUSED_LORA_CPU_GEMM=auto|vendor|mi
 FUSED_LORA_CPU_DIRECT_MAX_ROWS=<n> (replaces the rule's row limits for direct), and the older
 FUSED_LORA_CPU_BF16_EXACT=1 (bf16 never vendor) / FUSED_LORA_CPU_FP16_FAST=1 (fp16 always vendor).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,8 @@ try:
 except ImportError as exc:  # not built, or an ABI mismatch with the installed torch
     raise ImportError(
         f"fused_lora C++ CPU backend is not available ({exc}); rebuild it with "
-        "`pip install --no-build-isolation -e .` or use FUSED_LORA_BACKEND=reference") from exc
+        "`pip install --no-build-isolation -e .` or use FUSED_LORA_BACKEND=reference"
+    ) from exc
 
 _ops = torch.ops.fused_lora_cpu
 
@@ -159,20 +161,25 @@ def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
 
 def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx):
     dy, x, weight, lora_a, lora_b, t = _detached(dy, x, weight, lora_a, lora_b, t)
-    return tuple(_ops.lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, _ints(rank_ptr), _floats(dropout_p),
-                               seed, bool(need_dx)))
+    return tuple(
+        _ops.lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, _ints(rank_ptr), _floats(dropout_p), seed, bool(need_dx))
+    )
 
 
 def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
     x, weight, bias, lora_a, lora_b = _detached(x, weight, bias, lora_a, lora_b)
-    return tuple(_ops.lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, _ints(rank_ptr), row_ids,
-                                    _floats(dropout_p), seed))
+    return tuple(
+        _ops.lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, _ints(rank_ptr), row_ids, _floats(dropout_p), seed)
+    )
 
 
 def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx):
     dy, x, weight, lora_a, lora_b, t = _detached(dy, x, weight, lora_a, lora_b, t)
-    return tuple(_ops.lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, _ints(rank_ptr), row_ids,
-                                    _floats(dropout_p), seed, bool(need_dx)))
+    return tuple(
+        _ops.lora_rows_bwd(
+            dy, x, weight, lora_a, lora_b, scale, t, _ints(rank_ptr), row_ids, _floats(dropout_p), seed, bool(need_dx)
+        )
+    )
 
 
 def lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):

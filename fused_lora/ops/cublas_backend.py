@@ -18,6 +18,7 @@ base GEMM and once after the rank term is added (PEFT and Unsloth round as often
 adapters' dtype before it is scaled (as PEFT's lora_A output is). Tests hold it to the same rule as every
 backend: error against float64 within twice PyTorch's own same-dtype error.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -38,8 +39,10 @@ def _device_impl(device: torch.device):
     also runs on CPU tensors, where tests hold it to the contract)."""
     if device.type == "cuda":
         from fused_lora.ops import triton_backend
+
         return triton_backend
     from fused_lora import reference
+
     return reference
 
 
@@ -68,8 +71,9 @@ def _adapters(rank_ptr: List[int], dropout_p: List[float]):
     return [(i, rank_ptr[i], rank_ptr[i + 1], float(dropout_p[i])) for i in range(len(rank_ptr) - 1)]
 
 
-def shrink(x: Tensor, lora_a: Tensor, scale: Tensor, rank_ptr: List[int], dropout_p: List[float], seed: Tensor
-           ) -> Tensor:
+def shrink(
+    x: Tensor, lora_a: Tensor, scale: Tensor, rank_ptr: List[int], dropout_p: List[float], seed: Tensor
+) -> Tensor:
     """t [M, R] = (drop_i(x) A_i^T) * scale for every adapter i; one GEMM for all adapters without dropout."""
     M, R = x.shape[0], lora_a.shape[0]
     t_dtype = _t_dtype(x, lora_a)
@@ -126,8 +130,9 @@ def _da(ds: Tensor, x: Tensor, lora_a: Tensor, rank_ptr, dropout_p, seed) -> Ten
     return da
 
 
-def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx
-             ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+def lora_bwd(
+    dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx
+) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     adt = lora_a.dtype
     dya = dy.to(adt)
     db = dya.T @ t.to(adt)
@@ -155,8 +160,13 @@ def _rank_tables(rank_ptr: tuple, device: torch.device):
     index = [[min(rank_ptr[i] + j, max(R - 1, 0)) for j in range(r_max)] for i in range(max(n, 1))]
     valid = [[n > 0 and j < rank_ptr[i + 1] - rank_ptr[i] for j in range(r_max)] for i in range(max(n, 1))]
     as_tensor = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
-    return (as_tensor(owner, torch.int64), as_tensor(local, torch.int64), as_tensor(index, torch.int64),
-            as_tensor(valid, torch.bool), r_max)
+    return (
+        as_tensor(owner, torch.int64),
+        as_tensor(local, torch.int64),
+        as_tensor(index, torch.int64),
+        as_tensor(valid, torch.bool),
+        r_max,
+    )
 
 
 def _row_selection(row_ids: Tensor, rank_ptr, device) -> Tuple[Tensor, Tensor, Tensor, Tensor, int]:
@@ -176,8 +186,7 @@ def _per_row_t(t_all: Tensor, row_ids: Tensor, index: Tensor, valid: Tensor, n: 
     return picked * (valid[a] & in_range[:, None]).to(picked.dtype)
 
 
-def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed
-                  ) -> Tuple[Tensor, Tensor]:
+def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed) -> Tuple[Tensor, Tensor]:
     n = len(rank_ptr) - 1
     sel, _, index, valid, _ = _row_selection(row_ids, rank_ptr, x.device)
     t_all = shrink(x, lora_a, scale, rank_ptr, dropout_p, seed) * sel.to(_t_dtype(x, lora_a))
@@ -186,8 +195,9 @@ def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dro
     return y, _per_row_t(t_all, row_ids, index, valid, n)
 
 
-def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx
-                  ) -> Tuple[Optional[Tensor], Tensor, Tensor]:
+def lora_rows_bwd(
+    dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx
+) -> Tuple[Optional[Tensor], Tensor, Tensor]:
     adt = lora_a.dtype
     sel, local, _, _, _ = _row_selection(row_ids, rank_ptr, x.device)
     M, R = x.shape[0], lora_a.shape[0]

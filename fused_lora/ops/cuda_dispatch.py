@@ -21,6 +21,7 @@ Decisions are cached per (op, device, dtype, shape), with M rounded up to a powe
 (`model_tokens`): a call costs one dict lookup after the first of its bucket.
 `python -m fused_lora info --explain M N K r dtype` prints a decision and both plans.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,8 @@ OPS = ("forward", "backward", "mixed_forward", "mixed_backward")
 
 @dataclass(frozen=True)
 class Decision:
-    path: str      # "fused" | "cublas"
-    source: str    # "forced" | "not cuda" | "tuned" | "model"
+    path: str  # "fused" | "cublas"
+    source: str  # "forced" | "not cuda" | "tuned" | "model"
     reason: str
 
 
@@ -67,16 +68,27 @@ def _bucket(value: int, edges: List[int], name: str) -> str:
     return f"{name}>{edges[-1]}"
 
 
-def shape_class(op: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, dropout: bool, n_adapters: int,
-                adapters_fp32: bool) -> str:
+def shape_class(
+    op: str, dtype: torch.dtype, M: int, N: int, K: int, r: int, dropout: bool, n_adapters: int, adapters_fp32: bool
+) -> str:
     """The tuned-file key of a dispatch decision, e.g. "forward:bfloat16:M<=4096:N4096:K4096:r<=16:p0:a1:ad16".
 
     Tokens buckets: M by 16/64/256/1024/4096, r by 16/64; N and K exact (they are model projections); p1 when any
     adapter has dropout; a = adapters (mixed batches); ad32 for fp32 adapters over a 16-bit model."""
     dt = str(dtype).replace("torch.", "")
-    return ":".join([op, dt, _bucket(M, [16, 64, 256, 1024, 4096], "M"), f"N{N}", f"K{K}",
-                     _bucket(r, [16, 64], "r"), "p1" if dropout else "p0", f"a{n_adapters}",
-                     "ad32" if adapters_fp32 else "ad16"])
+    return ":".join(
+        [
+            op,
+            dt,
+            _bucket(M, [16, 64, 256, 1024, 4096], "M"),
+            f"N{N}",
+            f"K{K}",
+            _bucket(r, [16, 64], "r"),
+            "p1" if dropout else "p0",
+            f"a{n_adapters}",
+            "ad32" if adapters_fp32 else "ad16",
+        ]
+    )
 
 
 def model_gpu(device_name: Optional[str]) -> str:
@@ -94,9 +106,11 @@ def _tuned_path(device, key: str) -> Optional[str]:
     return path if path in PATHS else None
 
 
-def _plan_shape(op: str, M: int, N: int, K: int, r: int, dtype: torch.dtype, dropout: bool, n_adapters: int,
-                adapters_fp32: bool):
+def _plan_shape(
+    op: str, M: int, N: int, K: int, r: int, dtype: torch.dtype, dropout: bool, n_adapters: int, adapters_fp32: bool
+):
     from fused_lora.perf.plans import Shape
+
     dt = str(dtype).replace("torch.", "")
     if dt not in ("float32", "float16", "bfloat16"):
         dt = "float32"  # float64 goes to the reference on either path; model it as fp32
@@ -104,37 +118,91 @@ def _plan_shape(op: str, M: int, N: int, K: int, r: int, dtype: torch.dtype, dro
 
 
 @lru_cache(maxsize=4096)
-def _decide(op: str, device_type: str, device_name: Optional[str], dtype: torch.dtype, M: int, N: int, K: int,
-            r: int, dropout: bool, n_adapters: int, adapters_fp32: bool, core: str, forced: Optional[str],
-            tuned: Optional[str]) -> Decision:
+def _decide(
+    op: str,
+    device_type: str,
+    device_name: Optional[str],
+    dtype: torch.dtype,
+    M: int,
+    N: int,
+    K: int,
+    r: int,
+    dropout: bool,
+    n_adapters: int,
+    adapters_fp32: bool,
+    core: str,
+    forced: Optional[str],
+    tuned: Optional[str],
+) -> Decision:
     if forced is not None:
         return Decision(forced, "forced", f"{ENV}={forced}")
     if device_type != "cuda":
-        return Decision("fused", "not cuda", f"{device_type} tensors run the Triton kernels (the interpreter); "
-                                             "the dispatch models CUDA GPUs only")
+        return Decision(
+            "fused",
+            "not cuda",
+            f"{device_type} tensors run the Triton kernels (the interpreter); the dispatch models CUDA GPUs only",
+        )
     if tuned is not None:
-        return Decision(tuned, "tuned", f"measured on {device_name} by the GPU check kit (kernels/tuned.py, "
-                                        f"kernel {TUNED_KERNEL!r})")
+        return Decision(
+            tuned,
+            "tuned",
+            f"measured on {device_name} by the GPU check kit (kernels/tuned.py, kernel {TUNED_KERNEL!r})",
+        )
     from fused_lora.perf.cost_model import compare
+
     gpu = model_gpu(device_name)
     cmp = compare(_plan_shape(op, M, N, K, r, dtype, dropout, n_adapters, adapters_fp32), gpu, core)
     modelled = gpu if gpu in (device_name or "").upper() else f"{gpu} (as a stand-in for {device_name})"
     return Decision(cmp.choice, "model", f"MODEL on {modelled}: {cmp.why}")
 
 
-def decide(op: str, device, dtype: torch.dtype, M: int, N: int, K: int, r: int, dropout: bool = False,
-           n_adapters: int = 1, adapters_fp32: bool = False) -> Decision:
+def decide(
+    op: str,
+    device,
+    dtype: torch.dtype,
+    M: int,
+    N: int,
+    K: int,
+    r: int,
+    dropout: bool = False,
+    n_adapters: int = 1,
+    adapters_fp32: bool = False,
+) -> Decision:
     """The path for one call (see the module docstring for the order of the rules)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     device = torch.device(device)
-    return _decide_on(op, device.type, device.index, dtype, model_tokens(M), N, K, r, bool(dropout), n_adapters,
-                      bool(adapters_fp32), forced_path())
+    return _decide_on(
+        op,
+        device.type,
+        device.index,
+        dtype,
+        model_tokens(M),
+        N,
+        K,
+        r,
+        bool(dropout),
+        n_adapters,
+        bool(adapters_fp32),
+        forced_path(),
+    )
 
 
 @lru_cache(maxsize=4096)
-def _decide_on(op: str, device_type: str, index: Optional[int], dtype: torch.dtype, M: int, N: int, K: int, r: int,
-               dropout: bool, n_adapters: int, adapters_fp32: bool, forced: Optional[str]) -> Decision:
+def _decide_on(
+    op: str,
+    device_type: str,
+    index: Optional[int],
+    dtype: torch.dtype,
+    M: int,
+    N: int,
+    K: int,
+    r: int,
+    dropout: bool,
+    n_adapters: int,
+    adapters_fp32: bool,
+    forced: Optional[str],
+) -> Decision:
     # M is a power of two here (model_tokens): the tuned classes' edges are powers of two, so the key is M's own
     name, tuned, core = None, None, "tutorial"
     if forced is None and device_type == "cuda":
@@ -173,6 +241,7 @@ def clear_cache() -> None:
 # ---- the op contract ------------------------------------------------------------------------------------------
 def _triton():
     from fused_lora.ops import triton_backend
+
     return triton_backend
 
 
@@ -193,28 +262,69 @@ def _max_rank(rank_ptr) -> int:
 
 
 def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
-    d = decide("forward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0],
-               _dropout(dropout_p), 1, _adapters_fp32(x, lora_a))
+    d = decide(
+        "forward",
+        x.device,
+        x.dtype,
+        x.shape[0],
+        weight.shape[0],
+        x.shape[1],
+        lora_a.shape[0],
+        _dropout(dropout_p),
+        1,
+        _adapters_fp32(x, lora_a),
+    )
     return _backend(d).lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)
 
 
 def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx):
-    d = decide("backward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], lora_a.shape[0],
-               _dropout(dropout_p), 1, _adapters_fp32(x, lora_a))
+    d = decide(
+        "backward",
+        x.device,
+        x.dtype,
+        x.shape[0],
+        weight.shape[0],
+        x.shape[1],
+        lora_a.shape[0],
+        _dropout(dropout_p),
+        1,
+        _adapters_fp32(x, lora_a),
+    )
     return _backend(d).lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx)
 
 
 def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
-    d = decide("mixed_forward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], _max_rank(rank_ptr),
-               _dropout(dropout_p), len(rank_ptr) - 1, _adapters_fp32(x, lora_a))
+    d = decide(
+        "mixed_forward",
+        x.device,
+        x.dtype,
+        x.shape[0],
+        weight.shape[0],
+        x.shape[1],
+        _max_rank(rank_ptr),
+        _dropout(dropout_p),
+        len(rank_ptr) - 1,
+        _adapters_fp32(x, lora_a),
+    )
     return _backend(d).lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)
 
 
 def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx):
-    d = decide("mixed_backward", x.device, x.dtype, x.shape[0], weight.shape[0], x.shape[1], _max_rank(rank_ptr),
-               _dropout(dropout_p), len(rank_ptr) - 1, _adapters_fp32(x, lora_a))
-    return _backend(d).lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed,
-                                     need_dx)
+    d = decide(
+        "mixed_backward",
+        x.device,
+        x.dtype,
+        x.shape[0],
+        weight.shape[0],
+        x.shape[1],
+        _max_rank(rank_ptr),
+        _dropout(dropout_p),
+        len(rank_ptr) - 1,
+        _adapters_fp32(x, lora_a),
+    )
+    return _backend(d).lora_rows_bwd(
+        dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx
+    )
 
 
 def lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):
@@ -227,8 +337,16 @@ def dropout_keep(seed, M, K, p, salt):
 
 
 # ---- explanation (python -m fused_lora info --explain) -------------------------------------------------------------
-def explain(M: int, N: int, K: int, r: int, dtype: torch.dtype, n_adapters: int = 1, dropout: bool = False,
-            adapters_fp32: bool = False) -> str:
+def explain(
+    M: int,
+    N: int,
+    K: int,
+    r: int,
+    dtype: torch.dtype,
+    n_adapters: int = 1,
+    dropout: bool = False,
+    adapters_fp32: bool = False,
+) -> str:
     """The decision for each op at this shape, why, and both plans launch by launch (MODEL figures)."""
     import textwrap
 
@@ -239,9 +357,14 @@ def explain(M: int, N: int, K: int, r: int, dtype: torch.dtype, n_adapters: int 
     device_name = torch.cuda.get_device_name(device) if cuda else None
     gpu = model_gpu(device_name)
     where = device_name if cuda else f"no CUDA device here: the decision a CUDA {gpu} would take (MODEL)"
-    lines = textwrap.wrap(f"dispatch at M={M} N={N} K={K} r={r} {str(dtype).replace('torch.', '')}"
-                          + (f", {n_adapters} adapters per row" if n_adapters > 1 else "")
-                          + (", dropout" if dropout else "") + f" on {where}", width=100, subsequent_indent="    ")
+    lines = textwrap.wrap(
+        f"dispatch at M={M} N={N} K={K} r={r} {str(dtype).replace('torch.', '')}"
+        + (f", {n_adapters} adapters per row" if n_adapters > 1 else "")
+        + (", dropout" if dropout else "")
+        + f" on {where}",
+        width=100,
+        subsequent_indent="    ",
+    )
     ops = ("mixed_forward", "mixed_backward") if n_adapters > 1 else ("forward", "backward")
     for op in ops:
         if cuda:
@@ -249,32 +372,57 @@ def explain(M: int, N: int, K: int, r: int, dtype: torch.dtype, n_adapters: int 
             core = gemm_core(device, dtype, M)
         else:
             core = "tutorial"
-            d = _decide(op, "cuda", f"{gpu} (modelled)", dtype, M, N, K, r, dropout, n_adapters, adapters_fp32,
-                        core, forced_path(), None)
+            d = _decide(
+                op,
+                "cuda",
+                f"{gpu} (modelled)",
+                dtype,
+                M,
+                N,
+                K,
+                r,
+                dropout,
+                n_adapters,
+                adapters_fp32,
+                core,
+                forced_path(),
+                None,
+            )
         lines.append("")
         lines += textwrap.wrap(f"{op}: {d.path} ({d.source}) - {d.reason}", width=100, subsequent_indent="    ")
-        lines.append(f"  tuned-file key: {TUNED_KERNEL} / "
-                     f"{shape_class(op, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32)}")
+        lines.append(
+            f"  tuned-file key: {TUNED_KERNEL} / "
+            f"{shape_class(op, dtype, M, N, K, r, dropout, n_adapters, adapters_fp32)}"
+        )
         shape = _plan_shape(op, M, N, K, r, dtype, dropout, n_adapters, adapters_fp32)
         for impl, label in (("fused", f"Triton plan (GEMM core {core})"), ("cublas", "cuBLAS composition")):
             est = cost_model.estimate(impl, shape, gpu, core)
-            lines.append(f"  {label}: MODEL {est.gpu_s * 1e6:.1f} us GPU, {len(est.launches)} launches, host "
-                         f"{est.host_s * 1e6:.0f} us (assumed)")
+            lines.append(
+                f"  {label}: MODEL {est.gpu_s * 1e6:.1f} us GPU, {len(est.launches)} launches, host "
+                f"{est.host_s * 1e6:.0f} us (assumed)"
+            )
             for text in cost_model.explain_launches(est):
                 lines += textwrap.wrap(text, width=100, initial_indent="    - ", subsequent_indent="      ")
     lines.append("")
-    lines += textwrap.wrap("MODEL assumptions: `python -m fused_lora bench --model-only`; force a path with "
-                           f"{ENV}=fused|cublas; a measured decision comes from kernels/tuned/<gpu>.json "
-                           f"(kernel {TUNED_KERNEL!r}).", width=100)
+    lines += textwrap.wrap(
+        "MODEL assumptions: `python -m fused_lora bench --model-only`; force a path with "
+        f"{ENV}=fused|cublas; a measured decision comes from kernels/tuned/<gpu>.json "
+        f"(kernel {TUNED_KERNEL!r}).",
+        width=100,
+    )
     return "\n".join(lines)
 
 
 # ---- the GPU check kit's tune step: measure the decision itself (kernels/tuned.py: TuneCase) ----------------------
 TUNE_SHAPES = (  # (op, M, N, K, r, adapters, quick)
-    ("forward", 16, 4096, 4096, 16, 1, True), ("forward", 512, 4096, 4096, 16, 1, False),
-    ("forward", 2048, 4096, 4096, 16, 1, True), ("forward", 8192, 4096, 4096, 16, 1, False),
-    ("forward", 2048, 14336, 4096, 16, 1, False), ("backward", 2048, 4096, 4096, 16, 1, True),
-    ("mixed_forward", 16, 4096, 4096, 16, 16, True), ("mixed_forward", 512, 4096, 4096, 16, 16, False),
+    ("forward", 16, 4096, 4096, 16, 1, True),
+    ("forward", 512, 4096, 4096, 16, 1, False),
+    ("forward", 2048, 4096, 4096, 16, 1, True),
+    ("forward", 8192, 4096, 4096, 16, 1, False),
+    ("forward", 2048, 14336, 4096, 16, 1, False),
+    ("backward", 2048, 4096, 4096, 16, 1, True),
+    ("mixed_forward", 16, 4096, 4096, 16, 16, True),
+    ("mixed_forward", 512, 4096, 4096, 16, 16, False),
 )
 
 
@@ -282,13 +430,14 @@ def _tune_make(op: str, M: int, N: int, K: int, r: int, n: int):
     def make(device: torch.device, tiny: bool):
         from fused_lora import reference
         from fused_lora.kernels.tuned import TuneRun
+
         m, nn, k, rr = (20, 48, 40, 4) if tiny else (M, N, K, r)
         dtype = torch.float32 if tiny else torch.bfloat16  # the interpreter corrupts bf16
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(m, k, generator=gen).to(device, dtype)
-        w = (torch.randn(nn, k, generator=gen) * k ** -0.5).to(device, dtype)
-        a = (torch.randn(n * rr, k, generator=gen) * k ** -0.5).to(device, dtype)
-        b = (torch.randn(nn, n * rr, generator=gen) * rr ** -0.5).to(device, dtype)
+        w = (torch.randn(nn, k, generator=gen) * k**-0.5).to(device, dtype)
+        a = (torch.randn(n * rr, k, generator=gen) * k**-0.5).to(device, dtype)
+        b = (torch.randn(nn, n * rr, generator=gen) * rr**-0.5).to(device, dtype)
         scale = torch.full((n * rr,), 2.0, dtype=torch.float32, device=device)
         rank_ptr = [i * rr for i in range(n + 1)]
         seed = torch.zeros(1, dtype=torch.int64, device=device)
@@ -297,11 +446,13 @@ def _tune_make(op: str, M: int, N: int, K: int, r: int, n: int):
         f64 = [v.double() for v in (x, w, a, b, scale, dy)]
         if op == "backward":
             t = reference.lora_fwd(f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, [0.0] * n, seed)[1]
-            expected = reference.lora_bwd(f64[5], f64[0], f64[1], f64[2], f64[3], f64[4], t, rank_ptr, [0.0] * n,
-                                          seed, True)[0]
+            expected = reference.lora_bwd(
+                f64[5], f64[0], f64[1], f64[2], f64[3], f64[4], t, rank_ptr, [0.0] * n, seed, True
+            )[0]
         elif op == "mixed_forward":
-            expected = reference.lora_rows_fwd(f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, row_ids,
-                                               [0.0] * n, seed)[0]
+            expected = reference.lora_rows_fwd(
+                f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, row_ids, [0.0] * n, seed
+            )[0]
         else:
             expected = reference.lora_fwd(f64[0], f64[1], None, f64[2], f64[3], f64[4], rank_ptr, [0.0] * n, seed)[0]
         t32 = reference.lora_fwd(x, w, None, a, b, scale, rank_ptr, [0.0] * n, seed)[1] if op == "backward" else None
@@ -313,8 +464,14 @@ def _tune_make(op: str, M: int, N: int, K: int, r: int, n: int):
             if op == "mixed_forward":
                 return backend.lora_rows_fwd(x, w, None, a, b, scale, rank_ptr, row_ids, [0.0] * n, seed)[0]
             return backend.lora_fwd(x, w, None, a, b, scale, rank_ptr, [0.0] * n, seed)[0]
-        return TuneRun(launch=launch, reference=expected, atol=1.6e-2 if dtype == torch.bfloat16 else 1e-4,
-                       shape=dict(M=m, N=nn, K=k, r=rr, adapters=n))
+
+        return TuneRun(
+            launch=launch,
+            reference=expected,
+            atol=1.6e-2 if dtype == torch.bfloat16 else 1e-4,
+            shape=dict(M=m, N=nn, K=k, r=rr, adapters=n),
+        )
+
     return make
 
 
@@ -324,11 +481,18 @@ def tune_space() -> list:
     `shape_class` gives, which `decide` reads. (The kit's tune step scans fused_lora.kernels; this module lives in
     fused_lora.ops because it composes two backends, so the step must list it explicitly.)"""
     from fused_lora.kernels.tuned import TuneCase
+
     cases = []
     for op, M, N, K, r, n, quick in TUNE_SHAPES:
         key = shape_class(op, torch.bfloat16, M, N, K, r, False, n, False)
-        cases.append(TuneCase(TUNED_KERNEL, key, {"path": "cublas"}, [{"path": "fused"}],
-                              _tune_make(op, M, N, K, r, n),
-                              description=("quick: " if quick else "") + f"dispatch {op} M={M} N={N} K={K} r={r} "
-                                                                         f"adapters={n} bf16"))
+        cases.append(
+            TuneCase(
+                TUNED_KERNEL,
+                key,
+                {"path": "cublas"},
+                [{"path": "fused"}],
+                _tune_make(op, M, N, K, r, n),
+                description=("quick: " if quick else "") + f"dispatch {op} M={M} N={N} K={K} r={r} adapters={n} bf16",
+            )
+        )
     return cases

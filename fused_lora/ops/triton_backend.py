@@ -7,6 +7,7 @@ contract accepts to what the kernels read.
 - bias: the kernels index bias[n] as a contiguous vector; a strided bias is copied first (N elements; no copy when
   it is already contiguous).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -41,14 +42,14 @@ def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed,
 def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
     if _float64(x, weight, bias, lora_a, lora_b):
         return reference.lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)
-    return rows.lora_rows_fwd(x, weight, _contiguous(bias), lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p,
-                              seed)
+    return rows.lora_rows_fwd(x, weight, _contiguous(bias), lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)
 
 
 def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx):
     if _float64(dy, x, weight, lora_a, lora_b, t):
-        return reference.lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed,
-                                       need_dx)
+        return reference.lora_rows_bwd(
+            dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx
+        )
     return rows.lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx)
 
 

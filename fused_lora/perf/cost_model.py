@@ -9,19 +9,47 @@ gap per launch (a PDL consumer overlapping its producer instead, gpu_model.overl
 of one eager call; an eager call costs max(GPU, host). `pdl=True` models the Triton plans as FUSED_LORA_PDL=1 runs
 them on sm_90 (off by default, as the switch is; the dispatch decides without it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 from fused_lora.perf import plans
-from fused_lora.perf.gpu_model import AGAINST_TRITON, ASSUMPTIONS, GPUS, MIB, Gpu, Launch, describe_assumptions, \
-    launch_time, overlap, plan_seconds, scenario, value
+from fused_lora.perf.gpu_model import (
+    AGAINST_TRITON,
+    ASSUMPTIONS,
+    GPUS,
+    MIB,
+    Gpu,
+    Launch,
+    describe_assumptions,
+    launch_time,
+    overlap,
+    plan_seconds,
+    scenario,
+    value,
+)
 from fused_lora.perf.plans import DTYPE_BYTES, IMPLS, Shape
 
-__all__ = ["GPUS", "MIB", "DTYPE_BYTES", "IMPLS", "Shape", "Estimate", "estimate", "compare", "Comparison",
-           "chosen", "host_seconds", "merge_estimate", "merge_peak_extra_bytes", "model_records",
-           "describe_assumptions", "ASSUMPTIONS"]
+__all__ = [
+    "GPUS",
+    "MIB",
+    "DTYPE_BYTES",
+    "IMPLS",
+    "Shape",
+    "Estimate",
+    "estimate",
+    "compare",
+    "Comparison",
+    "chosen",
+    "host_seconds",
+    "merge_estimate",
+    "merge_peak_extra_bytes",
+    "model_records",
+    "describe_assumptions",
+    "ASSUMPTIONS",
+]
 
 
 def _gpu(gpu) -> Gpu:
@@ -66,18 +94,31 @@ class Estimate:
 
     def record(self, merged: Optional["Estimate"] = None, peft: Optional["Estimate"] = None) -> Dict:
         s = self.shape
-        return {"kind": "MODEL", "op": s.op, "impl": self.impl, "device": self.gpu, "dtype": s.dtype, "M": s.M,
-                "K": s.K, "N": s.N, "r": s.r, "n_adapters": s.n_adapters, "bytes": self.bytes, "flops": self.flops,
-                "launches": len(self.launches), "model_s": self.gpu_s, "host_s": self.host_s,
-                "ratio_vs_merged": round(self.gpu_s / merged.gpu_s, 4) if merged else None,
-                "ratio_vs_peft": round(self.gpu_s / peft.gpu_s, 4) if peft else None}
+        return {
+            "kind": "MODEL",
+            "op": s.op,
+            "impl": self.impl,
+            "device": self.gpu,
+            "dtype": s.dtype,
+            "M": s.M,
+            "K": s.K,
+            "N": s.N,
+            "r": s.r,
+            "n_adapters": s.n_adapters,
+            "bytes": self.bytes,
+            "flops": self.flops,
+            "launches": len(self.launches),
+            "model_s": self.gpu_s,
+            "host_s": self.host_s,
+            "ratio_vs_merged": round(self.gpu_s / merged.gpu_s, 4) if merged else None,
+            "ratio_vs_peft": round(self.gpu_s / peft.gpu_s, 4) if peft else None,
+        }
 
 
 def estimate(impl: str, shape: Shape, gpu="H100", core: str = "tutorial", pdl: bool = False) -> Estimate:
     g = _gpu(gpu)
     launches = plans.launches(impl, shape, core, pdl)
-    return Estimate(impl, shape, g.name, launches, plan_seconds(launches, g, shape.dtype),
-                    host_seconds(impl, launches))
+    return Estimate(impl, shape, g.name, launches, plan_seconds(launches, g, shape.dtype), host_seconds(impl, launches))
 
 
 def explain_launches(est: Estimate) -> List[str]:
@@ -89,25 +130,29 @@ def explain_launches(est: Estimate) -> List[str]:
         grid = f", {k.programs} programs (tiles x K splits)" if k.engine == "cublas" else ""
         if k.engine == "triton":
             occ = k.occupancy
-            grid = (f", {k.programs} programs, {t.ctas_per_sm} CTA/SM ({occ.registers} regs, "
-                    f"{occ.shared // 1024} KiB, {occ.source}), {t.waves:.2f} waves")
+            grid = (
+                f", {k.programs} programs, {t.ctas_per_sm} CTA/SM ({occ.registers} regs, "
+                f"{occ.shared // 1024} KiB, {occ.source}), {t.waves:.2f} waves"
+            )
         tail = f" incl. {t.detail['tail_s'] * 1e6:.1f} us tail" if t.detail.get("tail_s") else ""
         pdl = ""
         if k.pdl and i > 0:
             pair = overlap(est.launches[i - 1], k, g, est.shape.dtype)
             pdl = f"; PDL with the launch before: {pair['seconds'] * 1e6:.1f} us the pair, {pair['bound']}-bound"
-        lines.append(f"{k.name}: {k.engine}{grid}, {k.bytes / MIB:.1f} MiB, {k.flops / 1e9:.2f} GFLOP, "
-                     f"{t.bound}-bound, {t.seconds * 1e6:.1f} us{tail}{pdl}" + (f" ({k.note})" if k.note else ""))
+        lines.append(
+            f"{k.name}: {k.engine}{grid}, {k.bytes / MIB:.1f} MiB, {k.flops / 1e9:.2f} GFLOP, "
+            f"{t.bound}-bound, {t.seconds * 1e6:.1f} us{tail}{pdl}" + (f" ({k.note})" if k.note else "")
+        )
     return lines
 
 
 @dataclass(frozen=True)
 class Comparison:
-    fused_s: float            # modelled GPU time of the Triton plan (central assumptions)
-    cublas_s: float           # of the cuBLAS composition
-    fused_worst_s: float      # both at the ends of the ranges that favour cuBLAS (AGAINST_TRITON)
+    fused_s: float  # modelled GPU time of the Triton plan (central assumptions)
+    cublas_s: float  # of the cuBLAS composition
+    fused_worst_s: float  # both at the ends of the ranges that favour cuBLAS (AGAINST_TRITON)
     cublas_worst_s: float
-    choice: str               # "fused" | "cublas"
+    choice: str  # "fused" | "cublas"
     why: str
 
 
@@ -120,12 +165,16 @@ def compare(shape: Shape, gpu="H100", core: str = "tutorial", pdl: bool = False)
         fused_w = estimate("fused", shape, gpu, core, pdl).gpu_s
         cub_w = estimate("cublas", shape, gpu).gpu_s
     if fused_w < cub_w:
-        why = (f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us; still faster with every "
-               f"assumption at its cuBLAS-favouring end ({fused_w * 1e6:.1f} vs {cub_w * 1e6:.1f} us)")
+        why = (
+            f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us; still faster with every "
+            f"assumption at its cuBLAS-favouring end ({fused_w * 1e6:.1f} vs {cub_w * 1e6:.1f} us)"
+        )
         return Comparison(fused, cub, fused_w, cub_w, "fused", why)
     if fused < cub:
-        why = (f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us: a margin inside the model's "
-               f"uncertainty (at the cuBLAS-favouring ends: {fused_w * 1e6:.1f} vs {cub_w * 1e6:.1f} us)")
+        why = (
+            f"Triton {fused * 1e6:.1f} us vs cuBLAS composition {cub * 1e6:.1f} us: a margin inside the model's "
+            f"uncertainty (at the cuBLAS-favouring ends: {fused_w * 1e6:.1f} vs {cub_w * 1e6:.1f} us)"
+        )
     else:
         why = f"cuBLAS composition {cub * 1e6:.1f} us vs Triton {fused * 1e6:.1f} us"
     return Comparison(fused, cub, fused_w, cub_w, "cublas", why)
@@ -133,7 +182,7 @@ def compare(shape: Shape, gpu="H100", core: str = "tutorial", pdl: bool = False)
 
 @dataclass(frozen=True)
 class Chosen:
-    label: str          # "fused", "cuBLAS", or "fused/cuBLAS" (forward / backward)
+    label: str  # "fused", "cuBLAS", or "fused/cuBLAS" (forward / backward)
     gpu_s: float
     host_s: float
     launches: int
@@ -163,10 +212,26 @@ def model_records(op: str, impls, M: int, K: int, N: int, r: int, dtype: str, n_
         if op == "merge":
             est = {i: merge_estimate(i, N, K, r, dtype, gpu) for i in impls if i in ("peft", "fused")}
             for impl, e in est.items():
-                rows.append({"kind": "MODEL", "op": op, "impl": impl, "device": gpu, "dtype": dtype, "M": M, "K": K,
-                             "N": N, "r": r, "n_adapters": 1, "bytes": e.bytes, "launches": len(e.launches),
-                             "model_s": e.gpu_s, "host_s": e.host_s, "ratio_vs_merged": None,
-                             "ratio_vs_peft": round(e.gpu_s / est["peft"].gpu_s, 4) if "peft" in est else None})
+                rows.append(
+                    {
+                        "kind": "MODEL",
+                        "op": op,
+                        "impl": impl,
+                        "device": gpu,
+                        "dtype": dtype,
+                        "M": M,
+                        "K": K,
+                        "N": N,
+                        "r": r,
+                        "n_adapters": 1,
+                        "bytes": e.bytes,
+                        "launches": len(e.launches),
+                        "model_s": e.gpu_s,
+                        "host_s": e.host_s,
+                        "ratio_vs_merged": None,
+                        "ratio_vs_peft": round(e.gpu_s / est["peft"].gpu_s, 4) if "peft" in est else None,
+                    }
+                )
             continue
         shape = Shape(op, M, K, N, r, dtype, n_adapters)
         times = {}
@@ -178,11 +243,26 @@ def model_records(op: str, impls, M: int, K: int, N: int, r: int, dtype: str, n_
                 e = estimate(impl, shape, gpu)
                 times[impl] = (e.gpu_s, e.host_s, impl, len(e.launches))
         for impl, (gpu_s, host_s, label, launches) in times.items():
-            rows.append({"kind": "MODEL", "op": op, "impl": impl, "path": label, "device": gpu, "dtype": dtype,
-                         "M": M, "K": K, "N": N, "r": r, "n_adapters": n_adapters, "launches": launches,
-                         "model_s": gpu_s, "host_s": host_s,
-                         "ratio_vs_merged": round(gpu_s / times["merged"][0], 4) if "merged" in times else None,
-                         "ratio_vs_peft": round(gpu_s / times["peft"][0], 4) if "peft" in times else None})
+            rows.append(
+                {
+                    "kind": "MODEL",
+                    "op": op,
+                    "impl": impl,
+                    "path": label,
+                    "device": gpu,
+                    "dtype": dtype,
+                    "M": M,
+                    "K": K,
+                    "N": N,
+                    "r": r,
+                    "n_adapters": n_adapters,
+                    "launches": launches,
+                    "model_s": gpu_s,
+                    "host_s": host_s,
+                    "ratio_vs_merged": round(gpu_s / times["merged"][0], 4) if "merged" in times else None,
+                    "ratio_vs_peft": round(gpu_s / times["peft"][0], 4) if "peft" in times else None,
+                }
+            )
     return rows
 
 

@@ -10,6 +10,7 @@ A config is found by its kernel name and tokens of its spec name ("fused_gemm", 
 first spec whose bracketed parts contain every token. A config missing from the snapshot gets `fallback`, marked
 "estimated", which every table that uses it says.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,18 @@ def snapshot() -> Dict[str, dict]:
         return {}
     with open(SNAPSHOT) as f:
         rows = json.load(f).get("rows", [])
-    kernels = {row["name"]: {"registers": row["registers"], "shared": row["shared"], "num_warps": row["num_warps"],
-                             "num_stages": row["num_stages"],
-                             "spills": (row.get("spill_stores") or 0) + (row.get("spill_loads") or 0),
-                             "tma_loads": row.get("tma_loads", 0)}
-               for row in rows if row.get("arch") == 90 and "error" not in row}
+    kernels = {
+        row["name"]: {
+            "registers": row["registers"],
+            "shared": row["shared"],
+            "num_warps": row["num_warps"],
+            "num_stages": row["num_stages"],
+            "spills": (row.get("spill_stores") or 0) + (row.get("spill_loads") or 0),
+            "tma_loads": row.get("tma_loads", 0),
+        }
+        for row in rows
+        if row.get("arch") == 90 and "error" not in row
+    }
     return dict(sorted(kernels.items()))
 
 

@@ -10,6 +10,7 @@ against a reference:
 Every time is given twice: with our GEMM cores at parity with cuBLAS (issue 13's premise) and at the assumed
 core efficiency (gpu_model ASSUMPTIONS triton_core_eff).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -18,13 +19,14 @@ from fused_lora.perf import plans
 from fused_lora.perf.gpu_model import GPUS, Gpu, launch_time, parity, plan_seconds
 
 # issue 13's targets
-DECODE_HBM_TARGET = 0.85      # of copy bandwidth, M <= 16, N in {1024, 4096, 14336}, K = 4096
-MIXED_DECODE_TARGET = 1.15    # x one adapter's decode, 16 rows x 16 adapters
+DECODE_HBM_TARGET = 0.85  # of copy bandwidth, M <= 16, N in {1024, 4096, 14336}, K = 4096
+MIXED_DECODE_TARGET = 1.15  # x one adapter's decode, 16 rows x 16 adapters
 PREFILL_TARGETS = {512: 1.10, 2048: 1.05, 8192: 1.05}  # fused forward x merged, GEMM core at parity
 
 
 def _lp():
     from fused_lora.kernels import launch_plan
+
     return launch_plan
 
 
@@ -42,8 +44,7 @@ def _reference(op: str, shape, pdl: bool) -> Tuple[str, list]:
     if op == "forward":
         return "merged", plans.merged(plans.Shape("forward", shape.M, shape.K, shape.N, shape.R, shape.dtype))
     if op == "backward":
-        return "dX by cuBLAS", plans.merged(plans.Shape("backward", shape.M, shape.K, shape.N, shape.R,
-                                                        shape.dtype))
+        return "dX by cuBLAS", plans.merged(plans.Shape("backward", shape.M, shape.K, shape.N, shape.R, shape.dtype))
     if op == "rows_forward" and shape.M <= 64:
         one = lp.Shape(shape.M, shape.N, shape.K, [shape.ranks[0]], shape.dtype)
         return "one adapter's decode", plans.from_launch_plan(lp.plan("forward", one, pdl=pdl), e)
@@ -75,11 +76,18 @@ def issue13_rows(gpu: str = "H100") -> List[Dict]:
             launches = plans.from_launch_plan(lp_launches, shape.e, before=version == "before")
             label, ref = _reference(op, shape, pdl)
             widest = max(lp_launches, key=lambda lc: lc.hbm_bytes)
-            row = {"regime": name, "op": op, "version": version, "pdl": pdl, "reference": label,
-                   "grids": lp.grids(lp_launches), "launches": len(lp_launches),
-                   "w_loads": sum(lc.loads.get("w", 0) for lc in lp_launches) / (shape.N * shape.K),
-                   "partial_mib": lp.partial_bytes(lp_launches) / 2 ** 20,
-                   "hbm_fraction": useful_hbm_fraction(widest, g, shape.dtype)}
+            row = {
+                "regime": name,
+                "op": op,
+                "version": version,
+                "pdl": pdl,
+                "reference": label,
+                "grids": lp.grids(lp_launches),
+                "launches": len(lp_launches),
+                "w_loads": sum(lc.loads.get("w", 0) for lc in lp_launches) / (shape.N * shape.K),
+                "partial_mib": lp.partial_bytes(lp_launches) / 2**20,
+                "hbm_fraction": useful_hbm_fraction(widest, g, shape.dtype),
+            }
             for key, at_parity in (("parity", True), ("assumed", False)):
                 seconds = _seconds(launches, shape.dtype, g, at_parity)
                 row[f"{key}_s"] = seconds
@@ -101,8 +109,9 @@ def _ratio(op: str, shape, pdl: bool, at_parity: bool, gpu: str) -> float:
     lp = _lp()
     g = GPUS[gpu]
     launches = plans.from_launch_plan(lp.plan(op, shape, pdl=pdl), shape.e)
-    return _seconds(launches, shape.dtype, g, at_parity) / _seconds(_reference(op, shape, pdl)[1], shape.dtype, g,
-                                                                     at_parity)
+    return _seconds(launches, shape.dtype, g, at_parity) / _seconds(
+        _reference(op, shape, pdl)[1], shape.dtype, g, at_parity
+    )
 
 
 def mixed_decode_ratio(pdl: bool, n: int = 16, gpu: str = "H100") -> float:
@@ -112,8 +121,9 @@ def mixed_decode_ratio(pdl: bool, n: int = 16, gpu: str = "H100") -> float:
     return _ratio("rows_forward", shape, pdl, True, gpu)
 
 
-def prefill_ratio(M: int, pdl: bool, at_parity: bool = True, N: int = 4096, K: int = 4096, r: int = 16,
-                  gpu: str = "H100") -> float:
+def prefill_ratio(
+    M: int, pdl: bool, at_parity: bool = True, N: int = 4096, K: int = 4096, r: int = 16, gpu: str = "H100"
+) -> float:
     """The fused forward (shrink + fused GEMM) x merged, bf16."""
     lp = _lp()
     return _ratio("forward", lp.Shape(M, N, K, [r]), pdl, at_parity, gpu)
@@ -126,15 +136,36 @@ def targets(gpu: str = "H100") -> List[Dict]:
     for M in (1, 16):
         for N in (1024, 4096, 14336):
             v = decode_hbm_fraction(M, N, gpu=gpu)
-            out.append({"target": f"decode M={M} N={N} HBM BW", "config": "PDL n/a (one launch)", "value": v,
-                        "bound": f">= {DECODE_HBM_TARGET:.0%}", "met": v >= DECODE_HBM_TARGET})
+            out.append(
+                {
+                    "target": f"decode M={M} N={N} HBM BW",
+                    "config": "PDL n/a (one launch)",
+                    "value": v,
+                    "bound": f">= {DECODE_HBM_TARGET:.0%}",
+                    "met": v >= DECODE_HBM_TARGET,
+                }
+            )
     for pdl in (False, True):
         v = mixed_decode_ratio(pdl, gpu=gpu)
-        out.append({"target": "mixed decode 16 x 16 ad x one adapter", "config": "PDL on" if pdl else "PDL off",
-                    "value": v, "bound": f"<= {MIXED_DECODE_TARGET:.2f}", "met": v <= MIXED_DECODE_TARGET})
+        out.append(
+            {
+                "target": "mixed decode 16 x 16 ad x one adapter",
+                "config": "PDL on" if pdl else "PDL off",
+                "value": v,
+                "bound": f"<= {MIXED_DECODE_TARGET:.2f}",
+                "met": v <= MIXED_DECODE_TARGET,
+            }
+        )
     for M, bound in PREFILL_TARGETS.items():
         for pdl in (False, True):
             v = prefill_ratio(M, pdl, gpu=gpu)
-            out.append({"target": f"prefill M={M} x merged (parity)", "config": "PDL on" if pdl else "PDL off",
-                        "value": v, "bound": f"<= {bound:.2f}", "met": v <= bound})
+            out.append(
+                {
+                    "target": f"prefill M={M} x merged (parity)",
+                    "config": "PDL on" if pdl else "PDL off",
+                    "value": v,
+                    "bound": f"<= {bound:.2f}",
+                    "met": v <= bound,
+                }
+            )
     return out

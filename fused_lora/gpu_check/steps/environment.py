@@ -1,5 +1,6 @@
 """Step `environment`: what the kit runs on. Fails when torch < 2.11 or triton < 3.6 (the oldest tested), or, in
 a dry run, when triton's interpreter cannot work with this numpy (triton < 3.8 with numpy >= 2.4)."""
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def _version_of(module: str, load: bool = False):
         if load:
             return __import__(module).__version__
         from importlib.metadata import version
+
         return version(module)
     except Exception as exc:  # optional packages: say what happened
         return f"unavailable ({type(exc).__name__}: {exc})"[:120]
@@ -55,11 +57,19 @@ def run(ctx: Context) -> dict:
     import numpy
     import torch
 
-    info = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "numpy": numpy.__version__, "triton": _version_of("triton", load=True),
-            "transformers": _version_of("transformers"), "peft": _version_of("peft"),
-            "kernels_dir": os.path.join(ctx.root, "kernels")}
+    info = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "numpy": numpy.__version__,
+        "triton": _version_of("triton", load=True),
+        "transformers": _version_of("transformers"),
+        "peft": _version_of("peft"),
+        "kernels_dir": os.path.join(ctx.root, "kernels"),
+    }
     problems = []
     if version_tuple(torch.__version__) < MIN_TORCH:
         problems.append(f"torch {torch.__version__} < {'.'.join(map(str, MIN_TORCH))}")
@@ -68,24 +78,34 @@ def run(ctx: Context) -> dict:
     elif version_tuple(info["triton"]) < MIN_TRITON:
         problems.append(f"triton {info['triton']} < {'.'.join(map(str, MIN_TRITON))}")
     elif ctx.dry_run and version_tuple(info["triton"]) < (3, 8) and version_tuple(numpy.__version__) >= (2, 4):
-        problems.append(f"triton {info['triton']}'s interpreter fails with numpy {numpy.__version__}: "
-                        "install numpy<2.4 for a dry run")
+        problems.append(
+            f"triton {info['triton']}'s interpreter fails with numpy {numpy.__version__}: "
+            "install numpy<2.4 for a dry run"
+        )
 
     cuda = bool(torch.cuda.is_available())
     info["cuda"] = cuda
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(0)),
-                    sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    device_count=torch.cuda.device_count())
+        info.update(
+            gpu=props.name,
+            capability=list(torch.cuda.get_device_capability(0)),
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            device_count=torch.cuda.device_count(),
+        )
     else:
-        info["cuda_detail"] = ("torch is a CPU build" if torch.version.cuda is None
-                               else f"torch built for CUDA {torch.version.cuda} sees no device")
+        info["cuda_detail"] = (
+            "torch is a CPU build"
+            if torch.version.cuda is None
+            else f"torch built for CUDA {torch.version.cuda} sees no device"
+        )
     info["device"] = info["gpu"] if (cuda and not ctx.dry_run) else "cpu"
     smi = find_tool("nvidia-smi")
     if smi:
-        info["nvidia_smi"] = _first_line([smi, "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
-                                          "--format=csv,noheader"])
+        info["nvidia_smi"] = _first_line(
+            [smi, "--query-gpu=name,driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"]
+        )
     info["compute_sanitizer"] = find_tool("compute-sanitizer")
     if info["compute_sanitizer"]:
         info["compute_sanitizer_version"] = _first_line([info["compute_sanitizer"], "--version"])
@@ -96,15 +116,21 @@ def run(ctx: Context) -> dict:
         problems.append("no C compiler (gcc/cc): Triton cannot build its kernel launcher")
     try:
         from fused_lora import backend_info
+
         info["backends"] = backend_info().replace("\n", "; ")
     except Exception as exc:  # noqa: BLE001
         problems.append(f"fused_lora.backend_info failed: {type(exc).__name__}: {exc}")
 
-    found = (f"python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
-             f"numpy {info['numpy']}; device {info['device']}"
-             + (f" (sm_{''.join(map(str, info['capability']))}, {info['sms']} SMs, {info['memory_gib']} GiB)"
-                if cuda else f" ({info.get('cuda_detail')})")
-             + f"; compute-sanitizer {'found' if info['compute_sanitizer'] else 'not found'}")
+    found = (
+        f"python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), triton {info['triton']}, "
+        f"numpy {info['numpy']}; device {info['device']}"
+        + (
+            f" (sm_{''.join(map(str, info['capability']))}, {info['sms']} SMs, {info['memory_gib']} GiB)"
+            if cuda
+            else f" ({info.get('cuda_detail')})"
+        )
+        + f"; compute-sanitizer {'found' if info['compute_sanitizer'] else 'not found'}"
+    )
     print(found)
     for key, value in info.items():
         print(f"  {key}: {value}")

@@ -7,6 +7,7 @@ copied into the captured buffers: the replay must read them from device memory, 
 Bit-identical to the eager call is expected (same kernels, same order); a small difference is reported, a large
 one fails. Dry run: the same scenarios run eagerly on the CPU (interpreter), twice, to prove the plumbing.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,11 @@ def make_layer(K: int, N: int, device, dtype) -> FusedLoRALinear:
 
 def scenarios(layer: FusedLoRALinear) -> List[Tuple[str, Callable, bool]]:
     """(name, configure the layer, uses adapter_ids)."""
-    return [("one adapter", lambda: layer.set_adapter("a"), False),
-            ("three active", lambda: layer.set_adapter(["a", "b", "c"]), False),
-            ("adapter_ids", lambda: layer.set_adapter("a"), True)]
+    return [
+        ("one adapter", lambda: layer.set_adapter("a"), False),
+        ("three active", lambda: layer.set_adapter(["a", "b", "c"]), False),
+        ("adapter_ids", lambda: layer.set_adapter("a"), True),
+    ]
 
 
 def _inputs(K, device, dtype, seed):
@@ -122,6 +125,10 @@ def run(ctx: Context) -> dict:
     if failed:
         return result(FAILED, summary, artifacts=["graphs.json"], data={"scenarios": records})
     if ctx.dry_run:
-        return result(SKIPPED, "CUDA graphs need a GPU; the scenarios ran eagerly on the CPU (interpreter): " + summary,
-                      artifacts=["graphs.json"], data={"scenarios": records})
+        return result(
+            SKIPPED,
+            "CUDA graphs need a GPU; the scenarios ran eagerly on the CPU (interpreter): " + summary,
+            artifacts=["graphs.json"],
+            data={"scenarios": records},
+        )
     return result(OK, summary, artifacts=["graphs.json"], data={"scenarios": records})

@@ -10,6 +10,7 @@ dA and dB, which sum over every row, against float64 references accumulated in c
 project's rule (float64 reference, relative to PyTorch's own bf16 error). Dry run: the same code at tiny shapes,
 float32, with the Triton kernels under the interpreter.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,7 @@ import fused_lora
 from fused_lora.gpu_check.context import FAILED, OK, SKIPPED, Context, result, write_json
 from fused_lora.gpu_check.judge import ATOL, judge
 
-TWO31 = 2 ** 31
+TWO31 = 2**31
 SCALE = 2.0
 CHUNK_ROWS = 65536
 
@@ -43,9 +44,9 @@ def _rand(shape, dtype, device, scale=1.0, seed=0):
 def case_x_dx(dims, dtype, device) -> List[Tuple[bool, str]]:
     M, K, N, r = dims["M"], dims["K"], dims["N"], dims["r"]
     x = _rand((M, K), dtype, device, seed=1).requires_grad_(True)
-    w = _rand((N, K), dtype, device, K ** -0.5, seed=2)
-    a = _rand((r, K), dtype, device, K ** -0.5, seed=3).requires_grad_(True)
-    b = _rand((N, r), dtype, device, r ** -0.5, seed=4).requires_grad_(True)
+    w = _rand((N, K), dtype, device, K**-0.5, seed=2)
+    a = _rand((r, K), dtype, device, K**-0.5, seed=3).requires_grad_(True)
+    b = _rand((N, r), dtype, device, r**-0.5, seed=4).requires_grad_(True)
     dy = _rand((M, N), dtype, device, seed=5)
     y = fused_lora.lora_linear(x, w, None, a, b, SCALE, training=True)
     y.backward(dy)
@@ -61,13 +62,13 @@ def case_x_dx(dims, dtype, device) -> List[Tuple[bool, str]]:
     out.append(judge("dX rows", x.grad[rows], dx64, dx_t, ATOL[dtype]))
     del y, dx_t, y_t
     # dA = s (dY B)^T x and dB = s dY^T (x A^T), summed over all M rows: float64 in chunks of rows
-    ds64 = SCALE * (f64(dy) @ f64(b))                      # [M, r]
+    ds64 = SCALE * (f64(dy) @ f64(b))  # [M, r]
     da64 = torch.zeros(r, K, dtype=torch.float64, device=device)
     t64 = torch.empty(M, r, dtype=torch.float64, device=device)
     for lo in range(0, M, CHUNK_ROWS):
-        xc = x.detach()[lo:lo + CHUNK_ROWS].double()
-        da64 += ds64[lo:lo + CHUNK_ROWS].T @ xc
-        t64[lo:lo + CHUNK_ROWS] = xc @ f64(a).T
+        xc = x.detach()[lo : lo + CHUNK_ROWS].double()
+        da64 += ds64[lo : lo + CHUNK_ROWS].T @ xc
+        t64[lo : lo + CHUNK_ROWS] = xc @ f64(a).T
         del xc
     db64 = SCALE * f64(dy).T @ t64
     da_t = (SCALE * (dy @ b.detach())).T @ x.detach()
@@ -80,9 +81,9 @@ def case_x_dx(dims, dtype, device) -> List[Tuple[bool, str]]:
 def case_rows(dims, dtype, device) -> List[Tuple[bool, str]]:
     M, K, N, r, n = dims["M"], dims["K"], dims["N"], dims["r"], 4
     x = _rand((M, K), dtype, device, seed=11)
-    w = _rand((N, K), dtype, device, K ** -0.5, seed=12)
-    a = _rand((n * r, K), dtype, device, K ** -0.5, seed=13)
-    b = _rand((N, n * r), dtype, device, r ** -0.5, seed=14)
+    w = _rand((N, K), dtype, device, K**-0.5, seed=12)
+    a = _rand((n * r, K), dtype, device, K**-0.5, seed=13)
+    b = _rand((N, n * r), dtype, device, r**-0.5, seed=14)
     ids = torch.randint(-1, n, (M,), generator=torch.Generator(device=device).manual_seed(15), device=device)
     with torch.no_grad():
         y = fused_lora.lora_linear_rows(x, w, None, a, b, SCALE, [r] * n, ids)
@@ -100,16 +101,16 @@ def case_rows(dims, dtype, device) -> List[Tuple[bool, str]]:
 
 def case_w_big(dims, dtype, device) -> List[Tuple[bool, str]]:
     M, K, N, r = dims["M"], dims["K"], dims["N"], dims["r"]
-    w = _rand((N, K), dtype, device, K ** -0.5, seed=21)
+    w = _rand((N, K), dtype, device, K**-0.5, seed=21)
     x = _rand((M, K), dtype, device, seed=22)
-    a = _rand((r, K), dtype, device, K ** -0.5, seed=23)
-    b = _rand((N, r), dtype, device, r ** -0.5, seed=24)
+    a = _rand((r, K), dtype, device, K**-0.5, seed=23)
+    b = _rand((N, r), dtype, device, r**-0.5, seed=24)
     with torch.no_grad():
         y = fused_lora.lora_linear(x, w, None, a, b, SCALE)
     y64 = torch.empty(M, N, dtype=torch.float64, device=device)
     lora64 = SCALE * (x.double() @ a.double().T)
     for lo in range(0, N, 8192):
-        y64[:, lo:lo + 8192] = x.double() @ w[lo:lo + 8192].double().T + lora64 @ b[lo:lo + 8192].double().T
+        y64[:, lo : lo + 8192] = x.double() @ w[lo : lo + 8192].double().T + lora64 @ b[lo : lo + 8192].double().T
     y_t = F.linear(x, w) + SCALE * (x @ a.T) @ b.T
     out = [judge("decode y (W past 2^31)", y, y64, y_t, ATOL[dtype])]
     rows = torch.tensor(check_rows(N, K), device=device)
@@ -124,9 +125,9 @@ def case_w_big(dims, dtype, device) -> List[Tuple[bool, str]]:
 def case_y_big(dims, dtype, device) -> List[Tuple[bool, str]]:
     M, K, N, r = dims["M"], dims["K"], dims["N"], dims["r"]
     x = _rand((M, K), dtype, device, seed=31)
-    w = _rand((N, K), dtype, device, K ** -0.5, seed=32)
-    a = _rand((r, K), dtype, device, K ** -0.5, seed=33)
-    b = _rand((N, r), dtype, device, r ** -0.5, seed=34)
+    w = _rand((N, K), dtype, device, K**-0.5, seed=32)
+    a = _rand((r, K), dtype, device, K**-0.5, seed=33)
+    b = _rand((N, r), dtype, device, r**-0.5, seed=34)
     with torch.no_grad():
         y = fused_lora.lora_linear(x, w, None, a, b, SCALE)
     rows = torch.tensor(check_rows(M, N), device=device)
@@ -138,9 +139,9 @@ def case_y_big(dims, dtype, device) -> List[Tuple[bool, str]]:
 
 # name, function, dims on the GPU, dims for a dry run, in the quick selection
 CASES: List[Tuple[str, Callable, dict, dict, bool]] = [
-    ("x_dx", case_x_dx, dict(M=2 ** 19 + 37, K=4096, N=64, r=16), dict(M=70, K=24, N=8, r=4), True),
+    ("x_dx", case_x_dx, dict(M=2**19 + 37, K=4096, N=64, r=16), dict(M=70, K=24, N=8, r=4), True),
     ("w_big", case_w_big, dict(M=5, K=32768, N=65544, r=16), dict(M=5, K=40, N=33, r=3), True),
-    ("rows", case_rows, dict(M=2 ** 19 + 37, K=4096, N=64, r=16), dict(M=50, K=24, N=8, r=2), False),
+    ("rows", case_rows, dict(M=2**19 + 37, K=4096, N=64, r=16), dict(M=50, K=24, N=8, r=2), False),
     ("y_big", case_y_big, dict(M=65539, K=64, N=32784, r=16), dict(M=70, K=16, N=40, r=4), False),
 ]
 
@@ -175,22 +176,42 @@ def run(ctx: Context) -> dict:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         failed += not ok
-        records.append({"case": name, "dims": dims, "elements": elements(dims), "past_2_31": elements(dims) > TWO31,
-                        "status": "ok" if ok else "failed", "seconds": round(time.time() - began, 1),
-                        "detail": detail})
+        records.append(
+            {
+                "case": name,
+                "dims": dims,
+                "elements": elements(dims),
+                "past_2_31": elements(dims) > TWO31,
+                "status": "ok" if ok else "failed",
+                "seconds": round(time.time() - began, 1),
+                "detail": detail,
+            }
+        )
         lines.append(f"{name} {'ok' if ok else 'FAILED'}")
         print(f"{name} ({dims}): {'ok' if ok else 'FAILED'}: {detail}", flush=True)
     write_json(ctx.path("offsets.json"), records)
     ran = [r for r in records if r["status"] != "skipped"]
     if failed:
         bad = next(r for r in records if r["status"] == "failed")
-        return result(FAILED, f"{failed} of {len(ran)} cases failed; {bad['case']}: {bad['detail'][:300]}",
-                      artifacts=["offsets.json"], data={"cases": records})
+        return result(
+            FAILED,
+            f"{failed} of {len(ran)} cases failed; {bad['case']}: {bad['detail'][:300]}",
+            artifacts=["offsets.json"],
+            data={"cases": records},
+        )
     if ctx.dry_run:
-        return result(SKIPPED, f"tensors past 2^31 elements need a GPU; the step's code ran at tiny shapes "
-                               f"(float32, interpreter): {', '.join(lines)}", artifacts=["offsets.json"],
-                      data={"cases": records})
+        return result(
+            SKIPPED,
+            f"tensors past 2^31 elements need a GPU; the step's code ran at tiny shapes "
+            f"(float32, interpreter): {', '.join(lines)}",
+            artifacts=["offsets.json"],
+            data={"cases": records},
+        )
     if not ran:
         return result(FAILED, "no case ran within the budget", data={"cases": records})
-    return result(OK, f"{len(ran)} cases past 2^31 elements: {', '.join(lines)}", artifacts=["offsets.json"],
-                  data={"cases": records})
+    return result(
+        OK,
+        f"{len(ran)} cases past 2^31 elements: {', '.join(lines)}",
+        artifacts=["offsets.json"],
+        data={"cases": records},
+    )

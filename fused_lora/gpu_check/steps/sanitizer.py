@@ -6,6 +6,7 @@ real bounds. Only flags that this compute-sanitizer's --help lists are passed. A
 reports errors (its --error-exitcode) or the target's own checks fail. Dry run, or no compute-sanitizer: the
 target runs without it (on the CPU through the interpreter in a dry run) and the step is recorded as skipped.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,11 @@ from fused_lora.gpu_check.steps.environment import find_tool
 
 TOOLS = ("memcheck", "racecheck")
 SANITIZER_ERRORS = 86  # our --error-exitcode: tells the sanitizer's findings from the target's own failures
-OPTIONAL_FLAGS = (("--report-api-errors", "no"),   # torch probes APIs that may fail on purpose
-                  ("--print-limit", "20"), ("--show-backtrace", "no"))
+OPTIONAL_FLAGS = (
+    ("--report-api-errors", "no"),  # torch probes APIs that may fail on purpose
+    ("--print-limit", "20"),
+    ("--show-backtrace", "no"),
+)
 
 
 def _target(ctx: Context) -> List[str]:
@@ -46,13 +50,23 @@ def command(sanitizer: str, tool: str, help_text: str, target: List[str]) -> Lis
 def summarize(tool: str, code: int, output: str) -> Dict[str, object]:
     errors = [int(n) for n in re.findall(r"ERROR SUMMARY:\s*(\d+) error", output)]
     race = re.search(r"RACECHECK SUMMARY:\s*(\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", output)
-    findings = [ln.strip() for ln in output.splitlines() if ln.startswith("=========") and (
-        "Invalid" in ln or "Error" in ln or "Race" in ln or "hazard" in ln.lower())][:5]
+    findings = [
+        ln.strip()
+        for ln in output.splitlines()
+        if ln.startswith("=========") and ("Invalid" in ln or "Error" in ln or "Race" in ln or "hazard" in ln.lower())
+    ][:5]
     target_lines = [ln.strip() for ln in output.splitlines() if " ok (" in ln or "Error" in ln.split(":")[0]]
     ok = code == 0 and not any(errors) and (race is None or int(race.group(2)) == 0)
-    return {"tool": tool, "exit_code": code, "ok": ok, "errors": sum(errors) if errors else None,
-            "race_errors": int(race.group(2)) if race else None, "race_warnings": int(race.group(3)) if race else None,
-            "findings": findings, "target": target_lines[-3:]}
+    return {
+        "tool": tool,
+        "exit_code": code,
+        "ok": ok,
+        "errors": sum(errors) if errors else None,
+        "race_errors": int(race.group(2)) if race else None,
+        "race_warnings": int(race.group(3)) if race else None,
+        "findings": findings,
+        "target": target_lines[-3:],
+    }
 
 
 def _run_plain(ctx: Context) -> dict:
@@ -60,21 +74,34 @@ def _run_plain(ctx: Context) -> dict:
     with open(ctx.path("sanitizer", "plain.log"), "w") as f:
         f.write(done.stdout + done.stderr)
     lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
-    return {"exit_code": done.returncode, "output": lines[-3:],
-            "error": (done.stderr.strip().splitlines() or [""])[-1] if done.returncode else ""}
+    return {
+        "exit_code": done.returncode,
+        "output": lines[-3:],
+        "error": (done.stderr.strip().splitlines() or [""])[-1] if done.returncode else "",
+    }
 
 
 def run(ctx: Context) -> dict:
     sanitizer = str(ctx.info.get("compute_sanitizer") or find_tool("compute-sanitizer"))
     if ctx.dry_run or not sanitizer or not ctx.cuda:
         plain = _run_plain(ctx)
-        why = ("a dry run has no GPU" if ctx.dry_run else
-               "compute-sanitizer not found (PATH, /usr/local/cuda/bin)" if not sanitizer else "no CUDA device")
+        why = (
+            "a dry run has no GPU"
+            if ctx.dry_run
+            else "compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
+            if not sanitizer
+            else "no CUDA device"
+        )
         if plain["exit_code"] != 0:
-            return result(FAILED, f"{why}; the target itself failed without the sanitizer: {plain['error']}",
-                          data=plain)
-        return result(SKIPPED, f"{why}; the target ran without it on {'the CPU' if ctx.dry_run else 'the GPU'}: "
-                               f"{'; '.join(plain['output'])}", data=plain)
+            return result(
+                FAILED, f"{why}; the target itself failed without the sanitizer: {plain['error']}", data=plain
+            )
+        return result(
+            SKIPPED,
+            f"{why}; the target ran without it on {'the CPU' if ctx.dry_run else 'the GPU'}: "
+            f"{'; '.join(plain['output'])}",
+            data=plain,
+        )
     help_text = _help_text(sanitizer)
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     procs = {}
@@ -105,9 +132,15 @@ def run(ctx: Context) -> dict:
     for s in summaries:
         state = "clean" if s["ok"] else f"exit {s['exit_code']}"
         extra = f", {s['race_warnings']} race warnings" if s.get("race_warnings") else ""
-        parts.append(f"{s['tool']} {state} ({s['errors']} errors{extra})"
-                     + (f": {s['findings'][0]}" if s["findings"] and not s["ok"] else ""))
+        parts.append(
+            f"{s['tool']} {state} ({s['errors']} errors{extra})"
+            + (f": {s['findings'][0]}" if s["findings"] and not s["ok"] else "")
+        )
     artifacts = ["sanitizer/summary.json"] + [f"sanitizer/{t}.log" for t in TOOLS]
     status = OK if all(s["ok"] for s in summaries) else FAILED
-    return result(status, "; ".join(parts) + " over rows_bwd (atomics) and safe_merge (refusal)",
-                  artifacts=artifacts, data={"tools": summaries})
+    return result(
+        status,
+        "; ".join(parts) + " over rows_bwd (atomics) and safe_merge (refusal)",
+        artifacts=artifacts,
+        data={"tools": summaries},
+    )

@@ -5,6 +5,7 @@ Dry run: `--device cpu` (the interpreter) over a small selection, to prove the p
 anyway. Each test's outcome is appended to a JSONL file by the kit's pytest plugin as soon as it is known, so a
 shard stopped at the budget still reports what it reached; tests that never reported count as not run (failed).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,15 @@ from typing import Dict, List
 
 from fused_lora.gpu_check.context import FAILED, OK, Context, result, write_json
 
-DEVICE_TEST_FILES = ("tests/test_triton_dense.py", "tests/test_triton_rows.py", "tests/test_triton_merge.py",
-                     "tests/test_training.py", "tests/test_contract.py", "tests/test_triton_decode.py",
-                     "tests/test_triton_pdl.py")
+DEVICE_TEST_FILES = (
+    "tests/test_triton_dense.py",
+    "tests/test_triton_rows.py",
+    "tests/test_triton_merge.py",
+    "tests/test_training.py",
+    "tests/test_contract.py",
+    "tests/test_triton_decode.py",
+    "tests/test_triton_pdl.py",
+)
 CONTRACT = "tests/test_contract.py::"
 
 
@@ -28,9 +35,10 @@ def gpu_worthy(node_id: str, quick: bool) -> bool:
     if not node_id.startswith(CONTRACT):
         return True
     return "[cuda-" in node_id and (not quick or "bf16" in node_id)
+
+
 DRY_RUN_FILES = DEVICE_TEST_FILES[:4]
-DRY_RUN_SELECTION = ("rank_one or safe_merge_clean or m_zero or all_none or empty_batch or preallocated or "
-                     "masks_differ")
+DRY_RUN_SELECTION = "rank_one or safe_merge_clean or m_zero or all_none or empty_batch or preallocated or masks_differ"
 PYTEST_FLAGS = ("-q", "-p", "no:cacheprovider", "-p", "fused_lora.gpu_check.pytest_plugin", "-o", "addopts=")
 
 
@@ -40,8 +48,14 @@ def _pytest(ctx: Context, args: List[str]) -> List[str]:
 
 def collect(ctx: Context, files: List[str], env: Dict[str, str]) -> List[str]:
     args = list(files) + (["-k", DRY_RUN_SELECTION] if ctx.dry_run else []) + ["--collect-only"]
-    done = subprocess.run(_pytest(ctx, args), capture_output=True, text=True, cwd=ctx.root, env=env,
-                          timeout=max(30.0, ctx.remaining() / 2))
+    done = subprocess.run(
+        _pytest(ctx, args),
+        capture_output=True,
+        text=True,
+        cwd=ctx.root,
+        env=env,
+        timeout=max(30.0, ctx.remaining() / 2),
+    )
     with open(ctx.path("tests", "collect.log"), "w") as f:
         f.write(done.stdout + done.stderr)
     ids = [line.strip() for line in done.stdout.splitlines() if "::" in line and not line.startswith(" ")]
@@ -93,8 +107,9 @@ def _first_error_line(message: str) -> str:
 
 
 def run(ctx: Context) -> dict:
-    files = [f for f in (DRY_RUN_FILES if ctx.dry_run else DEVICE_TEST_FILES) if os.path.exists(
-        os.path.join(ctx.root, f))]
+    files = [
+        f for f in (DRY_RUN_FILES if ctx.dry_run else DEVICE_TEST_FILES) if os.path.exists(os.path.join(ctx.root, f))
+    ]
     env = dict(os.environ)
     if not ctx.dry_run and ctx.mode == "full":
         env["FUSED_LORA_GPU_TESTS"] = "all"
@@ -110,8 +125,18 @@ def run(ctx: Context) -> dict:
         jsonl.append(path)
         shard_env = dict(env, FUSED_LORA_GPU_CHECK_OUTCOMES=path)
         log = open(ctx.path("tests", f"shard{i}.log"), "w")
-        procs.append((subprocess.Popen(_pytest(ctx, shard + ["--junitxml", ctx.path("tests", f"shard{i}.xml")]),
-                                       stdout=log, stderr=subprocess.STDOUT, cwd=ctx.root, env=shard_env), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    _pytest(ctx, shard + ["--junitxml", ctx.path("tests", f"shard{i}.xml")]),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=ctx.root,
+                    env=shard_env,
+                ),
+                log,
+            )
+        )
     deadline = time.time() + ctx.remaining() - 8
     stopped = False
     try:
@@ -139,22 +164,37 @@ def run(ctx: Context) -> dict:
     counts = {k: 0 for k in ("passed", "failed", "error", "skipped", "not run")}
     for node in ids:
         counts[seen.get(node, {"outcome": "not run"})["outcome"]] += 1
-    failures = [{"nodeid": n, "outcome": seen[n]["outcome"], "error": _first_error_line(seen[n].get("message", ""))}
-                for n in ids if n in seen and seen[n]["outcome"] in ("failed", "error")]
+    failures = [
+        {"nodeid": n, "outcome": seen[n]["outcome"], "error": _first_error_line(seen[n].get("message", ""))}
+        for n in ids
+        if n in seen and seen[n]["outcome"] in ("failed", "error")
+    ]
     slowest = sorted(((round(v["seconds"], 2), k) for k, v in seen.items()), reverse=True)[:10]
-    summary = {"device": ctx.device, "files": files, "collected": len(collected), "selected": len(ids),
-               "shards": len(shards), "counts": counts, "failures": failures,
-               "not_run": [n for n in ids if n not in seen], "slowest": slowest,
-               "exit_codes": [p.returncode for p, _ in procs], "stopped_at_budget": stopped}
+    summary = {
+        "device": ctx.device,
+        "files": files,
+        "collected": len(collected),
+        "selected": len(ids),
+        "shards": len(shards),
+        "counts": counts,
+        "failures": failures,
+        "not_run": [n for n in ids if n not in seen],
+        "slowest": slowest,
+        "exit_codes": [p.returncode for p, _ in procs],
+        "stopped_at_budget": stopped,
+    }
     write_json(ctx.path("tests", "summary.json"), summary)
-    detail = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
-              f"{counts['skipped']} skipped, {counts['not run']} not run ({len(ids)} tests, --device {ctx.device}, "
-              f"{len(shards)} shards)")
+    detail = (
+        f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
+        f"{counts['skipped']} skipped, {counts['not run']} not run ({len(ids)} tests, --device {ctx.device}, "
+        f"{len(shards)} shards)"
+    )
     if stopped:
         detail += "; stopped at the budget (rerun with --only tests for the rest)"
     if failures:
         detail += "; first: " + failures[0]["nodeid"] + " " + failures[0]["error"]
     bad = counts["failed"] + counts["error"] + counts["not run"] > 0 or any(
-        p.returncode not in (0, 5) for p, _ in procs)
+        p.returncode not in (0, 5) for p, _ in procs
+    )
     artifacts = ["tests/summary.json"] + [f"tests/shard{i}.log" for i in range(len(shards))]
     return result(FAILED if bad else OK, detail, artifacts=artifacts, data=summary)

@@ -6,6 +6,7 @@ model's own pointwise work around them); the full run adds a training step and c
 fullgraph=True makes any graph break an error. Dry run: the CPU with the aot_eager backend (no C++ toolchain
 needed), forward only.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,13 +26,20 @@ def build(device: torch.device, dtype: torch.dtype, layers: int):
 
     from fused_lora.integrations.peft import patch_model
 
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     base = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
-                                            init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    )
     eager = copy.deepcopy(model)
     patched = patch_model(model)
     if patched != patch_model(eager) or patched != layers * len(TARGETS):
@@ -73,13 +81,16 @@ def run(ctx: Context) -> dict:
         worst, count = 0.0, 0
         for name, p in model.named_parameters():
             if p.requires_grad:
-                torch.testing.assert_close(p.grad, reference[name].grad, rtol=RTOL, atol=ATOL,
-                                           msg=lambda m, n=name: f"grad {n}: {m}")
+                torch.testing.assert_close(
+                    p.grad, reference[name].grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"grad {n}: {m}"
+                )
                 worst = max(worst, (p.grad - reference[name].grad).abs().max().item())
                 count += 1
         notes.append(f"training step: {count} LoRA gradients, max diff {worst:.2e} ({time.time() - began:.0f}s)")
     if counter.frame_count < 1:
         return result(FAILED, f"nothing was compiled (frame_count {counter.frame_count})")
-    detail = (f"torch.compile(fullgraph=True, backend={backend}) of a patched {layers}-layer Llama on {device.type}, "
-              f"float32, {counter.frame_count} graph(s), equal to eager: " + "; ".join(notes))
+    detail = (
+        f"torch.compile(fullgraph=True, backend={backend}) of a patched {layers}-layer Llama on {device.type}, "
+        f"float32, {counter.frame_count} graph(s), equal to eager: " + "; ".join(notes)
+    )
     return result(OK, detail, data={"backend": backend, "frames": counter.frame_count, "notes": notes})

@@ -12,6 +12,7 @@ copying it there. The step then reads the file back through tuned_config() in a 
 Dry run: two cases at tiny float32 shapes on the CPU (interpreter), default plus one candidate, written under a
 dry-run GPU name: the plumbing end to end, timings meaningless.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -34,8 +35,8 @@ DRY_RUN_GPU = "dry-run cpu (not a GPU)"
 
 def discover() -> Tuple[List, List[str], set]:
     """([TuneCase], problems, {(kernel, shape_class) of the quick selection}): the kernel modules' (and the CUDA
-    dispatch's) own tune_space() first (a case whose description starts with "quick" joins the quick selection), the interim spaces for the
-    rest."""
+    dispatch's) own tune_space() first (a case whose description starts with "quick" joins the quick selection), the
+    interim spaces for the rest."""
     import fused_lora.kernels as package
     from fused_lora.kernels.tuned import TuneCase
 
@@ -86,8 +87,9 @@ def _selection(ctx: Context, cases: List, quick: set) -> List[Tuple[object, List
     return out
 
 
-def tune_case(case, configs: List[dict], device: torch.device, tiny: bool, rounds: int, reps: int,
-              max_seconds: float) -> dict:
+def tune_case(
+    case, configs: List[dict], device: torch.device, tiny: bool, rounds: int, reps: int, max_seconds: float
+) -> dict:
     run = case.make(device, tiny)
     reset = run.reset or (lambda: None)
     reset()
@@ -110,8 +112,9 @@ def tune_case(case, configs: List[dict], device: torch.device, tiny: bool, round
     if 0 not in good:
         raise RuntimeError(f"the default config itself fails: {candidates[0].get('detail')}")
     fns = {str(i): (lambda c=configs[i]: run.launch(c)) for i in good}
-    timings = timers.interleaved(fns, device, rounds=rounds, reps=reps, after_each={k: reset for k in fns},
-                                 max_seconds=max_seconds)
+    timings = timers.interleaved(
+        fns, device, rounds=rounds, reps=reps, after_each={k: reset for k in fns}, max_seconds=max_seconds
+    )
     for i in good:
         candidates[i]["median_us"] = round(timings.spread(str(i)).median * 1e6, 2)
     best, best_speedup = 0, 1.0
@@ -120,16 +123,25 @@ def tune_case(case, configs: List[dict], device: torch.device, tiny: bool, round
         if ratio is not None and ratio.median > best_speedup:
             best, best_speedup = i, ratio.median
     from fused_lora.kernels.tuned import TUNE_MARGIN
+
     chosen = best if best_speedup >= TUNE_MARGIN else 0
-    return {"config": configs[chosen], "default": configs[0], "shape": run.shape,
-            "median_us": candidates[chosen]["median_us"], "default_median_us": candidates[0]["median_us"],
-            "speedup": round(best_speedup if chosen else 1.0, 4), "candidates": candidates,
-            "triton": _triton_version(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "config": configs[chosen],
+        "default": configs[0],
+        "shape": run.shape,
+        "median_us": candidates[chosen]["median_us"],
+        "default_median_us": candidates[0]["median_us"],
+        "speedup": round(best_speedup if chosen else 1.0, 4),
+        "candidates": candidates,
+        "triton": _triton_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def _triton_version() -> str:
     try:
         import triton
+
         return triton.__version__
     except Exception:  # noqa: BLE001
         return "unavailable"
@@ -152,10 +164,12 @@ def read_back(ctx: Context, gpu: str, directory: str, results: Dict[str, Dict[st
         "        if got != config: bad.append(f'{kernel}/{shape_class}: got {got}, wrote {config}')\n"
         "        if tuned_config(kernel, shape_class + ':absent', default) != default:\n"
         "            bad.append(f'{kernel}/{shape_class}:absent did not fall back to the default')\n"
-        "print(json.dumps(bad))\n")
+        "print(json.dumps(bad))\n"
+    )
     env = dict(os.environ, FUSED_LORA_TUNED_DIR=directory, FUSED_LORA_TUNED_GPU=gpu, FUSED_LORA_TUNED="1")
-    done = subprocess.run([ctx.python, "-c", code, json.dumps(probe)], capture_output=True, text=True,
-                          cwd=ctx.root, env=env, timeout=120)
+    done = subprocess.run(
+        [ctx.python, "-c", code, json.dumps(probe)], capture_output=True, text=True, cwd=ctx.root, env=env, timeout=120
+    )
     if done.returncode != 0:
         return [f"read-back process failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -177,8 +191,9 @@ def run(ctx: Context) -> dict:
             index = next(i for i, c in enumerate(case.candidates) if dict(case.default, **c) == config)
             jobs.append([case.kernel, case.shape_class, index])
     workers = 1 if ctx.dry_run else max(2, min(8, (ctx.info.get("cpus") or 8) // 2))
-    warmed = warm.spawn(ctx, "tune", {"jobs": jobs, "tiny": tiny}, workers,
-                        timeout_s=min(0.4 * ctx.budget_s, ctx.remaining() - 20))
+    warmed = warm.spawn(
+        ctx, "tune", {"jobs": jobs, "tiny": tiny}, workers, timeout_s=min(0.4 * ctx.budget_s, ctx.remaining() - 20)
+    )
     results: Dict[str, Dict[str, dict]] = {}
     records, errors, left_out = [], [], []
     for n, (case, configs) in enumerate(selection):
@@ -187,32 +202,55 @@ def run(ctx: Context) -> dict:
             left_out.append(f"{case.kernel}/{case.shape_class}")
             continue
         try:
-            entry = tune_case(case, configs, device, tiny, rounds=2 if tiny else 5, reps=1 if tiny else 3,
-                              max_seconds=max(2.0, (ctx.remaining() - 10) / left / 2))
+            entry = tune_case(
+                case,
+                configs,
+                device,
+                tiny,
+                rounds=2 if tiny else 5,
+                reps=1 if tiny else 3,
+                max_seconds=max(2.0, (ctx.remaining() - 10) / left / 2),
+            )
             results.setdefault(case.kernel, {})[case.shape_class] = entry
-            records.append(f"{case.kernel}/{case.shape_class}: x{entry['speedup']} "
-                           f"({entry['median_us']}us vs default {entry['default_median_us']}us)")
+            records.append(
+                f"{case.kernel}/{case.shape_class}: x{entry['speedup']} "
+                f"({entry['median_us']}us vs default {entry['default_median_us']}us)"
+            )
             print(records[-1], flush=True)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"{case.kernel}/{case.shape_class}: {type(exc).__name__}: {str(exc)[:200]}")
             print(errors[-1], flush=True)
-    data = {"gpu": gpu, "cases": len(selection), "problems": problems, "errors": errors, "left_out": left_out,
-            "warm": warmed}
+    data = {
+        "gpu": gpu,
+        "cases": len(selection),
+        "problems": problems,
+        "errors": errors,
+        "left_out": left_out,
+        "warm": warmed,
+    }
     if not results:
         return result(FAILED, "no case tuned: " + "; ".join(errors + problems)[:600], data=data)
     out_dir = os.path.dirname(ctx.path("tuned", "x"))
-    meta = {"capability": ctx.info.get("capability"), "torch": torch.__version__, "triton": _triton_version(),
-            "command": f"scripts/gpu_check.sh ({ctx.mode})", "margin": tuned.TUNE_MARGIN}
+    meta = {
+        "capability": ctx.info.get("capability"),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "command": f"scripts/gpu_check.sh ({ctx.mode})",
+        "margin": tuned.TUNE_MARGIN,
+    }
     path = tuned.write_tuned(gpu, results, out_dir=out_dir, meta=meta)
     mismatches = read_back(ctx, gpu, out_dir, results)
     data.update(path=os.path.relpath(path, ctx.out), read_back=mismatches or "ok")
     write_json(ctx.path("tune.json"), dict(data, results=results))
-    detail = (f"{len(records)} of {len(selection)} cases tuned -> {os.path.relpath(path, ctx.out)} (commit as "
-              f"kernels/tuned/{os.path.basename(path)}); " + "; ".join(records)
-              + (f"; errors: {'; '.join(errors)}" if errors else "")
-              + (f"; left out (budget): {', '.join(left_out)}" if left_out else "")
-              + (f"; problems: {'; '.join(problems)}" if problems else "")
-              + (f"; read-back: {'; '.join(mismatches)}" if mismatches else "; read back through tuned_config: ok"))
+    detail = (
+        f"{len(records)} of {len(selection)} cases tuned -> {os.path.relpath(path, ctx.out)} (commit as "
+        f"kernels/tuned/{os.path.basename(path)}); "
+        + "; ".join(records)
+        + (f"; errors: {'; '.join(errors)}" if errors else "")
+        + (f"; left out (budget): {', '.join(left_out)}" if left_out else "")
+        + (f"; problems: {'; '.join(problems)}" if problems else "")
+        + (f"; read-back: {'; '.join(mismatches)}" if mismatches else "; read back through tuned_config: ok")
+    )
     if ctx.dry_run:
         detail = "dry run (CPU interpreter, tiny shapes: plumbing only) " + detail
     status = FAILED if (errors or mismatches) else OK
