@@ -89,6 +89,19 @@ def test_backend_info_names_the_cpu_backend(monkeypatch):
     assert ("cpu: cpp (fused_lora._C)" == line) == (backends._import_cpp()[0] is not None)
 
 
+@pytest.mark.parametrize(
+    "choice, what",
+    [("auto", "chosen per shape"), ("cublas", "cublas composition (forced)"), ("reference", "reference")],
+)
+def test_backend_info_says_when_there_is_no_cuda_device(monkeypatch, choice, what):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", choice)
+    for available in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        line = backends.backend_info().splitlines()[1]
+        assert line.startswith("cuda: ") and what in line, line
+        assert line.startswith("cuda: no CUDA device here") != available, line
+
+
 # ---- resolve(): backend_for's decision, remembered per FUSED_LORA_BACKEND -----------------------------------------
 def test_resolve_follows_the_environment_at_every_call(monkeypatch):
     cpu = torch.device("cpu")

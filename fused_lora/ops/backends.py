@@ -24,6 +24,8 @@ import warnings
 from functools import lru_cache
 from types import ModuleType
 
+import torch
+
 _CHOICES = ("auto", "triton", "cublas", "cpp", "reference")
 
 
@@ -123,11 +125,18 @@ def backend_info() -> str:
     if cpu is None:
         cpu = "cpp (fused_lora._C)" if cpp is not None else f"reference (C++ backend unavailable: {cpp_why})"
     tri, tri_why = _import_triton()
-    cuda = (
-        "reference (plain torch, forced)"
-        if name == "reference"
-        else ("triton" if tri is not None else f"unavailable: {tri_why}")
-    )
+    if name == "reference":
+        cuda = "reference (plain torch, forced)"
+    elif name == "cublas":
+        cuda = "cublas composition (forced)"
+    elif tri is None:
+        cuda = f"unavailable: {tri_why}"
+    elif name == "triton":
+        cuda = "triton (forced)"
+    else:
+        cuda = "fused Triton or cuBLAS composition, chosen per shape (python -m fused_lora info --explain)"
+    if not torch.cuda.is_available():
+        cuda = f"no CUDA device here; on one: {cuda}"
     return f"cpu: {cpu}\ncuda: {cuda}"
 
 
