@@ -1,7 +1,8 @@
 """What the sanitizer step runs under compute-sanitizer: `python -m fused_lora.gpu_check.sanitize_target CASE`.
 
     rows_bwd     lora_linear_rows forward + backward over 5 adapters with dropout, odd shapes, some rows without
-                 an adapter: the per-row kernels, whose backward adds into dA/dB with fp32 atomics
+                 an adapter: the per-row kernels, whose backward writes split partials of dA/dB and sums them
+                 in a fixed order after a ticket (racecheck/memcheck territory)
     safe_merge   merge_(safe=True) of an adapter that would overflow one element: must raise, W bit-identical;
                  then a clean safe merge that must apply (both passes of the two-pass kernel)
 
