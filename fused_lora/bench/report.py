@@ -94,7 +94,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     custom = p.add_argument_group("custom grid (replaces --grid when --ops is given)")
-    custom.add_argument("--ops", type=_csv(str), help=f"comma list of {', '.join(OPS)}")
+    custom.add_argument(
+        "--ops",
+        type=_csv(str),
+        help=f"comma list of {', '.join(OPS)}; or `--ops host` alone: host time per call vs nn.Linear and PEFT "
+        "(its own options: --ops host --help)",
+    )
     custom.add_argument("--tokens", type=_csv(int), default=[16, 512])
     custom.add_argument("--shapes", type=_csv(_shape), default=[(4096, 4096)], help="KxN list, e.g. 4096x14336")
     custom.add_argument("--ranks", type=_csv(int), default=[16])
