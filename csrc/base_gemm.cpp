@@ -167,7 +167,7 @@ void direct_gemm(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool b
 std::vector<float> bias_fp32(const c10::optional<at::Tensor>& bias, int64_t N) {
   std::vector<float> out;
   if (!bias.has_value() || !bias->defined()) return out;
-  const at::Tensor b = bias->to(at::kFloat).contiguous();
+  const at::Tensor b = fp32_contiguous(*bias);
   out.assign(b.const_data_ptr<float>(), b.const_data_ptr<float>() + N);
   return out;
 }

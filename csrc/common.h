@@ -67,6 +67,12 @@ RowsF32 rows_as_fp32(const at::Tensor& t, std::vector<float>& buf);
 // t itself where its columns are adjacent (stride(1) == 1, or a single column), else a contiguous copy.
 at::Tensor unit_columns(const at::Tensor& t);
 
+// t as contiguous fp32: t itself when it is so already, decided without a dispatcher call (Tensor::to goes through
+// the dispatcher even when it returns t: a measurable part of a decode-sized call), else a converted copy.
+inline at::Tensor fp32_contiguous(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 // fp32 view of a contiguous buffer as a tensor (no copy).
 at::Tensor fp32_view(float* data, int64_t rows, int64_t cols);
 

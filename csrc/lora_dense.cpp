@@ -32,10 +32,14 @@ struct AdapterRanks {
   bool any_dropout = false;
 };
 
+void check_dropout_count(at::IntArrayRef rank_ptr, const std::vector<DropoutPlan>& plans) {
+  const size_t n = rank_ptr.size() - 1;
+  TORCH_CHECK(plans.size() == n, "fused_lora_cpu: dropout_p has ", plans.size(), " entries for ", n, " adapters");
+}
+
 AdapterRanks adapter_ranks(at::IntArrayRef rank_ptr, const std::vector<DropoutPlan>& plans) {
   AdapterRanks a;
   const size_t n = rank_ptr.size() - 1;
-  TORCH_CHECK(plans.size() == n, "fused_lora_cpu: dropout_p has ", plans.size(), " entries for ", n, " adapters");
   for (size_t i = 0; i < n; ++i) {
     a.lo.push_back(rank_ptr[i]);
     a.hi.push_back(rank_ptr[i + 1]);
@@ -85,11 +89,12 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd(const at::Tensor& x, const at::Tenso
   }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const auto plans = make_dropout_plans(seed, dropout_p);
-  const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
+  check_dropout_count(rank_ptr, plans);
   if (takes_small_path(M, N, K)) return lora_fwd_small(x, weight, bias, lora_a, lora_b, scale, rank_ptr, plans);
-  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
+  const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
+  const at::Tensor a32 = fp32_contiguous(lora_a);
   const at::Tensor bt32 = lora_b.to(at::kFloat).t().contiguous();  // [R, N]
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
+  const at::Tensor scale32 = fp32_contiguous(scale);
   const std::vector<float> bias32 = bias_fp32(bias, N);
   const float* bias_ptr = bias32.empty() ? nullptr : bias32.data();
   // bf16 x and bf16 A without dropout: dot products straight from x, no fp32 staging.
@@ -165,14 +170,15 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd(
   }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const auto plans = make_dropout_plans(seed, dropout_p);
-  const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
+  check_dropout_count(rank_ptr, plans);
   if (takes_small_path(M, N, K)) {
     return lora_bwd_small(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, plans, need_dx);
   }
-  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
-  const at::Tensor b32 = lora_b.to(at::kFloat).contiguous();
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
-  const at::Tensor t32 = t.to(at::kFloat).contiguous();
+  const AdapterRanks ar = adapter_ranks(rank_ptr, plans);
+  const at::Tensor a32 = fp32_contiguous(lora_a);
+  const at::Tensor b32 = fp32_contiguous(lora_b);
+  const at::Tensor scale32 = fp32_contiguous(scale);
+  const at::Tensor t32 = fp32_contiguous(t);
   TORCH_CHECK(t32.size(1) == R, "fused_lora_cpu: internal: t has ", t32.size(1), " ranks, lora_a ", R);
   // Zeroing the ranks of adapters with dropout lets one GEMM serve all adapters without it.
   std::vector<int64_t> dropout_rank_list;

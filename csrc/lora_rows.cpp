@@ -92,9 +92,9 @@ std::tuple<at::Tensor, at::Tensor> lora_rows_fwd(const at::Tensor& x, const at::
   int64_t r_max = 1;
   for (int64_t i = 0; i < n; ++i) r_max = std::max(r_max, rank_ptr[i + 1] - rank_ptr[i]);
   const auto plans = make_dropout_plans(seed, dropout_p);
-  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
+  const at::Tensor a32 = fp32_contiguous(lora_a);
   const at::Tensor bt32 = lora_b.to(at::kFloat).t().contiguous();  // [R, N]
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
+  const at::Tensor scale32 = fp32_contiguous(scale);
   const std::vector<float> bias32 = bias_fp32(bias, N);
   const float* bias_ptr = bias32.empty() ? nullptr : bias32.data();
   const RowGroups g = group_rows(row_ids, n);
@@ -145,11 +145,11 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_rows_bwd(
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
   const int64_t n = static_cast<int64_t>(rank_ptr.size()) - 1;
   const auto plans = make_dropout_plans(seed, dropout_p);
-  const at::Tensor a32 = lora_a.to(at::kFloat).contiguous();
+  const at::Tensor a32 = fp32_contiguous(lora_a);
   // [R, N]: an adapter's ranks are whole rows, so its B^T reaches the GEMM packed (a column slice of B would not be)
   const at::Tensor bt32 = lora_b.to(at::kFloat).t().contiguous();
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
-  const at::Tensor t32 = t.to(at::kFloat).contiguous();
+  const at::Tensor scale32 = fp32_contiguous(scale);
+  const at::Tensor t32 = fp32_contiguous(t);
   const RowGroups g = group_rows(row_ids, n);
 
   Partials da_part(R, K), dbt_part(R, N);  // dB accumulated transposed, as in lora_bwd

@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> lora_fwd_small(const at::Tensor& x, const at:
                                                   const at::Tensor& lora_b, const at::Tensor& scale,
                                                   at::IntArrayRef rank_ptr, const std::vector<DropoutPlan>& plans) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
+  const at::Tensor scale32 = fp32_contiguous(scale);
   std::vector<float> xbuf, xdrop, mult;
   const RowsF32 xs = rows_as_fp32(x, xbuf);
 
@@ -143,7 +143,7 @@ std::tuple<c10::optional<at::Tensor>, at::Tensor, at::Tensor> lora_bwd_small(
     const at::Tensor& lora_b, const at::Tensor& scale, const at::Tensor& t, at::IntArrayRef rank_ptr,
     const std::vector<DropoutPlan>& plans, bool need_dx) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), R = lora_a.size(0);
-  const at::Tensor scale32 = scale.to(at::kFloat).contiguous();
+  const at::Tensor scale32 = fp32_contiguous(scale);
   std::vector<float> dybuf, xbuf, xdrop, mult;
   const RowsF32 dys = rows_as_fp32(dy, dybuf);
   const at::Tensor t32 = unit_columns(t.to(at::kFloat));

@@ -1,6 +1,6 @@
 // Registers the C++ CPU backend as torch.ops.fused_lora_cpu.<name> (schemas mirror CONTRACT.md) and gives the
-// extension a Python module (`import fused_lora._C` loads it) with the ISA-level controls of isa.h, which
-// fused_lora.ops.cpp_backend wraps.
+// extension a Python module (`import fused_lora._C` loads it) with the compute ops' direct entries
+// (direct_entry.cpp) and the ISA-level controls of isa.h, which fused_lora.ops.cpp_backend wraps.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common.h"
+#include "direct_entry.h"
 #include "gemm_choice.h"
 #include "isa.h"
 #include "isa_loops.h"
@@ -204,7 +205,8 @@ TORCH_LIBRARY_IMPL(fused_lora_cpu, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fused_lora C++ CPU backend; ops live in torch.ops.fused_lora_cpu";
+  m.doc() = "fused_lora C++ CPU backend; ops live in torch.ops.fused_lora_cpu (the compute ops also here, direct)";
+  fused_lora_cpu::bind_direct_entries(m);
   m.def("isa_paths", [] {
     py::list out;
     for (Isa level : fused_lora_cpu::isa_paths()) out.append(fused_lora_cpu::isa_name(level));

@@ -49,6 +49,8 @@ def _has_autocast(device_type: str) -> bool:
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+# True when torch.autocast may be on for some device (then _run switches it off around a backend call)
+_maybe_autocast = _any_autocast if _any_autocast is not None else (lambda: True)
 
 
 def _run(device: torch.device, fn, *args):
@@ -433,6 +435,8 @@ def forward(
         impl = backend if backend is not None else resolve(x.device)
         if _needs_grad(x, weight, bias, lora_a, lora_b):
             return _DenseFn.apply(impl, x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)
+        if not _maybe_autocast():  # _run's common case, without its frame
+            return impl.lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)[0]
         return _run(x.device, impl.lora_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)[0]
     return lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed)[0]
 
@@ -455,6 +459,8 @@ def rows_forward(
         impl = backend if backend is not None else resolve(x.device)
         if _needs_grad(x, weight, bias, lora_a, lora_b):
             return _RowsFn.apply(impl, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)
+        if not _maybe_autocast():
+            return impl.lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed)[0]
         return _run(
             x.device, impl.lora_rows_fwd, x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed
         )[0]

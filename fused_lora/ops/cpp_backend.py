@@ -146,40 +146,14 @@ def _detached(*tensors):
     return [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def _ints(values) -> list[int]:
-    return [int(v) for v in values]
-
-
-def _floats(values) -> list[float]:
-    return [float(v) for v in values]
-
-
-def lora_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, dropout_p, seed):
-    x, weight, bias, lora_a, lora_b = _detached(x, weight, bias, lora_a, lora_b)
-    return tuple(_ops.lora_fwd(x, weight, bias, lora_a, lora_b, scale, _ints(rank_ptr), _floats(dropout_p), seed))
-
-
-def lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, dropout_p, seed, need_dx):
-    dy, x, weight, lora_a, lora_b, t = _detached(dy, x, weight, lora_a, lora_b, t)
-    return tuple(
-        _ops.lora_bwd(dy, x, weight, lora_a, lora_b, scale, t, _ints(rank_ptr), _floats(dropout_p), seed, bool(need_dx))
-    )
-
-
-def lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, rank_ptr, row_ids, dropout_p, seed):
-    x, weight, bias, lora_a, lora_b = _detached(x, weight, bias, lora_a, lora_b)
-    return tuple(
-        _ops.lora_rows_fwd(x, weight, bias, lora_a, lora_b, scale, _ints(rank_ptr), row_ids, _floats(dropout_p), seed)
-    )
-
-
-def lora_rows_bwd(dy, x, weight, lora_a, lora_b, scale, t, rank_ptr, row_ids, dropout_p, seed, need_dx):
-    dy, x, weight, lora_a, lora_b, t = _detached(dy, x, weight, lora_a, lora_b, t)
-    return tuple(
-        _ops.lora_rows_bwd(
-            dy, x, weight, lora_a, lora_b, scale, t, _ints(rank_ptr), row_ids, _floats(dropout_p), seed, bool(need_dx)
-        )
-    )
+# The compute ops: the extension's direct entries (csrc/direct_entry.cpp), the same C++ functions as
+# torch.ops.fused_lora_cpu.<op> without the dispatcher's Python layer, which cost as much as the op itself at decode
+# sizes. They detach inputs that require grad and run below autograd, as the dispatcher would; they take rank_ptr
+# and dropout_p as any sequences of ints / floats and return tuples (lora_bwd's dx: None when not requested).
+lora_fwd = _C.lora_fwd
+lora_bwd = _C.lora_bwd
+lora_rows_fwd = _C.lora_rows_fwd
+lora_rows_bwd = _C.lora_rows_bwd
 
 
 def lora_merge_(weight, lora_a, lora_b, scale, sign, fan_in_fan_out, safe):
