@@ -10,15 +10,20 @@ fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-stamp=".venv/.fused_lora_env_$(cat requirements-dev.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+stamp=".venv/.fused_lora_env_$(cat requirements-dev.txt scripts/setup_env.sh setup.py pyproject.toml | sha256sum | cut -c1-16)"
+quiet_build() { grep -vE "is ignored|BuildBackendWarning|^\s*$|^\s*!!|\*\*\*\*" || true; }
+if [ ! -f "$stamp" ] || [ ! -f fused_lora/__init__.py ] || ! python -c "import fused_lora" 2>/dev/null; then
     # torch 2.13.0 CPU is what these machines carry; a bare `torch` would pull a multi-GB CUDA build
     pip install -q "torch==${FUSED_LORA_TORCH_VERSION:-2.13.0}"
     pip install -q -r requirements-dev.txt
+    # the editable install maps kernels/ to fused_lora.kernels and builds the C++ backend once
+    pip install -q --no-build-isolation -e . 2>&1 | quiet_build
     touch "$stamp"
+else
+    # csrc/ may have changed: rebuild in place, where ninja keeps its state under build/ (pip's editable install
+    # builds in a fresh temporary folder, so it recompiles every file every time: minutes on 2 cores)
+    python setup.py -q build_ext --inplace 2>&1 | quiet_build
 fi
-# always rebuild: csrc/ may have changed since the last install (ninja makes an unchanged rebuild cheap)
-pip install -q --no-build-isolation -e . 2>&1 | grep -vE "is ignored|BuildBackendWarning|^\s*$|^\s*!!|\*\*\*\*" || true
 python - <<'PY'
 import fused_lora
 print("fused_lora backends:\n" + fused_lora.backend_info())
