@@ -3,8 +3,10 @@
 At small M the forward is bound by reading W. A grid of (column tiles x splits of K) programs streams it: the split
 count (config.split_count) brings the launch to at least 2 programs per SM, spread evenly (at N = 1024, K = 4096:
 16 column tiles x 23 splits = 368 programs instead of 16). Each program reduces its share of K into an fp32
-partial; the last program of a column tile to arrive sums the partials in split order (kernels/blocks.py: no float
-atomics, bit-reproducible), then adds the rank term and the bias, rounds y once and stores it.
+partial of the valid cells only (M rows, not the BLOCK_M-row tile: 4 x N x M bytes per split); the last program of
+a column tile to arrive sums the partials in split order (kernels/blocks.arrive_last: no float atomics,
+bit-reproducible), adds the bias, rounds y once and stores it. After the K loop the last program waits on two
+dependent round trips only, the ticket and the partials: everything else it needs was loaded before the loop.
 
 Swap-AB: every product is computed transposed, y^T = W x^T + B t^T, so W's BLOCK_N rows are the MMA's M
 dimension and the few tokens its N. wgmma (sm_90) needs 64 rows per warpgroup; a 16-token tile in the M slot would
@@ -12,9 +14,12 @@ fall back to mma.sync, while in the N slot it costs nothing (wgmma N goes down t
 
 Rank term (RANK_MODE):
     IN_PASS   dense, R <= IN_PASS_MAX_RANK: the shrink t^T += A x^T rides in the same K loop on the same x tile, so
-              x and W are read once and no shrink launch exists. Each program computes its K share of t for all
-              ranks (A's share comes from L2: R / BLOCK_N of the W bytes), the partials of t are reduced with y's,
-              and column tile 0 stores t (the backward needs it). With dropout the K loop holds a loop over the
+              x and W are read once and no shrink launch exists. Each program computes its K share t_s of t for all
+              ranks (A's share comes from L2: R / BLOCK_N of the W bytes) and, the rank term being linear in t, adds
+              B (s * t_s) to its own partial of y (B's tile and the scales are loaded before the K loop). Column
+              tile 0 alone keeps t's partials, reduced in split order and stored as t (the backward needs it).
+              Rounding: the rank term is the sum over splits of B round(s * t_s), each t_s rounded to B's dtype
+              (t itself is summed in fp32). With dropout the K loop holds a loop over the
               segments (one masked product each), which Triton's software pipeliner does not take: that variant
               (training at M <= 64) streams W without cp.async prefetch.
     DENSE_T   dense, wider ranks: t comes from the split shrink launched before (kernels/shrink.py).
@@ -34,7 +39,7 @@ import triton
 import triton.language as tl
 
 from fused_lora.kernels import config
-from fused_lora.kernels.blocks import arrive_last, dot_k_range, rank_term, row_adapters, split_range, sum_splits
+from fused_lora.kernels.blocks import arrive_last, dot_k_range, rank_term, row_adapters, split_range
 from fused_lora.kernels.philox import SEG_FIELDS, SEG_HI, SEG_INV_KEEP, SEG_LO, SEG_SALT, SEG_THRESHOLD, keep_mask_tile
 from fused_lora.kernels.spec import PDL_CONSUMER_PTX, SPLIT_REDUCTION_PTX, KernelSpec
 
@@ -42,6 +47,7 @@ DECODE_M_MAX = 64
 IN_PASS_MAX_RANK = 32  # beyond it, A's L2 re-reads (R / BLOCK_N of W's bytes per program) cost more than a launch
 
 IN_PASS, DENSE_T, ROWS_T, NONE = 0, 1, 2, 3
+MODE_NAMES = ("in_pass", "dense_t", "rows_t", "none")  # as codegen spec names spell them
 _IN_PASS = tl.constexpr(IN_PASS)
 _ROWS_T = tl.constexpr(ROWS_T)
 _NONE = tl.constexpr(NONE)
@@ -105,6 +111,14 @@ def decode_kernel(
     if RANK_MODE == _IN_PASS:
         offs_t = tl.arange(0, BLOCK_R)
         t_ok = offs_t < R
+        # issued before the K loop, in flight while W streams: the rank term adds no round trip after it
+        bt = tl.load(b_ptr + cols_in[:, None] * R + offs_t[None, :], mask=t_ok[None, :], other=0.0)
+        factor = tl.load(scale_ptr + offs_t, mask=t_ok, other=0.0)
+        if HAS_DROPOUT:
+            for s in range(n_segs):
+                seg = table_ptr + s * SEG_FIELDS
+                in_seg = (offs_t >= tl.load(seg + SEG_LO)) & (offs_t < tl.load(seg + SEG_HI))
+                factor = tl.where(in_seg, factor * tl.load(seg + SEG_INV_KEEP).to(tl.float32, bitcast=True), factor)
         x_ptrs = x_ptr + rows_in[:, None] * stride_xm + (k_begin + offs_k).to(tl.int64)[None, :] * stride_xk
         a_ptrs = a_ptr + offs_t.to(tl.int64)[:, None] * K + (k_begin + offs_k)[None, :]
         t_acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)  # t^T of every rank, this split's share of K
@@ -161,36 +175,39 @@ def decode_kernel(
             PRECISION,
         )
 
+    if RANK_MODE == _IN_PASS:
+        # the rank term is linear in t: each split adds B (factor * t_s) to its own partial of y, so the reduction
+        # below sums y alone, and only column tile 0 (which stores t) keeps t's partials
+        t_acc = t_acc * factor[:, None]
+        acc = tl.dot(bt, t_acc.to(bt.dtype), acc, input_precision=PRECISION)
     if USE_GDC:  # PDL consumer: W is streamed; from here on t, partials and counters may be the shrink's
         tl.extra.cuda.gdc_wait()
+    out_ok = (cols < N)[:, None] & (rows < M)[None, :]
     last = n_splits == 1
-    if n_splits > 1:  # split reduction (blocks.py); y's and t's partials share the tile's counter
-        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
-        part_y = part_y_ptr + tile.to(tl.int64) * (BLOCK_N * BLOCK_M) + offs_n[:, None] * BLOCK_M + offs_m[None, :]
-        tl.store(part_y + split.to(tl.int64) * split_stride_y, acc)
+    if n_splits > 1:  # split reduction (blocks.arrive_last); partials hold the valid rows and columns only
+        part_y = part_y_ptr + cols.to(tl.int64)[:, None] * M + rows[None, :]
+        tl.store(part_y + split.to(tl.int64) * split_stride_y, acc, mask=out_ok)
         if RANK_MODE == _IN_PASS:
-            part_t = part_t_ptr + tile.to(tl.int64) * (BLOCK_R * BLOCK_M) + offs_t[:, None] * BLOCK_M + offs_m[None, :]
-            tl.store(part_t + split.to(tl.int64) * split_stride_t, t_acc)
-        last = arrive_last(counter_ptr + tile, n_splits)
+            t_part_ok = t_ok[:, None] & (rows < M)[None, :]
+            part_t = part_t_ptr + offs_t.to(tl.int64)[:, None] * M + rows[None, :]
+            if pid_n == 0:
+                tl.store(part_t + split.to(tl.int64) * split_stride_t, t_acc, mask=t_part_ok)
+        last = arrive_last(counter_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n, n_splits)
         if last:
-            acc = sum_splits(part_y, split_stride_y, n_splits)
-            if RANK_MODE == _IN_PASS:
-                t_acc = sum_splits(part_t, split_stride_t, n_splits)
+            if RANK_MODE == _IN_PASS:  # t's partials (column tile 0) in the same loop: no second chain of trips
+                t_rows = M * (pid_n == 0).to(tl.int32)  # column tile 0 alone kept t's partials
+                t_sum_ok = t_ok[:, None] & (rows < t_rows)[None, :]
+                acc, t_acc = _sum_splits(
+                    part_y, out_ok, split_stride_y, part_t, t_sum_ok, split_stride_t, n_splits, True
+                )
+            else:
+                acc, _ = _sum_splits(part_y, out_ok, split_stride_y, part_y, out_ok, 0, n_splits, False)
     if last:
         if RANK_MODE == _IN_PASS:
-            factor = tl.load(scale_ptr + offs_t, mask=t_ok, other=0.0)
-            if HAS_DROPOUT:
-                for s in range(n_segs):
-                    seg = table_ptr + s * SEG_FIELDS
-                    in_seg = (offs_t >= tl.load(seg + SEG_LO)) & (offs_t < tl.load(seg + SEG_HI))
-                    factor = tl.where(in_seg, factor * tl.load(seg + SEG_INV_KEEP).to(tl.float32, bitcast=True), factor)
-            t_acc = t_acc * factor[:, None]
             if pid_n == 0:
                 tl.store(
                     t_ptr + rows[None, :] * stride_tm + offs_t[:, None], t_acc, mask=t_ok[:, None] & (rows < M)[None, :]
                 )
-            bt = tl.load(b_ptr + cols_in[:, None] * R + offs_t[None, :], mask=t_ok[None, :], other=0.0)
-            acc = tl.dot(bt, t_acc.to(bt.dtype), acc, input_precision=PRECISION)
         elif RANK_MODE == _ROWS_T:
             row_ok = rows < M
             _, _, row_lo, row_hi = row_adapters(row_ids_ptr, rows, row_ok, n_adapters, table_ptr)
@@ -238,7 +255,30 @@ def decode_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols_in).to(tl.float32)[:, None]
         y_ptrs = y_ptr + rows[None, :] * stride_ym + cols[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(cols < N)[:, None] & (rows < M)[None, :])
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _sum_splits(y_ptrs, y_ok, y_stride, t_ptrs, t_ok, t_stride, n_splits, WITH_T: tl.constexpr):
+    """(y, t): the sums over s = 0, 1, ..., n_splits - 1 (in that order) of the fp32 partials at y_ptrs + s * y_stride
+    and (WITH_T) t_ptrs + s * t_stride, loading only the cells in y_ok / t_ok (a partial holds the valid rows and
+    columns, no tile padding).
+
+    The loads depend on no add, but a warp issues in order: ptxas unrolls this loop 4 times and issues 4 splits'
+    loads before their adds (sm_90 SASS of the in_pass spec), so the last program waits about one L2 round trip per
+    4 splits (launch_plan.PARTIALS_PER_TRIP). Issuing 8 splits' loads before the adds did not survive ptxas: under
+    register pressure it moved a third of each batch behind the adds (a second trip per batch)."""
+    y = tl.load(y_ptrs, mask=y_ok, other=0.0)
+    t = tl.zeros(t_ok.shape, tl.float32)
+    if WITH_T:
+        t = tl.load(t_ptrs, mask=t_ok, other=0.0)
+    for _ in range(1, n_splits):
+        y_ptrs += y_stride  # pointer steps, not s * stride: no 32-bit product
+        y += tl.load(y_ptrs, mask=y_ok, other=0.0)
+        if WITH_T:
+            t_ptrs += t_stride
+            t += tl.load(t_ptrs, mask=t_ok, other=0.0)
+    return y, t
 
 
 def rank_mode(per_row: bool, R: int, n_segs: int) -> int:
@@ -279,6 +319,12 @@ def decode_grid(M: int, N: int, K: int, cfg: dict, device) -> tuple:
     return (tiles_n * splits, tiles_m), splits
 
 
+def partial_strides(M: int, N: int, R: int, mode: int) -> tuple:
+    """Elements of one split's partials: y's [N, M] (every column tile, valid cells only) and, IN_PASS, t's [R, M]
+    (column tile 0 only: the other tiles fold their share of the rank term into y's partial)."""
+    return N * M, (R * M if mode == IN_PASS else 0)
+
+
 def pdl_consumer(mode: int, after_shrink: bool) -> bool:
     """Whether a decode launch overlaps its producer where PDL is enabled (config.pdl_enabled): only when it reads
     t and the launch just before it on the stream is the shrink that writes t."""
@@ -317,8 +363,7 @@ def launch_decode(
     block_r = rank_block(mode, R)
     grid, splits = decode_grid(M, N, K, cfg, x.device)
     tiles = grid[1] * triton.cdiv(N, cfg["BLOCK_N"])
-    stride_y = tiles * cfg["BLOCK_N"] * cfg["BLOCK_M"]
-    stride_t = tiles * block_r * cfg["BLOCK_M"] if mode == IN_PASS else 0
+    stride_y, stride_t = partial_strides(M, N, R, mode)
     # without a split the partials and counters are never touched: t and table stand in for them
     part_y = x.new_empty((splits * stride_y,), dtype=torch.float32) if splits > 1 else t
     part_t = x.new_empty((splits * stride_t,), dtype=torch.float32) if splits > 1 and stride_t else part_y
@@ -414,7 +459,7 @@ def _spec(dt: str, M: int, mode: int, R: int, dropout: bool, packed: bool, bias:
         USE_GDC=gdc,
     )
     sig.update({n: "constexpr" for n in const if n != "stride_xk"})
-    mode_name = ("in_pass", "dense_t", "rows_t", "none")[mode]
+    mode_name = MODE_NAMES[mode]
     extra = {"ptx_patterns": {**SPLIT_REDUCTION_PTX, **(PDL_CONSUMER_PTX if gdc else {})}}
     if gdc:  # programmatic dependent launch exists from sm_90 on
         extra["arches"] = [90]

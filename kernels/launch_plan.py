@@ -250,6 +250,17 @@ def _tail(launch: Launch, e: int, tensors: Sequence[str], latencies: int) -> Non
     launch.tail_latencies = latencies
 
 
+# the decode's last program sums the split partials in one ordered loop (decode._sum_splits): ptxas unrolls it 4 times
+# and issues those 4 splits' loads before their adds (sm_90 SASS of decode[in_pass,BM=16,...]), the first split's
+# load alone before the loop
+PARTIALS_PER_TRIP = 4
+
+
+def partial_trips(splits: int) -> int:
+    """Dependent L2 round trips the last program of a split decode tile waits for to read every split's partial."""
+    return 1 + triton.cdiv(splits - 1, PARTIALS_PER_TRIP)
+
+
 def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False, pdl: bool = False) -> Launch:
     M, N, K, R, e = shape.M, shape.N, shape.K, shape.R, shape.e
     has_dropout = any(p > 0 for p in shape.dropout_p)
@@ -268,9 +279,9 @@ def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False
     writes = {"y": M * N}
     if mode == IN_PASS:
         loads["a"] = tiles * R * K
-        loads["b"] = tiles * bn * R
+        loads["b"] = tiles * splits * bn * R  # every program: B's tile before its K loop, its split's rank term
         dots = n_segs if has_dropout else 1
-        flops += 2.0 * tiles * block_r * bm * k_pad * dots + 2.0 * tiles * bn * bm * block_r
+        flops += 2.0 * tiles * block_r * bm * k_pad * dots + 2.0 * tiles * splits * bn * bm * block_r
         reads.update(a=R * K, b=N * R)
         writes["t"] = M * R
     elif mode == DENSE_T:
@@ -290,8 +301,8 @@ def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False
         flops += 2.0 * bn * bm * block_r * chunks_total
         reads.update(t=M * rank_max(shape.rank_ptr), b=N * R)
     part = 0
-    if splits > 1:
-        part = splits * tiles * bn * bm + (splits * tiles * block_r * bm if mode == IN_PASS else 0)
+    if splits > 1:  # valid cells only: y's [N, M] per split, and t's [R, M] per split in column tile 0
+        part = splits * sum(decode.partial_strides(M, N, R, mode))
         loads["part"] = part
     if shape.bias:
         loads["bias"] = tiles * bn
@@ -316,8 +327,11 @@ def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False
         (bn + bm + (block_r if mode == IN_PASS else 0)) * bk * e,
         triton.cdiv(triton.cdiv(K, bk), splits),
     )
-    # after the K loop: store the partial and take the ticket, (last program) read the partials, then t and B, y
-    _tail(launch, e, ("part", "t", "b", "bias", "y"), (2 if splits > 1 else 0) + (mode != NONE))
+    # after the K loop: store the partial and take the ticket, (last program) read the partials, y. IN_PASS loaded
+    # B before its K loop and has t in registers; DENSE_T and ROWS_T read t and B after the partials (one more trip)
+    reads_t = mode in (DENSE_T, ROWS_T)
+    trips = 1 + partial_trips(splits) if splits > 1 else 0
+    _tail(launch, e, ("part", "t", "bias", "y") + (("b",) if reads_t else ()), trips + reads_t)
     launch.pdl = pdl and decode.pdl_consumer(mode, after_shrink)  # its gdc_wait sits right after the K loop
     return launch
 

@@ -103,6 +103,9 @@ def test_plan_is_what_the_launchers_launch(cpu_only, op, shape, path):
         names = GEMM_NAMES[backward] if got.kernel == "fused_gemm_kernel" else ARG_NAMES[got.kernel]
         for arg, tensor in names.items():
             assert got.loaded.get(arg, 0) == want.loads.get(tensor, 0), (got.kernel, tensor)
+        if got.kernel == "decode_kernel":  # y's and t's partials (one buffer when t has none)
+            partials = got.loaded.get("part_y_ptr", 0) + got.loaded.get("part_t_ptr", 0)
+            assert partials == want.loads.get("part", 0) == want.writes.get("part", 0)
         assert "?" not in got.loaded, f"{got.kernel} loaded memory outside its arguments"
 
 
@@ -179,6 +182,31 @@ def test_decode_counted_reads_w_once_and_x_in_one_pass(cpu_only):
     assert decode.grid[0] > 2, "K is split: more programs than column tiles"
 
 
+@pytest.mark.parametrize("M", [1, 16, 64])
+@pytest.mark.parametrize("N", [1024, 4096, 14336])
+def test_decode_partials_hold_the_valid_rows_only(M, N):
+    """y's partial of each split is N x M fp32 cells (not the BLOCK_M-row tile: 16 x as much at M = 1), t's is
+    R x M from column tile 0 alone (the other tiles fold the rank term into y's partial)."""
+    (decode,) = lp.plan("forward", S(M, N, 4096, [16]))
+    splits = decode.config["splits"]
+    assert splits > 1 and decode.writes["part"] == decode.loads["part"] == splits * (N * M + 16 * M)
+    assert decode.loads["b"] == decode.programs * decode.config["BLOCK_N"] * 16, "B's tile in every program"
+    if M == 1:
+        assert 4 * decode.writes["part"] < 0.25 * 2**20  # 1.8 MiB at N = 1024 when padded to 16 rows
+
+
+def test_decode_counted_partials_are_the_valid_cells(cpu_only):
+    """Counted on the interpreter: the last program of each column tile reads every split's partial of its valid
+    cells once, y's N x M and (column tile 0) t's R x M, and nothing of the tile padding."""
+    shape = S(3, 130, 600, [5, 3], "float16", [0.0, 0.2])
+    launches, _ = _run("forward", shape, "small_m")
+    (decode,) = launches
+    splits = decode.grid[0] // 3  # 3 column tiles of 64
+    assert splits > 1
+    assert decode.loaded["part_y_ptr"] == decode.distinct["part_y_ptr"] == splits * 130 * 3
+    assert decode.loaded["part_t_ptr"] == decode.distinct["part_t_ptr"] == splits * 8 * 3
+
+
 @pytest.mark.parametrize("M", [512, 2048, 8192])
 def test_prefill_shrink_fills_an_h100(M):
     launches = lp.plan("forward", S(M, 4096, 4096, [16]))
@@ -220,12 +248,17 @@ def test_plan_records_each_epilogue_with_or_without_pdl():
     decode16 = S(16, 4096, 4096, [16] * 16, row_ids=lp.interleaved(16, 16))
     for pdl in (False, True):
         shrink, decode = lp.plan("rows_forward", decode16, pdl=pdl)
-        assert decode.config["splits"] > 1 and decode.tail_latencies == 3  # ticket, partials, t and B
+        # the ticket, the partials (about 4 splits per trip), then t and B
+        assert decode.config["splits"] > 1
+        assert decode.tail_latencies == 1 + lp.partial_trips(decode.config["splits"]) + 1
         assert decode.tail_bytes >= 4 * decode.writes["part"] and (decode.pdl, shrink.pdl) == (pdl, False)
         shrink, gemm = lp.plan("forward", S(512, 4096, 4096, [16]), pdl=pdl)
         assert gemm.tail_latencies == 1 and (gemm.pdl, shrink.pdl) == (pdl, False)  # t and B after the K loop
     (in_pass,) = lp.plan("forward", S(16, 4096, 4096, [16]), pdl=True)
-    assert not in_pass.pdl and in_pass.tail_latencies == 3  # no producer: the shrink rides in its K loop
+    # no producer (the shrink rides in its K loop); ticket and partials only: B and the scales came before the loop
+    splits = in_pass.config["splits"]
+    assert not in_pass.pdl and splits > 1 and in_pass.tail_latencies == 1 + lp.partial_trips(splits)
+    assert [lp.partial_trips(n) for n in (2, 4, 5, 6, 23)] == [2, 2, 2, 3, 7]
     (dx,) = lp.plan("backward", S(512, 4096, 4096, []), pdl=True)
     assert dx.tail_latencies == 0 and not dx.pdl  # no rank term: a plain GEMM
 

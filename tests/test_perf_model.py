@@ -87,7 +87,9 @@ def test_split_k_decode_pays_its_epilogue_round_trips():
     (lc,) = lp.plan("forward", S(16, 4096, 4096, [16]))
     (launch,) = plans.from_launch_plan([lc], 2)
     t = launch_time(launch, H100, "bfloat16")
-    assert lc.tail_latencies == 3 and t.detail["tail_s"] == pytest.approx(3 * value("epilogue_rt_s"))
+    # the ticket, then the partials; the rank term's B tile and scales were loaded before the K loop
+    trips = 1 + lp.partial_trips(lc.config["splits"])
+    assert lc.tail_latencies == trips and t.detail["tail_s"] == pytest.approx(trips * value("epilogue_rt_s"))
     assert t.seconds == pytest.approx(
         max(t.detail["compute_s"], t.detail["memory_s"], t.detail["l2_s"]) + t.detail["tail_s"]
     )
@@ -157,15 +159,25 @@ def test_pdl_changes_only_the_triton_plans_that_have_a_producer():
 # ---- issue 13's targets, under the one model ----------------------------------------------------------------------
 @pytest.mark.parametrize("M", [1, 16])
 @pytest.mark.parametrize("N", [1024, 4096, 14336])
-def test_decode_bandwidth_target_is_missed_under_the_model(M, N):
-    """Target: >= 85% of HBM bandwidth for M <= 16 (one launch: PDL does not apply). MISSED in the model: no
-    memory-bound kernel beats mem_eff (90%) of a copy, and the split-K decode adds its fp32 partials and three
-    dependent round trips after its K loop (ticket, partials, t and B), which a small W cannot hide (N = 1024:
-    8 MiB of W, ~3 us of streaming)."""
+def test_decode_bandwidth_target_under_the_model(M, N):
+    """Target: >= 85% of HBM bandwidth for M <= 16 (one launch: PDL does not apply). No memory-bound kernel beats
+    mem_eff (90%) of a copy, and the split-K decode's last programs wait after the W stream for the ticket, then
+    for the partials (about 4 splits per L2 round trip: 7 trips for 23 splits at N = 1024, 3 for 6 at N = 4096, 2
+    for 4 at N = 14336). Met only at M = 1, N = 14336 (~40 us of W hide 1.5 us); at N = 1024 the room left after
+    the stream fits no split-K reduction at any epilogue_rt_s of its range."""
     fraction = regimes.decode_hbm_fraction(M, N)
-    assert fraction < regimes.DECODE_HBM_TARGET
+    assert (fraction >= regimes.DECODE_HBM_TARGET) == (M == 1 and N == 14336)
     assert fraction <= value("mem_eff")
-    assert fraction > {1024: 0.45, 4096: 0.7, 14336: 0.8}[N]  # far better than before (18% / 73% / 90%)
+    assert fraction > {1024: 0.35, 4096: 0.7, 14336: 0.84}[N]  # before issue 13: 13% / 52% / 79%
+    budget = regimes.decode_budget(M, N)
+    trips = 1 + lp.partial_trips(budget["splits"])
+    assert budget["round_trips"] == trips and budget["tail"] == pytest.approx(trips * value("epilogue_rt_s"))
+    parts = budget["copy"] + budget["mem_eff"] + budget["partials"] + budget["tail"] + budget["other"]
+    assert parts == pytest.approx(budget["total"])
+    if N == 1024:  # the room left after the stream fits not even two round trips at the low end of the range
+        assert budget["tail_allowed"] < 2 * ASSUMPTIONS["epilogue_rt_s"].low
+    if M == 1:  # partials of the one valid row: 1.8 MiB at N = 1024 when they were padded to 16-row tiles
+        assert budget["partials"] < 0.1e-6
 
 
 def test_decode_beats_the_plan_before_and_the_cublas_composition():
@@ -202,7 +214,11 @@ def test_targets_table_agrees_with_the_tests():
     met = {(row["target"], row["config"]) for row in rows if row["met"]}
     assert met == {("mixed decode 16 x 16 ad x one adapter", "PDL on")} | {
         (f"prefill M={M} x merged (parity)", "PDL on") for M in (512, 2048, 8192)
-    }
+    } | {("decode M=1 N=14336 HBM BW", "PDL n/a (one launch)")}
+    for row in rows:
+        assert ("why" in row) == row["target"].startswith("decode M=")
+        if row["target"].startswith("decode M=") and "N=1024" in row["target"]:
+            assert "out of reach for this design" in row["why"]
 
 
 def test_issue13_rows_cover_every_regime_before_after_and_pdl():

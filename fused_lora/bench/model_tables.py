@@ -207,13 +207,19 @@ def targets_table(gpu: str = "H100") -> str:
         ]
         for t in regimes.targets(gpu)
     ]
-    return render(
+    table = render(
         f"MODEL (not measured): issue 13's targets on {gpu}, bf16, K=4096, r=16",
         ["target", "configuration", "MODEL", "target", ""],
         cells,
         "PDL: FUSED_LORA_PDL=1 on sm_90, off by default until a GPU measures it.",
         right_from=2,
     )
+    lines = [
+        "decode time term by term (BW = copy / total; no kernel streams faster than mem_eff of a copy, and the "
+        "last program of each column tile waits on the split ticket, then reads the partials about 4 splits per "
+        "L2 round trip):"
+    ] + [f"  {t['target']}: {t['why']}" for t in regimes.targets(gpu) if t.get("why")]
+    return table + "\n" + "\n".join(_wrap(line) for line in lines)
 
 
 def assumptions_text() -> str:

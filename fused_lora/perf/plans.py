@@ -502,6 +502,10 @@ def _occupancy_of(lp_launch, kernel: str, dt: str, stages: int, before: bool) ->
         128, stages * lp_launch.step_bytes, int(cfg.get("num_warps", 4)), "estimated (shared = stages x step bytes)"
     )
     tokens = [f"{short}={cfg[key]}" for key, short in _TOKENS.items() if key in cfg]
+    if kernel == "decode" and "mode" in cfg:  # its rank modes share tile sizes, not registers or shared memory
+        from fused_lora.kernels.decode import MODE_NAMES
+
+        tokens.insert(0, MODE_NAMES[cfg["mode"]])
     for want in (tokens + [dt], tokens[:2] + [dt], [dt]):
         occ = occupancy.lookup(kernel, want, None) if not before else None
         if occ is not None and occ.source != "estimated":

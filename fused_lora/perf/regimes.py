@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 from fused_lora.perf import plans
-from fused_lora.perf.gpu_model import GPUS, Gpu, launch_time, parity, plan_seconds
+from fused_lora.perf.gpu_model import ASSUMPTIONS, GPUS, Gpu, launch_time, parity, plan_seconds, value
 
 # issue 13's targets
 DECODE_HBM_TARGET = 0.85  # of copy bandwidth, M <= 16, N in {1024, 4096, 14336}, K = 4096
@@ -105,6 +105,56 @@ def decode_hbm_fraction(M: int, N: int, K: int = 4096, r: int = 16, gpu: str = "
     return useful_hbm_fraction(widest, GPUS[gpu], "bfloat16")
 
 
+def decode_budget(M: int, N: int, K: int = 4096, r: int = 16, gpu: str = "H100") -> Dict[str, float]:
+    """Where the decode launch's modelled time goes, in seconds: `copy` (its compulsory bytes at copy bandwidth),
+    `mem_eff` (what streaming them at mem_eff of a copy adds), `partials` (the split partials' bytes at that
+    rate), `tail` (the dependent round trips after the K loop: the split ticket and the partials), `other` (the rest:
+    the busiest SM's share, compute or L2 above the stream), `total`; and `tail_allowed`: the most the work after
+    the W stream may take for the target (target time - copy - mem_eff), which no split-K reduction fits when it
+    is below its round trips (the ticket, then the partials: launch_plan.partial_trips); `round_trips`, `splits`."""
+    lp = _lp()
+    g = GPUS[gpu]
+    (lc,) = [x for x in lp.plan("forward", lp.Shape(M, N, K, [r]), pdl=False) if x.kernel == "decode_kernel"]
+    (launch,) = plans.from_launch_plan([lc], 2)
+    t = launch_time(launch, g, "bfloat16")
+    part = 4 * lc.writes.get("part", 0)
+    useful = lc.hbm_bytes - part
+    rate = g.bandwidth * value("mem_eff")
+    copy, stream = useful / g.bandwidth, useful / rate
+    tail = t.detail["tail_s"]
+    return {
+        "copy": copy,
+        "mem_eff": stream - copy,
+        "partials": part / rate,
+        "tail": tail,
+        "other": t.seconds - stream - part / rate - tail,
+        "total": t.seconds,
+        "tail_allowed": useful / (DECODE_HBM_TARGET * g.bandwidth) - stream,
+        "round_trips": lc.tail_latencies,
+        "splits": lc.config["splits"],
+    }
+
+
+def _decode_why(budget: Dict[str, float]) -> str:
+    us = {k: v * 1e6 for k, v in budget.items() if k not in ("round_trips", "splits")}
+    trips = budget["round_trips"]
+    text = (
+        f"{us['total']:.2f} us = copy {us['copy']:.2f} + mem_eff {us['mem_eff']:.2f} + partials "
+        f"{us['partials']:.2f} + tail {us['tail']:.2f} ({trips} round trips: the ticket, {trips - 1} to read "
+        f"{budget['splits']} splits' partials)" + (f" + {us['other']:.2f}" if us["other"] > 0.005 else "")
+    )
+    room = us["tail_allowed"] - us["partials"] - max(us["other"], 0.0)
+    if trips and room < us["tail"]:
+        low = ASSUMPTIONS["epilogue_rt_s"].low * 1e6
+        text += (
+            f"; 85% leaves {max(room, 0.0):.2f} us after the W stream for the {trips} dependent round trips of the "
+            f"split-K reduction: met only if epilogue_rt_s <= {max(room, 0.0) / trips:.2f} us (assumed "
+            f"{value('epilogue_rt_s') * 1e6:g}, range from {low:g})"
+            + (", below the range: out of reach for this design" if room / trips < low else "")
+        )
+    return text
+
+
 def _ratio(op: str, shape, pdl: bool, at_parity: bool, gpu: str) -> float:
     lp = _lp()
     g = GPUS[gpu]
@@ -131,7 +181,8 @@ def prefill_ratio(
 
 def targets(gpu: str = "H100") -> List[Dict]:
     """Every target of issue 13 with the configurations the model evaluates it in: {target, config, value, bound,
-    met}. PDL only where a launch overlaps a producer (the decode at r = 16 has none: one launch)."""
+    met}, and for the decode rows `why`: its time term by term (decode_budget). PDL only where a launch overlaps a
+    producer (the decode at r = 16 has none: one launch)."""
     out = []
     for M in (1, 16):
         for N in (1024, 4096, 14336):
@@ -143,6 +194,7 @@ def targets(gpu: str = "H100") -> List[Dict]:
                     "value": v,
                     "bound": f">= {DECODE_HBM_TARGET:.0%}",
                     "met": v >= DECODE_HBM_TARGET,
+                    "why": _decode_why(decode_budget(M, N, gpu=gpu)),
                 }
             )
     for pdl in (False, True):
