@@ -206,8 +206,11 @@ void skinny_nn(const NnProduct& p) {
   constexpr int64_t kRows = 48;  // a multiple of the AVX2 tiles' row groups (3 and 4)
   const int64_t row_tasks = ceil_div(p.M, kRows);
   // Wide column ranges (each task then reads long stretches of every row of w), a few per thread so that a
-  // descheduled thread's share is taken over by the others.
-  const int64_t col_tasks_wanted = parallel ? std::max<int64_t>(1, ceil_div(4 * at::get_num_threads(), row_tasks)) : 1;
+  // descheduled thread's share is taken over by the others. Where the tasks run one after another (one thread, or
+  // inside a parallel region) the columns stay whole: cut into ranges, w would be read as short pieces of every
+  // row, one range after the other, which streams w at about half the speed of whole rows (fp32, one row of dy).
+  const bool spread = parallel && at::get_num_threads() > 1 && !at::in_parallel_region();
+  const int64_t col_tasks_wanted = spread ? std::max<int64_t>(1, ceil_div(4 * at::get_num_threads(), row_tasks)) : 1;
   const int64_t cols = std::min(p.K, ceil_div(ceil_div(p.K, col_tasks_wanted), kNnColumnQuantum) * kNnColumnQuantum);
   const int64_t col_tasks = ceil_div(p.K, cols);
   run_tasks(row_tasks * col_tasks, parallel, [&](int64_t t) {
