@@ -2,15 +2,17 @@
 
 At small M the forward is bound by reading W. A grid of (column tiles x splits of K) programs streams it: the split
 count (config.split_count) brings the launch to at least 2 programs per SM, spread evenly (at N = 1024, K = 4096:
-16 column tiles x 23 splits = 368 programs instead of 16). Each program reduces its share of K into an fp32
-partial of the valid cells only (M rows, not the BLOCK_M-row tile: 4 x N x M bytes per split); the last program of
-a column tile to arrive sums the partials in split order (kernels/blocks.arrive_last: no float atomics,
-bit-reproducible), adds the bias, rounds y once and stores it. After the K loop the last program waits on two
-dependent round trips only, the ticket and the partials: everything else it needs was loaded before the loop.
+32 column tiles of 32 x 12 splits = 384 programs instead of 16; decode_config picks the tile width). Each program
+reduces its share of K into an fp32 partial of the valid cells only (M rows, not the BLOCK_M-row tile:
+4 x N x M bytes per split); the last program of a column tile to arrive sums the partials in split order
+(kernels/blocks.arrive_last: no float atomics, bit-reproducible), adds the bias, rounds y once and stores it. After
+the K loop that program waits for the ticket, then reads the partials at about 4 splits per L2 round trip
+(_sum_splits); everything else it needs (IN_PASS: B's tile, the scales) was loaded before the loop.
 
 Swap-AB: every product is computed transposed, y^T = W x^T + B t^T, so W's BLOCK_N rows are the MMA's M
 dimension and the few tokens its N. wgmma (sm_90) needs 64 rows per warpgroup; a 16-token tile in the M slot would
-fall back to mma.sync, while in the N slot it costs nothing (wgmma N goes down to 8).
+fall back to mma.sync, while in the N slot it costs nothing (wgmma N goes down to 8). 32-column tiles (decode_config)
+take mma.sync on purpose: fewer splits matter more to a W-streaming kernel than the MMA's width.
 
 Rank term (RANK_MODE):
     IN_PASS   dense, R <= IN_PASS_MAX_RANK: the shrink t^T += A x^T rides in the same K loop on the same x tile, so
@@ -289,18 +291,30 @@ def rank_mode(per_row: bool, R: int, n_segs: int) -> int:
     return IN_PASS if R <= IN_PASS_MAX_RANK else DENSE_T
 
 
-def decode_config(M: int, dtype_bytes: int, mode: int, has_dropout: bool, device=None) -> dict:
+def decode_config(M: int, dtype_bytes: int, mode: int, has_dropout: bool, device=None, N: int | None = None) -> dict:
     """Static tile table (tuned store over it). BLOCK_N = 64: the MMA's M dimension after the swap, the smallest
-    wgmma tile. BLOCK_K shrinks where a dropout mask or 4-byte operands would otherwise spill."""
+    wgmma tile; 32 for M <= 16 where 64-column tiles are fewer than config.target_programs (N < 16896 on an H100,
+    N given): twice the column tiles need fewer splits of K (N = 1024: 12 instead of 23; N = 14336: none instead
+    of 4), and a split's partials cost the last program L2 round trips after the W stream (_sum_splits). The
+    32-row products run on mma.sync instead of wgmma, which a kernel streaming W at 16 tokens does not miss; x and
+    A are re-read from L2 once per column tile (twice as often). BLOCK_K shrinks where a dropout mask or 4-byte
+    operands would otherwise spill."""
     in_pass_dropout = has_dropout and mode == IN_PASS
     block_m = 16 if M <= 16 else 64
     if block_m == 16:
         block_k = 64 if (dtype_bytes == 4 or in_pass_dropout) else 128
     else:  # 64 token rows: with 4 warps, the dropout mask beside two accumulators spilled on sm_80 and sm_90
         block_k = 32 if (dtype_bytes == 4 or in_pass_dropout) else 64
+    block_n = 64
+    programs = config.target_programs(device) if device is not None else config.PROGRAMS_PER_SM * config.H100_SMS
+    # (not beside an in-pass dropout mask: with 32-rank tiles that variant spilled on sm_90)
+    if N is not None and block_m == 16 and not in_pass_dropout and triton.cdiv(N, 64) < programs:
+        block_n = 32
     # 3 stages: a split program runs few K steps, and 3 x (W + x + A tiles) lets 3 programs share an SM
-    default = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, num_warps=4 if block_m == 16 else 8, num_stages=3)
+    default = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_m == 16 else 8, num_stages=3)
     shape_class = f"{dtype_bytes * 8}bit:M<={block_m}:mode={mode}:dropout={in_pass_dropout}"
+    if block_n != 64:
+        shape_class += f":BN={block_n}"
     return config.tuned("decode", shape_class, default, device)
 
 
@@ -359,7 +373,7 @@ def launch_decode(
     R = lora_a.shape[0]
     per_row = row_ids is not None
     mode = rank_mode(per_row, R, n_segs)
-    cfg = decode_config(M, x.element_size(), mode, has_dropout, x.device)
+    cfg = decode_config(M, x.element_size(), mode, has_dropout, x.device, N)
     block_r = rank_block(mode, R)
     grid, splits = decode_grid(M, N, K, cfg, x.device)
     tiles = grid[1] * triton.cdiv(N, cfg["BLOCK_N"])
@@ -413,8 +427,10 @@ def launch_decode(
     )
 
 
-def _spec(dt: str, M: int, mode: int, R: int, dropout: bool, packed: bool, bias: bool, gdc: bool) -> KernelSpec:
-    cfg = decode_config(M, 2, mode, dropout)
+def _spec(
+    dt: str, M: int, mode: int, R: int, dropout: bool, packed: bool, bias: bool, gdc: bool, N: int | None = None
+) -> KernelSpec:
+    cfg = decode_config(M, 2, mode, dropout, N=N)
     block_r = rank_block(mode, R)
     sig = {
         "x_ptr": f"*{dt}",
@@ -463,6 +479,8 @@ def _spec(dt: str, M: int, mode: int, R: int, dropout: bool, packed: bool, bias:
     extra = {"ptx_patterns": {**SPLIT_REDUCTION_PTX, **(PDL_CONSUMER_PTX if gdc else {})}}
     if gdc:  # programmatic dependent launch exists from sm_90 on
         extra["arches"] = [90]
+    if cfg["BLOCK_N"] < 64:  # fewer than 64 W rows per warpgroup: no wgmma, mma.sync on sm_90 too
+        extra["sm90_mma"] = "HMMA"
     return KernelSpec(
         name=(
             f"decode[{mode_name},BM={cfg['BLOCK_M']},BN={cfg['BLOCK_N']},BK={cfg['BLOCK_K']},"
@@ -489,12 +507,15 @@ def codegen_specs() -> list[KernelSpec]:
         (ROWS_T, False, False, True),
         (NONE, False, False, False),
     ]
+    # (M, N): 64-column tiles at M = 1 (N >= 16896) and M = 64, 32-column tiles at M = 1 (smaller N)
     for dt in ("fp16", "bf16"):
-        for M in (1, 64):
+        for M, N in ((1, None), (64, None), (1, 1024)):
             for mode, dropout, packed, bias in variants:
+                if dropout and N is not None:  # in-pass dropout keeps 64-column tiles (decode_config)
+                    continue
                 for R in (16, 32) if mode == IN_PASS else (16,):
-                    specs.append(_spec(dt, M, mode, R, dropout, packed, bias, False))
+                    specs.append(_spec(dt, M, mode, R, dropout, packed, bias, False, N))
             # the t-reading modes as PDL consumers (sm_90 only)
             for mode in (DENSE_T, ROWS_T):
-                specs.append(_spec(dt, M, mode, 16, False, False, True, True))
+                specs.append(_spec(dt, M, mode, 16, False, False, True, True, N))
     return specs

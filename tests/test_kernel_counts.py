@@ -165,10 +165,11 @@ def test_decode_streams_w_with_two_programs_per_sm_in_one_pass(M, N):
     (decode,) = launches
     assert decode.programs >= H100_TWO_PER_SM
     assert decode.loads["w"] == N * K, "every W element loaded once"
-    tiles_n = N // decode.config["BLOCK_N"]
-    assert decode.loads["x"] == tiles_n * decode.config["BLOCK_M"] * K, "x loaded once per column tile"
-    before = lp.plan_before("forward", S(M, N, K, [16]))
-    assert before[0].programs < H100_TWO_PER_SM and before[0].loads["x"] == 2 * decode.loads["x"]
+    tiles_n, bm = N // decode.config["BLOCK_N"], decode.config["BLOCK_M"]
+    assert decode.loads["x"] == tiles_n * bm * K, "x loaded once per column tile"
+    (before,) = lp.plan_before("forward", S(M, N, K, [16]))
+    # before: one program per 64 columns, x loaded twice by each (the W loop, then the shrink loop)
+    assert before.programs < H100_TWO_PER_SM and before.loads["x"] == 2 * (N // 64) * bm * K
 
 
 def test_decode_counted_reads_w_once_and_x_in_one_pass(cpu_only):
@@ -177,9 +178,10 @@ def test_decode_counted_reads_w_once_and_x_in_one_pass(cpu_only):
     assert [lc.kernel for lc in launches] == ["decode_kernel"]
     (decode,) = launches
     assert loaded_from(launches, w) == w.numel() and loaded_from(launches, w, distinct=True) == w.numel()
-    bm = 16
-    assert decode.loaded["x_ptr"] == 2 * bm * 512  # two column tiles, the x tile of each K step loaded once
-    assert decode.grid[0] > 2, "K is split: more programs than column tiles"
+    bm, (planned,) = 16, lp.plan("forward", shape, path="small_m")
+    tiles_n = 128 // planned.config["BLOCK_N"]
+    assert decode.loaded["x_ptr"] == tiles_n * bm * 512  # per column tile, the x tile of each K step loaded once
+    assert decode.grid[0] > tiles_n, "K is split: more programs than column tiles"
 
 
 @pytest.mark.parametrize("M", [1, 16, 64])
@@ -189,10 +191,31 @@ def test_decode_partials_hold_the_valid_rows_only(M, N):
     R x M from column tile 0 alone (the other tiles fold the rank term into y's partial)."""
     (decode,) = lp.plan("forward", S(M, N, 4096, [16]))
     splits = decode.config["splits"]
+    if N == 14336 and M <= 16:  # 448 tiles of 32 columns fill an H100 without splitting K: no partials
+        assert splits == 1 and "part" not in decode.writes and decode.tail_latencies == 0
+        return
     assert splits > 1 and decode.writes["part"] == decode.loads["part"] == splits * (N * M + 16 * M)
     assert decode.loads["b"] == decode.programs * decode.config["BLOCK_N"] * 16, "B's tile in every program"
     if M == 1:
         assert 4 * decode.writes["part"] < 0.25 * 2**20  # 1.8 MiB at N = 1024 when padded to 16 rows
+
+
+def test_decode_tile_width_trades_splits_for_column_tiles():
+    """At M <= 16, 32-column tiles where 64-column ones would need K split to fill an H100: fewer splits (fewer
+    partials for the last program to read after the W stream), none at N = 14336; 64 at M = 64, with an in-pass
+    dropout mask (it spilled at 32), and from N = 16896 on."""
+    from fused_lora.kernels.decode import IN_PASS, decode_config
+
+    splits = {}
+    for N, width in ((1024, 32), (4096, 32), (14336, 32), (16896, 64)):
+        assert decode_config(16, 2, IN_PASS, False, N=N)["BLOCK_N"] == width
+        (decode,) = lp.plan("forward", S(16, N, 4096, [16]))
+        assert decode.programs >= H100_TWO_PER_SM and decode.config["BLOCK_N"] == width
+        splits[N] = decode.config["splits"]
+    assert splits == {1024: 12, 4096: 3, 14336: 1, 16896: 1}  # 23, 6, 4 with 64-column tiles
+    assert decode_config(64, 2, IN_PASS, False, N=1024)["BLOCK_N"] == 64
+    assert decode_config(16, 2, IN_PASS, True, N=1024)["BLOCK_N"] == 64
+    assert decode_config(16, 2, IN_PASS, False)["BLOCK_N"] == 64  # no N (tuning tables): the 64-column table
 
 
 def test_decode_counted_partials_are_the_valid_cells(cpu_only):
@@ -201,8 +224,9 @@ def test_decode_counted_partials_are_the_valid_cells(cpu_only):
     shape = S(3, 130, 600, [5, 3], "float16", [0.0, 0.2])
     launches, _ = _run("forward", shape, "small_m")
     (decode,) = launches
-    splits = decode.grid[0] // 3  # 3 column tiles of 64
-    assert splits > 1
+    (planned,) = lp.plan("forward", shape, path="small_m")
+    splits = planned.config["splits"]
+    assert splits > 1 and decode.grid[0] == -(-130 // planned.config["BLOCK_N"]) * splits
     assert decode.loaded["part_y_ptr"] == decode.distinct["part_y_ptr"] == splits * 130 * 3
     assert decode.loaded["part_t_ptr"] == decode.distinct["part_t_ptr"] == splits * 8 * 3
 

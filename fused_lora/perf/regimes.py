@@ -138,10 +138,16 @@ def decode_budget(M: int, N: int, K: int = 4096, r: int = 16, gpu: str = "H100")
 def _decode_why(budget: Dict[str, float]) -> str:
     us = {k: v * 1e6 for k, v in budget.items() if k not in ("round_trips", "splits")}
     trips = budget["round_trips"]
+    tail = (
+        f"tail {us['tail']:.2f} ({trips} round trips: the ticket, {trips - 1} to read {budget['splits']} splits' "
+        "partials)"
+        if budget["splits"] > 1
+        else "no split of K: no partials, no tail"
+    )
     text = (
         f"{us['total']:.2f} us = copy {us['copy']:.2f} + mem_eff {us['mem_eff']:.2f} + partials "
-        f"{us['partials']:.2f} + tail {us['tail']:.2f} ({trips} round trips: the ticket, {trips - 1} to read "
-        f"{budget['splits']} splits' partials)" + (f" + {us['other']:.2f}" if us["other"] > 0.005 else "")
+        f"{us['partials']:.2f} + {tail}"
+        + (f" + {us['other']:.2f} (the busiest SM, compute or L2 above the stream)" if us["other"] > 0.005 else "")
     )
     room = us["tail_allowed"] - us["partials"] - max(us["other"], 0.0)
     if trips and room < us["tail"]:
