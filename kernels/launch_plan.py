@@ -250,15 +250,19 @@ def _tail(launch: Launch, e: int, tensors: Sequence[str], latencies: int) -> Non
     launch.tail_latencies = latencies
 
 
-# the decode's last program sums the split partials in one ordered loop (decode._sum_splits): ptxas unrolls it 4 times
-# and issues those 4 splits' loads before their adds (sm_90 SASS of decode[in_pass,BM=16,...]), the first split's
-# load alone before the loop
+# the decode's last program sums the split partials in one ordered loop (decode._sum_splits). In the sm_90 SASS of
+# decode[in_pass,BM=16,BN=32|64,...] ptxas issues split 0's loads and (peeled) split 1's together, then runs the rest
+# unrolled 4 times, then a pair, then a single: each block's loads go out before its adds, and the next block's
+# loads wait behind those adds (a warp issues in order)
 PARTIALS_PER_TRIP = 4
 
 
 def partial_trips(splits: int) -> int:
     """Dependent L2 round trips the last program of a split decode tile waits for to read every split's partial."""
-    return 1 + triton.cdiv(splits - 1, PARTIALS_PER_TRIP)
+    if splits <= 1:
+        return 0
+    blocks, rest = divmod(splits - 2, PARTIALS_PER_TRIP)
+    return 1 + blocks + (rest >= 2) + (rest % 2)
 
 
 def _plan_decode(shape: Shape, device, per_row: bool, after_shrink: bool = False, pdl: bool = False) -> Launch:
