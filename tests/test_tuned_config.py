@@ -135,3 +135,24 @@ def test_a_bad_entry_is_ignored_with_a_warning_and_the_rest_kept(store):
     with pytest.warns(RuntimeWarning, match="ignoring tuned config k/bad"):
         assert tuned.tuned_config("k", "bad", DEFAULT) == DEFAULT
     assert tuned.tuned_config("k", "good", DEFAULT)["BLOCK_M"] == 8
+
+
+def test_decode_tune_cases_tune_the_shape_class_their_launch_reads(monkeypatch):
+    """The GPU check's decode cases (K = N = 4096) must write the class the decode launcher looks up at that shape:
+    at M <= 16 that is the 32-column-tile class (the tile width depends on N), not the 64-column one."""
+    from fused_lora.gpu_check import tune_spaces
+    from fused_lora.kernels import config, decode
+
+    cases, problems = tune_spaces.interim_cases()
+    assert problems == []
+    decode_cases = [case for case, _ in cases if case.kernel == "decode"]
+    assert len(decode_cases) == 2
+    looked_up = []
+    monkeypatch.setattr(
+        config, "tuned_config", lambda kernel, cls, default, device=None: looked_up.append(cls) or default
+    )
+    for M in (16, 64):
+        # what the launcher asks at M tokens, N = 4096, rank 16, no dropout (kernels/decode.py's launcher arguments)
+        decode.decode_config(M, 2, decode.rank_mode(False, 16, 1), False, torch.device("cpu"), 4096)
+    assert looked_up[0].endswith(":BN=32")
+    assert sorted(case.shape_class for case in decode_cases) == sorted(looked_up)

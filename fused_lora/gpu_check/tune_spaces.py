@@ -157,10 +157,11 @@ TINY = dict(M=20, K=40, N=48, r=4)
 DECODE_TABLES = (("decode", "decode_config"), ("small_m", "small_m_config"))  # after / before the decode rewrite
 
 
-def _decode_args(name: str, M: int, r: int) -> tuple:
+def _decode_args(name: str, M: int, r: int, N: int) -> tuple:
     if name == "decode":
         decode = _module("decode")
-        return (M, 2, decode.rank_mode(False, r, 1), False)
+        # N picks the tile width (32-column tiles at M <= 16 where 64 would need K split): the class the launch uses
+        return (M, 2, decode.rank_mode(False, r, 1), False, None, N)
     return (M, 2, False)
 
 
@@ -186,10 +187,11 @@ def _decode(M: int, quick: bool, candidates):
             module = _module(name)
         except ImportError:
             continue
+        shape = dict(M=M, K=4096, N=4096, r=16)
         kernel, shape_class, default = static_entry(
-            module, table, _decode_args(name, M, 16), (name, f"16bit:M<={16 if M <= 16 else 64}")
+            module, table, _decode_args(name, M, shape["r"], shape["N"]), (name, f"16bit:M<={16 if M <= 16 else 64}")
         )
-        make = _dense_fwd_case(name, table, "small_m", dict(M=M, K=4096, N=4096, r=16), TINY)
+        make = _dense_fwd_case(name, table, "small_m", shape, TINY)
         return TuneCase(
             kernel,
             shape_class,
