@@ -16,14 +16,14 @@ if [ ! -f "$stamp" ] || [ ! -f fused_lora/__init__.py ] || ! python -c "import f
     # torch 2.13.0 CPU is what these machines carry; a bare `torch` would pull a multi-GB CUDA build
     pip install -q "torch==${FUSED_LORA_TORCH_VERSION:-2.13.0}"
     pip install -q -r requirements-dev.txt
-    # the editable install maps kernels/ to fused_lora.kernels and builds the C++ backend once
-    pip install -q --no-build-isolation -e . 2>&1 | quiet_build
+    # the editable install maps kernels/ to fused_lora.kernels; the C++ backend is built below, not by pip, whose
+    # editable builds happen in a fresh temporary folder (every file recompiled every time: minutes on 2 cores)
+    FUSED_LORA_NO_EXT=1 pip install -q --no-build-isolation -e . 2>&1 | quiet_build
     touch "$stamp"
-else
-    # csrc/ may have changed: rebuild in place, where ninja keeps its state under build/ (pip's editable install
-    # builds in a fresh temporary folder, so it recompiles every file every time: minutes on 2 cores)
-    python setup.py -q build_ext --inplace 2>&1 | quiet_build
 fi
+# build (or rebuild, csrc/ may have changed) the C++ backend in place; ninja keeps its state under build/, so an
+# unchanged csrc/ costs seconds
+python setup.py -q build_ext --inplace 2>&1 | quiet_build
 python - <<'PY'
 import fused_lora
 print("fused_lora backends:\n" + fused_lora.backend_info())
