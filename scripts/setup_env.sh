@@ -13,7 +13,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp=".venv/.fused_lora_env_$(cat requirements-dev.txt scripts/setup_env.sh setup.py pyproject.toml | sha256sum | cut -c1-16)"
 # pip/setuptools chatter and ninja's echo of each compile command (compiler diagnostics still show)
 quiet_build() { grep -vE "is ignored|BuildBackendWarning|^\s*$|^\s*!!|\*\*\*\*|^\[[0-9]+/[0-9]+\] c\+\+ " || true; }
-if [ ! -f "$stamp" ] || [ ! -f fused_lora/__init__.py ] || ! python -c "import fused_lora" 2>/dev/null; then
+# (the import runs from / so that the checkout itself is not on sys.path: it checks the editable install's mapping)
+if [ ! -f "$stamp" ] || ! (cd / && python -c "import fused_lora.kernels") 2>/dev/null; then
     # torch 2.13.0 CPU is what these machines carry; a bare `torch` would pull a multi-GB CUDA build
     pip install -q "torch==${FUSED_LORA_TORCH_VERSION:-2.13.0}"
     pip install -q -r requirements-dev.txt
